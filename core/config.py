@@ -1,0 +1,321 @@
+"""Recipes and `key=value` overrides, validated against the dataclasses they feed.
+
+A recipe is `recipes/<stage>/NAME.yaml`. A command line is `recipe=NAME key=value a.b=value ...`:
+the recipe is loaded, overrides are merged on top (dots reach into nested groups), then every key is
+checked against the command's dataclasses (trl's SFTConfig/DPOConfig for training). Unknown keys,
+wrong types and unknown recipes fail with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from core.io import atomic_write_text
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class ConfigError(ValueError):
+    """Bad user input (a recipe, an override, a file): the message says what was expected."""
+
+
+def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list[str] | None], Any]:
+    """Run a command's main; user errors print one clear line and exit 2 instead of a traceback."""
+    import functools
+
+    from core.engines import EngineError
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> Any:
+        try:
+            return main(argv)
+        except (ConfigError, EngineError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def available_recipes(stage: str) -> list[str]:
+    return sorted(p.stem for p in (RECIPES_DIR / stage).glob("*.yaml"))
+
+
+def recipe_path(stage: str, name: str) -> Path:
+    """`name` is a recipe under recipes/<stage>/ or a path to a YAML file."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return as_path
+    path = RECIPES_DIR / stage / f"{name}.yaml"
+    if not path.is_file():
+        choices = available_recipes(stage)
+        close = difflib.get_close_matches(name, choices, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown {stage} recipe '{name}'.{hint} Available in {RECIPES_DIR / stage}: {', '.join(choices) or '(none)'}"
+        )
+    return path
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    recipe, overrides = None, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"argument '{arg}' is not of the form key=value")
+        key = key.lstrip("-").replace("-", "_")
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides.append(f"{key}={value}")
+    return recipe, overrides
+
+
+def load_config(stage: str, argv: list[str] | None, *schemas: type) -> tuple[Any, ...]:
+    """Build one instance of each schema from `recipe=NAME key=value ...` (flat keys, as alignment-handbook)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(describe(*schemas))
+        raise SystemExit(0)
+    recipe, overrides = _split_argv(argv)
+    merged = OmegaConf.create({})
+    if recipe is not None:
+        path = recipe_path(stage, recipe)
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, typing.Mapping):
+            raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+        merged = loaded
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except Exception as e:  # omegaconf reports malformed dotlists with its own types
+        raise ConfigError(f"could not parse overrides {overrides}: {e}") from e
+    raw = OmegaConf.to_container(merged, resolve=True)
+    return build(raw, *schemas)
+
+
+def build(raw: dict[str, Any], *schemas: type) -> tuple[Any, ...]:
+    """Route flat keys to the dataclass that owns them and coerce each value to its field's type."""
+    owner: dict[str, type] = {}
+    for schema in schemas:
+        for f in dataclasses.fields(schema):
+            if f.init:
+                owner.setdefault(f.name, schema)
+    unknown = [k for k in raw if k not in owner]
+    if unknown:
+        raise ConfigError(_unknown_key_message(unknown[0], "", schemas))
+    kwargs: dict[type, dict[str, Any]] = {s: {} for s in schemas}
+    for key, value in raw.items():
+        schema = owner[key]
+        kwargs[schema][key] = coerce(value, _hints(schema)[key], key)
+    out = []
+    for schema in schemas:
+        try:
+            out.append(schema(**kwargs[schema]))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"invalid {schema.__name__}: {e}") from e
+    return tuple(out)
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(schema)
+    except Exception:  # unresolved forward references in third-party dataclasses: fall back to raw annotations
+        return {f.name: f.type for f in dataclasses.fields(schema)}
+
+
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = _hints(schema)
+    for f in dataclasses.fields(schema):
+        if not f.init:
+            continue
+        keys.append(prefix + f.name)
+        hint = hints.get(f.name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            keys.extend(_all_keys(hint, prefix + f.name + "."))
+    return keys
+
+
+def _unknown_key_message(key: str, prefix: str, schemas: tuple[type, ...]) -> str:
+    valid = [k for s in schemas for k in _all_keys(s, prefix)]
+    full = prefix + key
+    close = difflib.get_close_matches(full, valid, n=5, cutoff=0.5)
+    names = ", ".join(s.__name__ for s in schemas)
+    hint = f" Closest valid keys: {', '.join(close)}." if close else ""
+    return f"unknown key '{full}' (not a field of {names}).{hint}"
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint, converting where the intent is unambiguous (int -> float)."""
+    if hint is Any or hint is None or isinstance(hint, str):
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"key '{key}': expected {_type_name(hint)}, got null")
+        # str accepts almost anything, so it is tried last.
+        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+        for arg in ordered:
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"key '{key}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"key '{key}': expected one of {list(args)}, got {value!r}")
+    if origin in (list, tuple, typing.Sequence, set) or hint in (list, tuple):
+        if isinstance(value, str):  # `compare=a,b,c` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"key '{key}': expected a list, got {value!r} ({type(value).__name__})")
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or hint is tuple else items
+    if origin in (dict, typing.Mapping) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping, got {value!r} ({type(value).__name__})")
+        if len(args) == 2:
+            return {k: coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"key '{key}': expected a mapping of {hint.__name__} fields, got {value!r}")
+        field_hints = _hints(hint)
+        names = {f.name for f in dataclasses.fields(hint) if f.init}
+        for k in value:
+            if k not in names:
+                raise ConfigError(_unknown_key_message(k, key + ".", (hint,)))
+        try:
+            return hint(**{k: coerce(v, field_hints[k], f"{key}.{k}") for k, v in value.items()})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"key '{key}': {e}") from e
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(f"key '{key}': expected one of {[m.value for m in hint]}, got {value!r}") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"key '{key}': expected bool (true/false), got {value!r} ({type(value).__name__})")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"key '{key}': expected int, got {value!r} ({type(value).__name__})")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"key '{key}': expected float, got {value!r} ({type(value).__name__})")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"key '{key}': expected str, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, enums and paths as plain YAML-able values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):  # transformers' TrainingArguments hides tokens and resolves enums there
+            return to_plain(obj.to_dict())
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def resolved(*instances: Any) -> dict[str, Any]:
+    """One flat dict of every field of every instance: what `config.yaml` records."""
+    out: dict[str, Any] = {}
+    for inst in instances:
+        out.update(to_plain(inst))
+    return out
+
+
+def config_yaml(config: dict[str, Any]) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(config))
+
+
+def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, may_differ: tuple[str, ...] = (), overwrite: bool = False) -> bool:
+    """Claim `output_dir` for a run and write its `config.yaml`; return True when resuming a run.
+
+    A directory that holds another run's data (a different config, or files and no config) is an error,
+    never silently overwritten. Keys in `may_differ` (e.g. a larger `n_conversations`) may change on resume.
+    """
+    out = Path(output_dir)
+    cfg_file = out / "config.yaml"
+    resuming = False
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if not cfg_file.is_file():
+            raise ConfigError(
+                f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. "
+                "Choose a new output_dir (or pass overwrite=true to replace it)."
+            )
+        previous = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
+        current = to_plain(config)
+        ignore = set(may_differ) | {"overwrite"}
+        diff = sorted(k for k in set(previous) | set(current) if k not in ignore and previous.get(k) != current.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
+            raise ConfigError(
+                f"output_dir {out} holds a run with a different config ({shown}). "
+                "Use a new output_dir, re-run with the same settings to resume, or pass overwrite=true."
+            )
+        resuming = True
+    elif out.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg_file, config_yaml(to_plain(config)))
+    return resuming
+
+
+def describe(*schemas: type) -> str:
+    """`--help`: every key with its type and default."""
+    lines = ["keys (set in a recipe or as key=value):"]
+    for schema in schemas:
+        hints = _hints(schema)
+        for f in dataclasses.fields(schema):
+            if not f.init:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else "(factory)"
+            doc = (f.metadata or {}).get("help", "")
+            lines.append(f"  {f.name}: {_type_name(hints.get(f.name))} = {default!r}  {doc}".rstrip())
+    return "\n".join(lines)
