@@ -1,0 +1,371 @@
+"""Inference engines: one small interface over raw-text prompts.
+
+`engine.complete(prompts, sampling) -> list[Completion]`. Prompts are raw text that already carries every
+special token it needs (Magpie renders templates itself), so no engine adds a BOS of its own.
+Synthesis, tagging judges and evaluation judges all go through here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from core.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # top-k logprobs of the first generated token (judges need them)
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" (end marker or stop string) or "length"
+    top_logprobs: dict[str, float] | None = None  # first generated token: token text -> logprob
+
+
+class Engine(Protocol):
+    model_name: str
+    tokenizer: Any  # the model's tokenizer, for rendering chat prompts
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]: ...
+
+
+class EngineError(RuntimeError):
+    """An engine that could not produce completions (dead server, bad model, ...)."""
+
+
+@dataclass
+class EngineConfig:
+    """How to run a model; one group in every recipe that generates text."""
+
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    tokenizer: str | None = None  # renders chat prompts; defaults to the model (set it when a server's name differs)
+    # transformers
+    batch_size: int = 16
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
+    device: str | None = None
+    # openai-compatible servers (vllm serve, SGLang, llama.cpp server, TGI)
+    base_urls: list[str] = field(default_factory=list)
+    api_key_env: str | None = None  # name of the environment variable that holds the key; never the key
+    concurrency: int = 8  # requests in flight per server
+    timeout: float = 600.0
+    max_retries: int = 4
+    # vLLM extension: prompts already carry their BOS, so the server must not add one.
+    extra_body: dict = field(default_factory=lambda: {"add_special_tokens": False})
+    # vllm
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = 4096
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    trust_remote_code: bool = False
+
+
+def make_engine(model: str, cfg: EngineConfig) -> Engine:
+    """`model` is a local path, a Hub id, `embedded`, or (openai backend) the server's model name."""
+    if cfg.backend == "openai":
+        return OpenAIEngine(model, cfg)
+    path = resolve_model(model)
+    if cfg.backend == "vllm":
+        return VLLMEngine(path, cfg)
+    return TransformersEngine(path, cfg)
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """Cut `text` at its earliest stop string (which is not kept)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _as_list(sampling: Sampling | list[Sampling], n: int) -> list[Sampling]:
+    if isinstance(sampling, Sampling):
+        return [sampling] * n
+    if len(sampling) != n:
+        raise ValueError(f"got {n} prompts but {len(sampling)} sampling settings")
+    return list(sampling)
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+class TransformersEngine:
+    """Batched `generate` with left padding; prompts grouped by sampling settings and sorted by length."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cfg = cfg or EngineConfig()
+        self.cfg = cfg
+        self.model_name = str(model_path)
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.dtype == "auto":
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, cfg.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_model(cfg.tokenizer or model_path), trust_remote_code=cfg.trust_remote_code
+        )
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+        import torch
+
+        samplings = _as_list(sampling, len(prompts))
+        results: list[Completion | None] = [None] * len(prompts)
+        # Requests that differ only in max_tokens share a batch; the rest must not (generate takes one setting).
+        key = lambda i: dataclasses.replace(samplings[i], max_tokens=0)  # noqa: E731
+        order = sorted(range(len(prompts)), key=lambda i: (repr(key(i)), len(prompts[i])))
+        for _, group in itertools.groupby(order, key=lambda i: repr(key(i))):
+            group = list(group)
+            # Seed once per group, not per batch: re-seeding each batch of identical prompts would repeat it.
+            if samplings[group[0]].seed is not None:
+                torch.manual_seed(samplings[group[0]].seed)
+            for start in range(0, len(group), self.cfg.batch_size):
+                idx = group[start : start + self.cfg.batch_size]
+                outs = self._generate([prompts[i] for i in idx], [samplings[i] for i in idx])
+                for i, out in zip(idx, outs, strict=True):
+                    results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _generate(self, prompts: list[str], samplings: list[Sampling]) -> list[Completion]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        s = samplings[0]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        limits = torch.tensor([x.max_tokens for x in samplings], device=self.device)
+
+        class PerRowMaxTokens(StoppingCriteria):  # generate() has one max_new_tokens per batch
+            def __call__(self, input_ids, scores, **kwargs):
+                return (input_ids.shape[1] - prompt_len) >= limits
+
+        eos_ids = list(dict.fromkeys([*s.stop_token_ids, *_ids(self.tokenizer.eos_token_id)]))
+        kwargs = dict(
+            max_new_tokens=int(limits.max()),
+            stopping_criteria=StoppingCriteriaList([PerRowMaxTokens()]),
+            eos_token_id=eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            repetition_penalty=s.repetition_penalty,
+            return_dict_in_generate=True,
+            output_logits=s.logprobs is not None,
+        )
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        new_tokens = out.sequences[:, prompt_len:].tolist()
+        stop_ids = set(eos_ids)
+        completions = []
+        for row, (tokens, sp) in enumerate(zip(new_tokens, samplings, strict=True)):
+            tokens = tokens[: sp.max_tokens]
+            stopped = False
+            for j, t in enumerate(tokens):
+                if t in stop_ids:
+                    tokens, stopped = tokens[:j], True
+                    break
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            text, hit = truncate_at_stop(text, sp.stop)
+            top = None
+            if sp.logprobs is not None:
+                logp = torch.log_softmax(out.logits[0][row].float(), dim=-1)
+                vals, ids = logp.topk(sp.logprobs)
+                top = {}
+                for v, i in zip(vals.tolist(), ids.tolist(), strict=True):
+                    top.setdefault(self.tokenizer.decode([i]), v)
+            completions.append(Completion(text, len(tokens), "stop" if stopped or hit else "length", top))
+        return completions
+
+
+def _ids(x: int | list[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)
+
+
+# --------------------------------------------------------------------------------------------------- openai
+
+
+class OpenAIEngine:
+    """Client of any OpenAI-compatible `/v1/completions` server; many servers at once for scale.
+
+    Requests are spread round-robin over `base_urls`; a failed request is retried with exponential
+    backoff on the next server, so one dead server slows a run down but loses nothing.
+    """
+
+    def __init__(self, model: str, cfg: EngineConfig):
+        import httpx
+
+        if not cfg.base_urls:
+            raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
+        self.model_name = model
+        self.cfg = cfg
+        self.urls = [u.rstrip("/") if u.rstrip("/").endswith("/v1") else u.rstrip("/") + "/v1" for u in cfg.base_urls]
+        headers = {}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise EngineError(f"environment variable {cfg.api_key_env} (engine.api_key_env) is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        limits = httpx.Limits(max_connections=cfg.concurrency * len(self.urls))
+        self.client = httpx.Client(headers=headers, timeout=cfg.timeout, limits=limits)
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Only for rendering chat prompts client-side; the server tokenizes itself."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            resolve_model(self.cfg.tokenizer or self.model_name), trust_remote_code=self.cfg.trust_remote_code
+        )
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+        samplings = _as_list(sampling, len(prompts))
+        workers = max(1, min(len(prompts), self.cfg.concurrency * len(self.urls)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(self._one, prompts, samplings))
+
+    def _body(self, prompt: str, s: Sampling) -> dict:
+        body = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            **self.cfg.extra_body,
+        }
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.stop_token_ids:
+            body["stop_token_ids"] = list(s.stop_token_ids)  # vLLM/SGLang extension
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty  # vLLM/SGLang/llama.cpp extension
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
+        return body
+
+    def _one(self, prompt: str, s: Sampling) -> Completion:
+        import httpx
+
+        with self._lock:
+            first = next(self._counter)
+        body = self._body(prompt, s)
+        errors = []
+        for attempt in range(self.cfg.max_retries + 1):
+            url = self.urls[(first + attempt) % len(self.urls)]
+            try:
+                r = self.client.post(f"{url}/completions", json=body)
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise httpx.HTTPStatusError(f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r)
+                if r.status_code >= 400:  # our request is wrong: retrying will not help
+                    raise EngineError(f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}")
+                return self._parse(r.json(), s)
+            except (httpx.TransportError, httpx.HTTPStatusError, ValueError, KeyError) as e:
+                errors.append(f"{url}: {type(e).__name__}: {e}")
+                if attempt < self.cfg.max_retries:
+                    time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
+        raise EngineError(
+            f"completion failed after {self.cfg.max_retries + 1} attempts; last error {errors[-1]}"
+            + (f" (servers tried: {', '.join(sorted(set(e.split(': ')[0] for e in errors)))})" if errors else "")
+        )
+
+    @staticmethod
+    def _parse(data: dict, s: Sampling) -> Completion:
+        choice = data["choices"][0]
+        text, hit = truncate_at_stop(choice["text"], s.stop)
+        top = None
+        lp = choice.get("logprobs") or {}
+        if s.logprobs is not None and lp.get("top_logprobs"):
+            top = dict(sorted(lp["top_logprobs"][0].items(), key=lambda kv: -kv[1]))
+        n_tokens = (data.get("usage") or {}).get("completion_tokens", 0)
+        reason = "stop" if hit or choice.get("finish_reason") == "stop" else "length"
+        return Completion(text, n_tokens, reason, top)
+
+
+# ----------------------------------------------------------------------------------------------------- vllm
+
+
+class VLLMEngine:
+    """Offline `vllm.LLM` (tensor parallel, prefix caching). Imported lazily: vLLM is an optional extra."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise EngineError("engine.backend=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine") from e
+        self.model_name = str(model_path)
+        self.llm = LLM(
+            model=model_path,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+        from vllm import SamplingParams
+
+        samplings = _as_list(sampling, len(prompts))
+        params = [
+            SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                stop=list(s.stop) or None,
+                stop_token_ids=list(s.stop_token_ids) or None,
+                repetition_penalty=s.repetition_penalty,
+                seed=s.seed,
+                logprobs=s.logprobs,
+            )
+            for s in samplings
+        ]
+        # Token ids, not text: vLLM would otherwise add a second BOS to prompts that carry one.
+        inputs = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
+        outs = self.llm.generate(inputs, params, use_tqdm=True)
+        results = []
+        for out, s in zip(outs, samplings, strict=True):
+            o = out.outputs[0]
+            top = None
+            if s.logprobs is not None and o.logprobs:
+                top = {lp.decoded_token: lp.logprob for lp in o.logprobs[0].values()}
+            reason = "stop" if o.finish_reason == "stop" else "length"
+            results.append(Completion(o.text, len(o.token_ids), reason, top))
+        return results
