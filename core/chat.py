@@ -1,0 +1,79 @@
+"""Conversations: validation of `messages` rows and training chat templates with `{% generation %}` markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError
+
+TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+ROLES = ("system", "user", "assistant")
+
+
+class ConversationError(ConfigError):
+    """A row that is not a valid conversation."""
+
+
+def check_messages(messages: Any, where: str) -> None:
+    """`where` names the row (file and index) in the error. Rules: optional system first, then user/assistant
+    alternating starting with user, ending with a non-empty assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError(f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConversationError(f"{where}: message {i} must have 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ConversationError(f"{where}: message {i} has role {m['role']!r}; expected one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise ConversationError(f"{where}: message {i} content must be a string")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ConversationError(f"{where}: roles out of order: turn {i} is {m['role']!r}, expected {expected!r}")
+        if expected == "assistant" and not m["content"].strip():
+            raise ConversationError(f"{where}: assistant turn {i} is empty")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ConversationError(f"{where}: the conversation must end with an assistant turn")
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding text adds a BOS token (Llama-2, Phi-3 style) rather than the template rendering it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A chat rendered with its generation prompt as raw text carrying exactly one BOS (engines add none)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token or ""
+    if bos and not text.startswith(bos) and tokenizer_adds_bos(tokenizer):
+        text = bos + text
+    return text
+
+
+def training_chat_template(tokenizer: Any) -> str | None:
+    """A chat template with `{% generation %}` markers for assistant-only loss, or None if the current one has them.
+
+    trl ships training templates for many families (Llama-3, Qwen2.5, Phi-3, Gemma, ...); SmolLM2's ChatML with
+    its injected system prompt is not among them, so the project ships that one.
+    """
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if "{% generation %}" in template or "{%- generation -%}" in template:
+        return None
+    if "named SmolLM, trained by Hugging Face" in template:
+        return (TEMPLATES_DIR / "smollm2_training.jinja").read_text()
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError as e:
+        raise ConversationError(
+            f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no training chat template with {{% generation %}} "
+            f"markers is known for this chat template ({e}); set chat_template=PATH to a .jinja file that has them, "
+            "or assistant_only_loss=false"
+        ) from None

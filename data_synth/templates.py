@@ -1,0 +1,130 @@
+"""Magpie's pre-query template, derived by rendering a tokenizer's own chat template.
+
+The pre-query template is what the chat template renders before the user's content of a single user
+message. Rendering (rather than a hard-coded table) keeps injected default system prompts (Qwen2.5,
+SmolLM2), trimming (Llama-3) and `[INST]` wrapping (Mistral) exactly as the model saw them in training.
+
+    python -m data_synth.templates tokenizer=PATH_OR_HUB_ID [system_prompt=TEXT]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.chat import tokenizer_adds_bos
+from core.config import ConfigError, cli, load_config
+
+_SENTINEL_USER = "MAGPIE_SENTINEL_USER_7f3a"
+_SENTINEL_ASSISTANT = "MAGPIE_SENTINEL_ASSISTANT_7f3a"
+
+
+class TemplateError(ConfigError):
+    """A tokenizer whose chat template cannot give Magpie a pre-query template."""
+
+
+@dataclass
+class PreQuery:
+    pre_query_template: str  # rendered text before the user's content
+    prompt_prefix: str  # what engines receive: the template plus a BOS the tokenizer would add at encode time
+    stop: list[str] = field(default_factory=list)  # end-of-turn markers (and eos)
+    stop_token_ids: list[int] = field(default_factory=list)
+    bos_added_by_tokenizer: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pre_query_template": self.pre_query_template,
+            "prompt_prefix": self.prompt_prefix,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "bos_added_by_tokenizer": self.bos_added_by_tokenizer,
+        }
+
+
+def _name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            f"model '{_name(tokenizer)}' has no chat template: Magpie needs an aligned (chat) model whose "
+            "template it can render up to the user's message"
+        )
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # jinja raises its own TemplateError, e.g. "System role not supported"
+        roles = "+".join(m["role"] for m in messages)
+        raise TemplateError(f"model '{_name(tokenizer)}': its chat template cannot render a {roles} conversation ({e})") from e
+
+
+def end_of_turn_markers(tokenizer: Any) -> list[str]:
+    """Special tokens the template writes right after an assistant's content (e.g. <|eot_id|>, <|im_end|>)."""
+    text = _render(
+        tokenizer,
+        [{"role": "user", "content": _SENTINEL_USER}, {"role": "assistant", "content": _SENTINEL_ASSISTANT}],
+    )
+    after = text.split(_SENTINEL_ASSISTANT, 1)[-1]
+    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True)
+    markers = []
+    rest = after.strip()
+    while rest:
+        hit = next((s for s in specials if s and rest.startswith(s)), None)
+        if hit is None:
+            break
+        markers.append(hit)
+        rest = rest[len(hit) :].strip()
+    return markers
+
+
+def pre_query(tokenizer: Any, system_prompt: str | None = None) -> PreQuery:
+    """The pre-query template (optionally after a steering system prompt) and the template's stop markers."""
+    messages = [{"role": "user", "content": _SENTINEL_USER}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    text = _render(tokenizer, messages)
+    if text.count(_SENTINEL_USER) != 1:
+        raise TemplateError(
+            f"model '{_name(tokenizer)}': its chat template does not place the user's message verbatim once "
+            "(found it {text.count(_SENTINEL_USER)} times), so it cannot be split into a pre-query template"
+        )
+    template = text.split(_SENTINEL_USER, 1)[0]
+    if not template:
+        raise TemplateError(f"model '{_name(tokenizer)}': its chat template renders nothing before the user's message")
+    adds_bos = tokenizer_adds_bos(tokenizer)
+    # Engines never add special tokens, so a BOS the tokenizer would add at encode time goes in here
+    # once (and never twice: templates that render it already keep theirs).
+    bos = tokenizer.bos_token or ""
+    prefix = bos + template if adds_bos and bos and not template.startswith(bos) else template
+    stops = end_of_turn_markers(tokenizer)
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    stop_ids = []
+    for s in stops:
+        ids = tokenizer.convert_tokens_to_ids(s)
+        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
+            stop_ids.append(ids)
+    return PreQuery(template, prefix, stops, stop_ids, adds_bos)
+
+
+@dataclass
+class TemplatesConfig:
+    tokenizer: str = "embedded"
+    system_prompt: str | None = None
+    trust_remote_code: bool = False
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from core.models import resolve_model
+
+    (cfg,) = load_config("synth", argv, TemplatesConfig)
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer), trust_remote_code=cfg.trust_remote_code)
+    print(json.dumps(pre_query(tok, cfg.system_prompt).to_dict(), ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
