@@ -1,0 +1,242 @@
+"""Pairwise evaluation: answer an instruction set with each model, judge every pair in both orders, rank.
+
+    python -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
+
+Writes `answers/<model>.jsonl`, `judgments.jsonl`, and `leaderboard.csv` / `leaderboard.md` (win rate against
+the other models with a 95% bootstrap interval over instructions). Re-running resumes: answers and
+judgments already on disk are reused.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from core.chat import render_prompt
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.models import resolve_model
+
+DEMO_INSTRUCTIONS = str(Path(__file__).parent / "data" / "demo_instructions.jsonl")
+
+JUDGE_PROMPT = """Compare two responses to the same instruction and decide which one is better: more helpful, \
+accurate and relevant. The order of the responses and their length must not affect your decision.
+
+[Instruction]
+{instruction}
+
+[Response A]
+{a}
+
+[Response B]
+{b}
+
+Which response is better? Answer with a single letter: A or B."""
+
+
+@dataclass
+class PairwiseConfig:
+    models: dict[str, str] = field(default_factory=lambda: {"base": "embedded"})  # name -> path / Hub id
+    instructions: str = DEMO_INSTRUCTIONS  # JSONL with `id` and `instruction`
+    max_instructions: int | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)  # answers
+    max_tokens: int = 256
+    repetition_penalty: float = 1.0
+    judge: str = "embedded"
+    judge_engine: EngineConfig = field(default_factory=EngineConfig)
+    judge_logprobs: int = 20
+    judge_max_tokens: int = 8
+    n_bootstrap: int = 1000
+    seed: int = 0
+    output_dir: str = "runs/demo/eval"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.models) < 2:
+            raise ValueError(f"models needs at least two entries to compare, got {list(self.models)}")
+
+
+def load_instructions(path: str, limit: int | None = None) -> list[dict[str, str]]:
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows, 1):
+        if "instruction" not in row:
+            raise ConfigError(f"{path}:{i}: missing 'instruction' field")
+        row.setdefault("id", f"{i:05d}")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"{path}: duplicate ids {dup[:5]}")
+    return rows[:limit] if limit else rows
+
+
+def generate_answers(name: str, model: str, questions: list[dict], cfg: PairwiseConfig, out: Path) -> list[dict]:
+    """Answers of one model, greedy, resumable per chunk (`answers/<name>.jsonl`)."""
+    path = out / "answers" / f"{name}.jsonl"
+    done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
+    done = {k: v for k, v in done.items() if v.get("model") == model}  # a changed path means new answers
+    todo = [q for q in questions if q["id"] not in done]
+    if todo:
+        engine = make_engine(model, cfg.engine)
+        sampling = Sampling(temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty)
+        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"answers {name}", unit="q")
+        chunk = max(1, cfg.engine.batch_size)
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
+            prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q["instruction"]}]) for q in batch]
+            for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
+                done[q["id"]] = {"id": q["id"], "instruction": q["instruction"], "output": c.text.strip(),
+                                 "generator": name, "model": model, "n_tokens": c.n_tokens}
+            write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
+            bar.update(len(batch))
+        bar.close()
+        del engine
+        gc.collect()
+    return [done[q["id"]] for q in questions]
+
+
+def preference_a(c: Completion) -> float | None:
+    """P(A is better) from the first token's logprobs (weighted, AlpacaEval-style); else the parsed letter."""
+    if c.top_logprobs:
+        p = {"A": 0.0, "B": 0.0}
+        for tok, lp in c.top_logprobs.items():
+            key = tok.strip()
+            if key in p:
+                p[key] += math.exp(lp)
+        if p["A"] + p["B"] > 0:
+            return p["A"] / (p["A"] + p["B"])
+    match = re.search(r"\b([AB])\b", c.text)
+    if match:
+        return 1.0 if match.group(1) == "A" else 0.0
+    return None
+
+
+def judge_pairs(answers: dict[str, list[dict]], cfg: PairwiseConfig, out: Path) -> list[dict]:
+    """Every pair of models on every instruction, in both orders; resumable (`judgments.jsonl`)."""
+    path = out / "judgments.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    key = lambda r: (r["id"], r["model_a"], r["model_b"])  # noqa: E731
+    done = {key(r): r for r in rows if r.get("judge") == cfg.judge}
+    n = len(next(iter(answers.values())))
+    todo = []
+    for a, b in itertools.permutations(answers, 2):
+        for i in range(n):
+            row = {"id": answers[a][i]["id"], "model_a": a, "model_b": b}
+            if key(row) not in done:
+                todo.append((row, answers[a][i], answers[b][i]))
+    if todo:
+        engine = make_engine(cfg.judge, cfg.judge_engine)
+        sampling = Sampling(temperature=0.0, max_tokens=cfg.judge_max_tokens, logprobs=cfg.judge_logprobs)
+        bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="judging", unit="pair")
+        chunk = max(1, cfg.judge_engine.batch_size)
+        for start in range(0, len(todo), chunk):
+            batch = todo[start : start + chunk]
+            prompts = [
+                render_prompt(engine.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(
+                    instruction=qa["instruction"], a=qa["output"], b=qb["output"])}])
+                for _, qa, qb in batch
+            ]
+            for (row, _, _), c in zip(batch, engine.complete(prompts, sampling), strict=True):
+                p = preference_a(c)
+                done[key(row)] = {**row, "judge": cfg.judge, "preference_a": p, "raw": c.text, "failed": p is None}
+            write_jsonl(path, list(done.values()))
+            bar.update(len(batch))
+        bar.close()
+        del engine
+        gc.collect()
+    return list(done.values())
+
+
+def win_matrix(judgments: list[dict], models: list[str], ids: list[str]) -> np.ndarray:
+    """wins[m, q]: model m's mean preference over its opponents on question q (NaN where nothing parsed)."""
+    col = {q: j for j, q in enumerate(ids)}
+    total = np.zeros((len(models), len(ids)))
+    count = np.zeros((len(models), len(ids)))
+    for r in judgments:
+        if r["failed"] or r["model_a"] not in models or r["model_b"] not in models or r["id"] not in col:
+            continue
+        a, b, q, p = models.index(r["model_a"]), models.index(r["model_b"]), col[r["id"]], r["preference_a"]
+        total[a, q] += p
+        count[a, q] += 1
+        total[b, q] += 1 - p
+        count[b, q] += 1
+    with np.errstate(invalid="ignore"):
+        return total / count
+
+
+def leaderboard(judgments: list[dict], answers: dict[str, list[dict]], n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
+    """Win rate (%) of each model against the others, 95% percentile bootstrap over instructions."""
+    models = list(answers)
+    ids = [a["id"] for a in next(iter(answers.values()))]
+    wins = win_matrix(judgments, models, ids)
+    rng = np.random.default_rng(seed)
+    boots = np.empty((n_bootstrap, len(models)))
+    for b in range(n_bootstrap):
+        sample = rng.integers(0, len(ids), len(ids))
+        boots[b] = np.nanmean(wins[:, sample], axis=1)
+    rows = []
+    for m, name in enumerate(models):
+        rows.append({
+            "model": name,
+            "win_rate": round(100 * float(np.nanmean(wins[m])), 2),
+            "ci_low": round(100 * float(np.nanpercentile(boots[:, m], 2.5)), 2),
+            "ci_high": round(100 * float(np.nanpercentile(boots[:, m], 97.5)), 2),
+            "n_questions": int(np.sum(~np.isnan(wins[m]))),
+            "n_judgments": sum(1 for r in judgments if name in (r["model_a"], r["model_b"])),
+            "n_failed": sum(1 for r in judgments if r["failed"] and name in (r["model_a"], r["model_b"])),
+            "avg_tokens": round(float(np.mean([a["n_tokens"] for a in answers[name]])), 1),
+        })
+    return sorted(rows, key=lambda r: -r["win_rate"])
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), may_differ=("models", "n_bootstrap"), overwrite=cfg.overwrite)
+    questions = load_instructions(cfg.instructions, cfg.max_instructions)
+    answers = {name: generate_answers(name, model, questions, cfg, out) for name, model in cfg.models.items()}
+    judgments = judge_pairs(answers, cfg, out)
+    rows = leaderboard(judgments, answers, cfg.n_bootstrap, cfg.seed)
+    atomic_write_text(out / "leaderboard.csv", to_csv(rows))
+    atomic_write_text(out / "leaderboard.md", to_markdown(rows))
+    return rows
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("eval", argv, PairwiseConfig)
+    for name, model in cfg.models.items():
+        if not Path(model).exists() and resolve_model(model) == model and "/" not in model:
+            raise ConfigError(f"models.{name}: '{model}' is neither a local path, 'embedded', nor a Hub id")
+    rows = run(cfg)
+    print(f"\nLeaderboard ({len(rows)} models, judge: {cfg.judge}) -> {cfg.output_dir}/leaderboard.md\n")
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
