@@ -19,7 +19,9 @@ def check_messages(messages: Any, where: str) -> None:
     """`where` names the row (file and index) in the error. Rules: optional system first, then user/assistant
     alternating starting with user, ending with a non-empty assistant turn."""
     if not isinstance(messages, list) or not messages:
-        raise ConversationError(f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}")
+        raise ConversationError(
+            f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConversationError(f"{where}: message {i} must have 'role' and 'content'")
@@ -31,7 +33,9 @@ def check_messages(messages: Any, where: str) -> None:
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ConversationError(f"{where}: roles out of order: turn {i} is {m['role']!r}, expected {expected!r}")
+            raise ConversationError(
+                f"{where}: roles out of order: turn {i} is {m['role']!r}, expected {expected!r}"
+            )
         if expected == "assistant" and not m["content"].strip():
             raise ConversationError(f"{where}: assistant turn {i} is empty")
     if not turns or turns[-1]["role"] != "assistant":

@@ -65,6 +65,10 @@ def recipe_path(stage: str, name: str) -> Path:
     return path
 
 
+# YAML 1.1 reads these as booleans; on the command line only true/false are.
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     recipe, overrides = None, []
     for arg in argv:
@@ -74,6 +78,8 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
         key = key.lstrip("-").replace("-", "_")
         if key == "recipe":
             recipe = value
+        elif value.lower() in _YAML11_BOOLS:  # `save_strategy=no` means the string, not False
+            overrides.append(f"{key}='{value}'")
         else:
             overrides.append(f"{key}={value}")
     return recipe, overrides
@@ -127,7 +133,9 @@ def build(raw: dict[str, Any], *schemas: type) -> tuple[Any, ...]:
 def _hints(schema: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(schema)
-    except Exception:  # unresolved forward references in third-party dataclasses: fall back to raw annotations
+    except (
+        Exception
+    ):  # unresolved forward references in third-party dataclasses: fall back to raw annotations
         return {f.name: f.type for f in dataclasses.fields(schema)}
 
 
@@ -171,7 +179,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"key '{key}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        quote = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"key '{key}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__}){quote}")
     if origin is typing.Literal:
         if value in args:
             return value
@@ -208,7 +217,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         try:
             return hint(value)
         except ValueError:
-            raise ConfigError(f"key '{key}': expected one of {[m.value for m in hint]}, got {value!r}") from None
+            raise ConfigError(
+                f"key '{key}': expected one of {[m.value for m in hint]}, got {value!r}"
+            ) from None
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -231,7 +242,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"key '{key}': expected str, got {value!r} ({type(value).__name__})")
+        quote = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"key '{key}': expected str, got {value!r} ({type(value).__name__}){quote}")
     return value
 
 
@@ -272,7 +284,13 @@ def config_yaml(config: dict[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(config))
 
 
-def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, may_differ: tuple[str, ...] = (), overwrite: bool = False) -> bool:
+def prepare_output_dir(
+    output_dir: str | Path,
+    config: dict[str, Any],
+    *,
+    may_differ: tuple[str, ...] = (),
+    overwrite: bool = False,
+) -> bool:
     """Claim `output_dir` for a run and write its `config.yaml`; return True when resuming a run.
 
     A directory that holds another run's data (a different config, or files and no config) is an error,
@@ -290,7 +308,9 @@ def prepare_output_dir(output_dir: str | Path, config: dict[str, Any], *, may_di
         previous = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
         current = to_plain(config)
         ignore = set(may_differ) | {"overwrite"}
-        diff = sorted(k for k in set(previous) | set(current) if k not in ignore and previous.get(k) != current.get(k))
+        diff = sorted(
+            k for k in set(previous) | set(current) if k not in ignore and previous.get(k) != current.get(k)
+        )
         if diff:
             shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise ConfigError(

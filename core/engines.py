@@ -60,7 +60,9 @@ class EngineConfig:
     """How to run a model; one group in every recipe that generates text."""
 
     backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    tokenizer: str | None = None  # renders chat prompts; defaults to the model (set it when a server's name differs)
+    tokenizer: str | None = (
+        None  # renders chat prompts; defaults to the model (set it when a server's name differs)
+    )
     # transformers
     batch_size: int = 16
     dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on GPU
@@ -159,7 +161,9 @@ class TransformersEngine:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         s = samplings[0]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.device
+        )
         prompt_len = enc["input_ids"].shape[1]
         limits = torch.tensor([x.max_tokens for x in samplings], device=self.device)
 
@@ -231,7 +235,9 @@ class OpenAIEngine:
             raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
         self.model_name = model
         self.cfg = cfg
-        self.urls = [u.rstrip("/") if u.rstrip("/").endswith("/v1") else u.rstrip("/") + "/v1" for u in cfg.base_urls]
+        self.urls = [
+            u.rstrip("/") if u.rstrip("/").endswith("/v1") else u.rstrip("/") + "/v1" for u in cfg.base_urls
+        ]
         headers = {}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
@@ -291,9 +297,13 @@ class OpenAIEngine:
             try:
                 r = self.client.post(f"{url}/completions", json=body)
                 if r.status_code == 429 or r.status_code >= 500:
-                    raise httpx.HTTPStatusError(f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r)
+                    raise httpx.HTTPStatusError(
+                        f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r
+                    )
                 if r.status_code >= 400:  # our request is wrong: retrying will not help
-                    raise EngineError(f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}")
+                    raise EngineError(
+                        f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}"
+                    )
                 return self._parse(r.json(), s)
             except (httpx.TransportError, httpx.HTTPStatusError, ValueError, KeyError) as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
@@ -301,7 +311,11 @@ class OpenAIEngine:
                     time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
         raise EngineError(
             f"completion failed after {self.cfg.max_retries + 1} attempts; last error {errors[-1]}"
-            + (f" (servers tried: {', '.join(sorted(set(e.split(': ')[0] for e in errors)))})" if errors else "")
+            + (
+                f" (servers tried: {', '.join(sorted(set(e.split(': ')[0] for e in errors)))})"
+                if errors
+                else ""
+            )
         )
 
     @staticmethod
@@ -327,7 +341,9 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise EngineError("engine.backend=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine") from e
+            raise EngineError(
+                "engine.backend=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine"
+            ) from e
         self.model_name = str(model_path)
         self.llm = LLM(
             model=model_path,

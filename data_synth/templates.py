@@ -56,7 +56,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> st
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except Exception as e:  # jinja raises its own TemplateError, e.g. "System role not supported"
         roles = "+".join(m["role"] for m in messages)
-        raise TemplateError(f"model '{_name(tokenizer)}': its chat template cannot render a {roles} conversation ({e})") from e
+        raise TemplateError(
+            f"model '{_name(tokenizer)}': its chat template cannot render a {roles} conversation ({e})"
+        ) from e
 
 
 def end_of_turn_markers(tokenizer: Any) -> list[str]:
@@ -66,7 +68,11 @@ def end_of_turn_markers(tokenizer: Any) -> list[str]:
         [{"role": "user", "content": _SENTINEL_USER}, {"role": "assistant", "content": _SENTINEL_ASSISTANT}],
     )
     after = text.split(_SENTINEL_ASSISTANT, 1)[-1]
-    specials = sorted(set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})), key=len, reverse=True)
+    specials = sorted(
+        set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
+        key=len,
+        reverse=True,
+    )
     markers = []
     rest = after.strip()
     while rest:
@@ -91,7 +97,9 @@ def pre_query(tokenizer: Any, system_prompt: str | None = None) -> PreQuery:
         )
     template = text.split(_SENTINEL_USER, 1)[0]
     if not template:
-        raise TemplateError(f"model '{_name(tokenizer)}': its chat template renders nothing before the user's message")
+        raise TemplateError(
+            f"model '{_name(tokenizer)}': its chat template renders nothing before the user's message"
+        )
     adds_bos = tokenizer_adds_bos(tokenizer)
     # Engines never add special tokens, so a BOS the tokenizer would add at encode time goes in here
     # once (and never twice: templates that render it already keep theirs).

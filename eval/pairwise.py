@@ -78,7 +78,9 @@ def load_instructions(path: str, limit: int | None = None) -> list[dict[str, str
     return rows[:limit] if limit else rows
 
 
-def generate_answers(name: str, model: str, questions: list[dict], cfg: PairwiseConfig, out: Path) -> list[dict]:
+def generate_answers(
+    name: str, model: str, questions: list[dict], cfg: PairwiseConfig, out: Path
+) -> list[dict]:
     """Answers of one model, greedy, resumable per chunk (`answers/<name>.jsonl`)."""
     path = out / "answers" / f"{name}.jsonl"
     done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
@@ -86,15 +88,26 @@ def generate_answers(name: str, model: str, questions: list[dict], cfg: Pairwise
     todo = [q for q in questions if q["id"] not in done]
     if todo:
         engine = make_engine(model, cfg.engine)
-        sampling = Sampling(temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty)
+        sampling = Sampling(
+            temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty
+        )
         bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"answers {name}", unit="q")
         chunk = max(1, cfg.engine.batch_size)
         for start in range(0, len(todo), chunk):
             batch = todo[start : start + chunk]
-            prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q["instruction"]}]) for q in batch]
+            prompts = [
+                render_prompt(engine.tokenizer, [{"role": "user", "content": q["instruction"]}])
+                for q in batch
+            ]
             for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
-                done[q["id"]] = {"id": q["id"], "instruction": q["instruction"], "output": c.text.strip(),
-                                 "generator": name, "model": model, "n_tokens": c.n_tokens}
+                done[q["id"]] = {
+                    "id": q["id"],
+                    "instruction": q["instruction"],
+                    "output": c.text.strip(),
+                    "generator": name,
+                    "model": model,
+                    "n_tokens": c.n_tokens,
+                }
             write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
             bar.update(len(batch))
         bar.close()
@@ -140,13 +153,28 @@ def judge_pairs(answers: dict[str, list[dict]], cfg: PairwiseConfig, out: Path) 
         for start in range(0, len(todo), chunk):
             batch = todo[start : start + chunk]
             prompts = [
-                render_prompt(engine.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(
-                    instruction=qa["instruction"], a=qa["output"], b=qb["output"])}])
+                render_prompt(
+                    engine.tokenizer,
+                    [
+                        {
+                            "role": "user",
+                            "content": JUDGE_PROMPT.format(
+                                instruction=qa["instruction"], a=qa["output"], b=qb["output"]
+                            ),
+                        }
+                    ],
+                )
                 for _, qa, qb in batch
             ]
             for (row, _, _), c in zip(batch, engine.complete(prompts, sampling), strict=True):
                 p = preference_a(c)
-                done[key(row)] = {**row, "judge": cfg.judge, "preference_a": p, "raw": c.text, "failed": p is None}
+                done[key(row)] = {
+                    **row,
+                    "judge": cfg.judge,
+                    "preference_a": p,
+                    "raw": c.text,
+                    "failed": p is None,
+                }
             write_jsonl(path, list(done.values()))
             bar.update(len(batch))
         bar.close()
@@ -172,7 +200,9 @@ def win_matrix(judgments: list[dict], models: list[str], ids: list[str]) -> np.n
         return total / count
 
 
-def leaderboard(judgments: list[dict], answers: dict[str, list[dict]], n_bootstrap: int, seed: int) -> list[dict[str, Any]]:
+def leaderboard(
+    judgments: list[dict], answers: dict[str, list[dict]], n_bootstrap: int, seed: int
+) -> list[dict[str, Any]]:
     """Win rate (%) of each model against the others, 95% percentile bootstrap over instructions."""
     models = list(answers)
     ids = [a["id"] for a in next(iter(answers.values()))]
@@ -184,16 +214,18 @@ def leaderboard(judgments: list[dict], answers: dict[str, list[dict]], n_bootstr
         boots[b] = np.nanmean(wins[:, sample], axis=1)
     rows = []
     for m, name in enumerate(models):
-        rows.append({
-            "model": name,
-            "win_rate": round(100 * float(np.nanmean(wins[m])), 2),
-            "ci_low": round(100 * float(np.nanpercentile(boots[:, m], 2.5)), 2),
-            "ci_high": round(100 * float(np.nanpercentile(boots[:, m], 97.5)), 2),
-            "n_questions": int(np.sum(~np.isnan(wins[m]))),
-            "n_judgments": sum(1 for r in judgments if name in (r["model_a"], r["model_b"])),
-            "n_failed": sum(1 for r in judgments if r["failed"] and name in (r["model_a"], r["model_b"])),
-            "avg_tokens": round(float(np.mean([a["n_tokens"] for a in answers[name]])), 1),
-        })
+        rows.append(
+            {
+                "model": name,
+                "win_rate": round(100 * float(np.nanmean(wins[m])), 2),
+                "ci_low": round(100 * float(np.nanpercentile(boots[:, m], 2.5)), 2),
+                "ci_high": round(100 * float(np.nanpercentile(boots[:, m], 97.5)), 2),
+                "n_questions": int(np.sum(~np.isnan(wins[m]))),
+                "n_judgments": sum(1 for r in judgments if name in (r["model_a"], r["model_b"])),
+                "n_failed": sum(1 for r in judgments if r["failed"] and name in (r["model_a"], r["model_b"])),
+                "avg_tokens": round(float(np.mean([a["n_tokens"] for a in answers[name]])), 1),
+            }
+        )
     return sorted(rows, key=lambda r: -r["win_rate"])
 
 

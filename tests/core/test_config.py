@@ -1,0 +1,114 @@
+from dataclasses import dataclass, field
+
+import pytest
+from omegaconf import OmegaConf
+
+from core.config import ConfigError, available_recipes, build, load_config, prepare_output_dir
+from core.engines import EngineConfig
+
+
+@dataclass
+class Inner:
+    temperature: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    n: int = 3
+    rate: float = 0.1
+    flag: bool = False
+    mode: str | None = None
+    inner: Inner = field(default_factory=Inner)
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EngineHolder:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def test_overrides_nested_lists_and_int_to_float():
+    (cfg,) = build(
+        {"n": 5, "rate": 2, "inner": {"temperature": 0, "stop": ["a", "b"]}, "weights": {"x": 1}}, Cfg
+    )
+    assert cfg.n == 5 and cfg.rate == 2.0 and isinstance(cfg.rate, float)
+    assert cfg.inner.temperature == 0.0 and cfg.inner.stop == ["a", "b"]
+    assert cfg.weights == {"x": 1.0}
+
+
+def test_dotted_override_on_a_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("n: 7\ninner:\n  temperature: 0.5\n")
+    (cfg,) = load_config(
+        "synth", [f"recipe={recipe}", "inner.temperature=1.2", "rate=1e-5", "inner.stop=x,y"], Cfg
+    )
+    assert cfg.n == 7 and cfg.inner.temperature == 1.2 and cfg.rate == 1e-5 and cfg.inner.stop == ["x", "y"]
+
+
+def test_yes_no_on_the_command_line_stay_strings():
+    (cfg,) = load_config("synth", ["name=no", "mode=off", "flag=true"], Cfg)
+    assert cfg.name == "no" and cfg.mode == "off" and cfg.flag is True
+    with pytest.raises(ConfigError, match="quote the value"):
+        build({"name": False}, Cfg)  # what an unquoted `name: no` in a recipe file becomes
+
+
+def test_unknown_key_names_closest_keys():
+    with pytest.raises(ConfigError, match=r"unknown key 'rat'.*Closest valid keys: rate"):
+        build({"rat": 1}, Cfg)
+    with pytest.raises(ConfigError, match=r"unknown key 'inner.temprature'.*inner.temperature"):
+        load_config("synth", ["inner.temprature=1"], Cfg)
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"key 'n': expected int, got 'many'"):
+        load_config("synth", ["n=many"], Cfg)
+    with pytest.raises(ConfigError, match=r"key 'flag': expected bool"):
+        build({"flag": "maybe"}, Cfg)
+    with pytest.raises(ConfigError, match=r"key 'inner.temperature': expected float"):
+        build({"inner": {"temperature": "hot"}}, Cfg)
+    with pytest.raises(
+        ConfigError, match=r"key 'engine.backend': expected one of \['transformers', 'openai', 'vllm'\]"
+    ):
+        build({"engine": {"backend": "tgi"}}, EngineHolder)
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(
+        ConfigError, match=r"unknown synth recipe 'magpie_dmeo'.*Did you mean: magpie_demo.*magpie_demo"
+    ):
+        load_config("synth", ["recipe=magpie_dmeo"], Cfg)
+    assert "magpie_demo" in available_recipes("synth")
+
+
+def test_trl_config_validates_keys_and_types():
+    from trl import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"unknown key 'learnin_rate'.*learning_rate"):
+        build({"learnin_rate": 1e-5}, SFTConfig)
+    with pytest.raises(ConfigError, match=r"key 'learning_rate': expected float"):
+        build({"learning_rate": "fast"}, SFTConfig)
+    (args,) = build(
+        {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "report_to": "none", "bf16": False}, SFTConfig
+    )
+    assert args.learning_rate == 2e-5
+
+
+def test_output_dir_written_resumed_and_protected(tmp_path):
+    out = tmp_path / "run"
+    assert prepare_output_dir(out, {"a": 1, "n": 5}) is False
+    assert OmegaConf.load(out / "config.yaml") == {"a": 1, "n": 5}
+    (out / "data.parquet").write_text("x")
+    assert prepare_output_dir(out, {"a": 1, "n": 5}) is True  # same config: resume
+    assert prepare_output_dir(out, {"a": 1, "n": 9}, may_differ=("n",)) is True
+    with pytest.raises(ConfigError, match=r"different config \(a: 1 -> 2\)"):
+        prepare_output_dir(out, {"a": 2, "n": 9})
+    assert (out / "data.parquet").read_text() == "x"  # nothing was touched
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.csv").write_text("precious")
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        prepare_output_dir(foreign, {"a": 1})
+    assert (foreign / "results.csv").read_text() == "precious"

@@ -1,0 +1,123 @@
+import socket
+
+import pytest
+
+from core.engines import EngineConfig, EngineError, OpenAIEngine, Sampling, VLLMEngine
+
+PRE_QUERY = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+
+
+def chat(q: str) -> str:
+    return PRE_QUERY + q + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_transformers_engine_generates_real_text_with_stops_and_limits(embedded_engine):
+    sampling = [
+        Sampling(temperature=1.0, max_tokens=48, stop=("\n", "<|im_end|>"), seed=3),
+        Sampling(temperature=1.0, max_tokens=48, stop=("\n", "<|im_end|>"), seed=3),
+        Sampling(temperature=1.0, max_tokens=4, stop=("\n",), seed=3),  # per-request max tokens
+    ]
+    outs = embedded_engine.complete([PRE_QUERY] * 3, sampling)
+    for o in outs[:2]:
+        assert o.text.strip() and "\n" not in o.text and "<|im_end|>" not in o.text
+        assert len(o.text.split()) >= 2  # words, not noise
+    assert outs[2].n_tokens <= 4
+
+
+def test_transformers_engine_greedy_is_deterministic_and_answers(embedded_engine):
+    s = Sampling(temperature=0.0, max_tokens=24, stop=("<|im_end|>",))
+    a = embedded_engine.complete([chat("What is the capital of France?")], s)[0]
+    b = embedded_engine.complete([chat("What is the capital of France?"), chat("Name a color.")], s)[0]
+    assert a.text == b.text  # batching and padding do not change greedy output
+    assert "Paris" in a.text
+
+
+def test_seeded_sampling_reproduces(embedded_engine):
+    s = Sampling(temperature=1.0, max_tokens=16, seed=11)
+    assert (
+        embedded_engine.complete([PRE_QUERY], s)[0].text == embedded_engine.complete([PRE_QUERY], s)[0].text
+    )
+
+
+def test_top_logprobs_of_first_token(embedded_engine):
+    out = embedded_engine.complete(
+        [chat("Answer with one letter, A or B: which letter comes first?")],
+        Sampling(temperature=0.0, max_tokens=2, logprobs=5),
+    )[0]
+    lps = list(out.top_logprobs.values())
+    assert len(lps) == 5 and lps == sorted(lps, reverse=True)
+    assert all(lp <= 0 for lp in lps)
+
+
+def test_openai_engine_against_a_real_server(openai_server, embedded_engine, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-test-123")
+    engine = OpenAIEngine(
+        "smollm2",
+        EngineConfig(backend="openai", base_urls=[openai_server], api_key_env="MY_KEY", concurrency=2),
+    )
+    s = Sampling(temperature=0.0, max_tokens=24, stop=("<|im_end|>",))
+    prompts = [chat("What is the capital of France?"), chat("Name a color.")]
+    remote = engine.complete(prompts, s)
+    local = embedded_engine.complete(prompts, s)
+    assert [r.text for r in remote] == [lo.text for lo in local]  # same model, same greedy text, over HTTP
+    assert all(r.n_tokens > 0 for r in remote)
+    lp = engine.complete([chat("Hi")], Sampling(temperature=0.0, max_tokens=1, logprobs=3))[0]
+    assert len(lp.top_logprobs) == 3
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_openai_engine_survives_a_dead_server(openai_server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-test-123")
+    cfg = EngineConfig(
+        backend="openai", base_urls=[_dead_url(), openai_server], api_key_env="MY_KEY", max_retries=2
+    )
+    outs = OpenAIEngine("smollm2", cfg).complete(
+        [chat("Say hi.")] * 4, Sampling(temperature=0.0, max_tokens=8)
+    )
+    assert len(outs) == 4 and all(o.text for o in outs)
+
+
+def test_openai_engine_dead_url_fails_naming_it():
+    dead = _dead_url()
+    cfg = EngineConfig(backend="openai", base_urls=[dead], max_retries=1, timeout=5)
+    with pytest.raises(EngineError, match=dead.replace(".", r"\.")):
+        OpenAIEngine("m", cfg).complete(["hi"], Sampling(max_tokens=2))
+
+
+def test_openai_engine_api_key_comes_from_the_environment(openai_server, monkeypatch):
+    monkeypatch.delenv("MISSING_KEY", raising=False)
+    with pytest.raises(EngineError, match="MISSING_KEY"):
+        OpenAIEngine(
+            "m", EngineConfig(backend="openai", base_urls=[openai_server], api_key_env="MISSING_KEY")
+        )
+    monkeypatch.setenv("WRONG_KEY", "sk-wrong")
+    engine = OpenAIEngine(
+        "m", EngineConfig(backend="openai", base_urls=[openai_server], api_key_env="WRONG_KEY")
+    )
+    with pytest.raises(EngineError, match="HTTP 401") as err:
+        engine.complete(["hi"], Sampling(max_tokens=2))
+    assert "sk-wrong" not in str(err.value)  # keys never reach messages
+
+
+def test_vllm_is_optional():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match=r"pip install -e '\.\[vllm\]'"):
+            VLLMEngine("embedded", EngineConfig(backend="vllm"))
+    else:
+        pytest.skip("vLLM installed: exercised on GPU machines")
+
+
+def test_identical_prompts_across_batches_are_not_repeats(embedded_engine):
+    # 8 per batch: a seed re-applied per batch would make prompts 9-16 copy prompts 1-8.
+    outs = embedded_engine.complete(
+        [PRE_QUERY] * 16, Sampling(temperature=1.0, max_tokens=24, stop=("\n",), seed=5)
+    )
+    assert len({o.text for o in outs}) >= 14

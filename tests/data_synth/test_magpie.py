@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from core.engines import Completion
+from data_synth.magpie import GridPoint, MagpieConfig, clean_instruction, grid_point, run
+
+
+def test_clean_instruction_rules():
+    c = lambda t, r="stop": Completion(t, 5, r)  # noqa: E731
+    assert clean_instruction(c("  Question: How do magnets work?  ")) == ("How do magnets work?", "")
+    assert clean_instruction(c("What is 2+2? Answer: 4")) == ("What is 2+2?", "")
+    assert clean_instruction(c("List the steps:")) == (None, "ends_with_colon")
+    assert clean_instruction(c("   ")) == (None, "empty")
+    assert clean_instruction(c("A long unfinished", "length")) == (None, "truncated")
+
+
+def test_grid_assignment_follows_shares():
+    grid = [GridPoint(1.0, 1.0, 0.5), GridPoint(1.1, 0.995, 0.3), GridPoint(1.25, 0.99, 0.2)]
+    points = [grid_point(i, 100, grid) for i in range(100)]
+    assert [points.count(g) for g in grid] == [50, 30, 20]
+
+
+def test_bad_settings_fail_before_generation():
+    with pytest.raises(ValueError, match="n_conversations must be > 0"):
+        MagpieConfig(n_conversations=0)
+    with pytest.raises(ValueError, match="shares must sum to 1"):
+        MagpieConfig(instruction=_grid(0.5))
+
+
+def _grid(share):
+    from data_synth.magpie import InstructionSampling
+
+    return InstructionSampling(grid=[GridPoint(share=share)])
+
+
+def test_cli_rejects_nonpositive_n_naming_the_field():
+    out = subprocess.run(
+        [sys.executable, "-m", "data_synth.magpie", "recipe=magpie_demo", "n_conversations=0"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "n_conversations must be > 0" in out.stderr
+
+
+def test_magpie_writes_parseable_conversations_and_resumes(tmp_path, embedded_path):
+    cfg = MagpieConfig(n_conversations=4, output_dir=str(tmp_path / "magpie"), chunk_size=4, seed=1)
+    cfg.instruction.max_tokens = 48
+    cfg.response.max_tokens = 32
+    summary = run(cfg)
+    ds = datasets.load_dataset("parquet", data_dir=cfg.output_dir, split="train")
+    assert len(ds) == summary["rows"] == 4
+    for row in ds:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["user", "assistant"]
+        assert all(m["content"].strip() for m in row["messages"])
+        assert row["pre_query_template"].startswith("<|im_start|>system")
+        assert row["instruction_tokens"] > 0 and row["response_tokens"] > 0
+    # The same command with a larger target resumes: old rows kept, new ones added, no duplicates.
+    cfg.n_conversations = 6
+    run(cfg)
+    ds2 = datasets.load_dataset("parquet", data_dir=cfg.output_dir, split="train")
+    assert len(ds2) == 6
+    firsts = [r["messages"][0]["content"] for r in ds2]
+    assert len(set(firsts)) == 6
+    assert firsts[:4] == [r["messages"][0]["content"] for r in ds]

@@ -1,0 +1,87 @@
+"""A small, real OpenAI-compatible `/v1/completions` server for tests, answering with the transformers engine.
+
+    python tests/openai_server.py --model PATH --port 8011 [--api-key-env VAR]
+
+It speaks the subset the harness uses (prompt, max_tokens, temperature, top_p, stop, seed, logprobs) and
+returns the OpenAI response shape, so the `openai` engine is tested over real HTTP, not against a mock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from core.engines import EngineConfig, Sampling, TransformersEngine
+
+
+def serve(model: str, port: int, api_key: str | None = None) -> ThreadingHTTPServer:
+    engine = TransformersEngine(model, EngineConfig(batch_size=4))
+    lock = threading.Lock()  # one generate at a time; the engine is not thread-safe
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _send(self, code: int, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
+            else:
+                self._send(404, {"error": "not found"})
+
+        def do_POST(self):
+            if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
+                self._send(401, {"error": {"message": "invalid api key"}})
+                return
+            if self.path.rstrip("/") != "/v1/completions":
+                self._send(404, {"error": "not found"})
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            stop = body.get("stop") or []
+            s = Sampling(
+                temperature=float(body.get("temperature", 1.0)),
+                top_p=float(body.get("top_p", 1.0)),
+                max_tokens=int(body.get("max_tokens", 16)),
+                stop=tuple([stop] if isinstance(stop, str) else stop),
+                stop_token_ids=tuple(body.get("stop_token_ids") or ()),
+                repetition_penalty=float(body.get("repetition_penalty", 1.0)),
+                seed=body.get("seed"),
+                logprobs=body.get("logprobs"),
+            )
+            with lock:
+                (c,) = engine.complete([body["prompt"]], s)
+            choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            if c.top_logprobs is not None:
+                choice["logprobs"] = {"top_logprobs": [c.top_logprobs]}
+            self._send(
+                200,
+                {
+                    "object": "text_completion",
+                    "model": body.get("model"),
+                    "choices": [choice],
+                    "usage": {"completion_tokens": c.n_tokens},
+                },
+            )
+
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--api-key-env")
+    a = ap.parse_args()
+    server = serve(a.model, a.port, os.environ.get(a.api_key_env) if a.api_key_env else None)
+    print(f"ready on {a.port}", flush=True)
+    server.serve_forever()

@@ -1,0 +1,118 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trl import SFTConfig
+
+from core.chat import ConversationError
+from core.config import build
+from train.sft import ScriptArgs, build_trainer, load_conversations
+
+ROOT = Path(__file__).resolve().parents[2]
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": "Name a primary color."},
+        {"role": "assistant", "content": "Red is a primary color."},
+    ],
+    [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ],
+    [{"role": "user", "content": "Say hello in French."}, {"role": "assistant", "content": "Bonjour !"}],
+]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": m, "source": "test"}) + "\n" for m in CONVERSATIONS))
+    return path
+
+
+def sft_args(out: Path, **overrides) -> SFTConfig:
+    values = dict(
+        output_dir=str(out),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        max_length=128,
+        assistant_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        activation_checkpointing=False,
+        seed=0,
+    )
+    values.update(overrides)
+    return build(values, SFTConfig)[0]
+
+
+def test_lora_sft_on_the_embedded_model_changes_every_lora_parameter(tmp_path, data_file):
+    script = ScriptArgs(
+        model_name_or_path="embedded", dataset=str(data_file), peft="lora", lora_r=8, lora_alpha=16
+    )
+    trainer = build_trainer(script, sft_args(tmp_path / "out"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before and all("lora_" in n for n in before)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert frozen  # the base model stays frozen
+
+
+def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path, data_file):
+    script = ScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="lora")
+    trainer = build_trainer(script, sft_args(tmp_path / "out"))
+    tok = trainer.processing_class
+    row = trainer.train_dataset[2]  # system + two user/assistant rounds
+    trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
+    assert trained == "Rome.<|im_end|>Madrid.<|im_end|>"
+
+
+def test_bad_rows_fail_naming_the_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rows = [
+        {"messages": CONVERSATIONS[0]},
+        {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConversationError, match=r"bad.jsonl: row 1: roles out of order"):
+        load_conversations(ScriptArgs(dataset=str(path)))
+    path.write_text(json.dumps({"text": "no messages"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 0 has no 'messages' column"):
+        load_conversations(ScriptArgs(dataset=str(path)))
+
+
+def test_accelerate_launch_runs_the_script_and_writes_its_config(tmp_path, data_file):
+    out = tmp_path / "sft"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/cpu.yaml"),
+        str(ROOT / "train/sft.py"),
+        "recipe=demo_sft",
+        f"dataset={data_file}",
+        f"output_dir={out}",
+        "max_steps=1",
+        "max_length=128",
+        "save_strategy=no",
+        "merge_lora=true",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert "learning_rate: 0.0002" in (out / "config.yaml").read_text()
