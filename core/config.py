@@ -179,8 +179,14 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError:
                 continue
-        quote = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
-        raise ConfigError(f"key '{key}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__}){quote}")
+        quote = (
+            " (YAML reads unquoted yes/no/on/off as booleans: quote the value)"
+            if isinstance(value, bool)
+            else ""
+        )
+        raise ConfigError(
+            f"key '{key}': expected {_type_name(hint)}, got {value!r} ({type(value).__name__}){quote}"
+        )
     if origin is typing.Literal:
         if value in args:
             return value
@@ -242,7 +248,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        quote = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        quote = (
+            " (YAML reads unquoted yes/no/on/off as booleans: quote the value)"
+            if isinstance(value, bool)
+            else ""
+        )
         raise ConfigError(f"key '{key}': expected str, got {value!r} ({type(value).__name__}){quote}")
     return value
 

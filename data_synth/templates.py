@@ -61,39 +61,56 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> st
         ) from e
 
 
-def end_of_turn_markers(tokenizer: Any) -> list[str]:
-    """Special tokens the template writes right after an assistant's content (e.g. <|eot_id|>, <|im_end|>)."""
-    text = _render(
-        tokenizer,
-        [{"role": "user", "content": _SENTINEL_USER}, {"role": "assistant", "content": _SENTINEL_ASSISTANT}],
-    )
-    after = text.split(_SENTINEL_ASSISTANT, 1)[-1]
-    specials = sorted(
-        set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {})),
-        key=len,
-        reverse=True,
-    )
-    markers = []
-    rest = after.strip()
+def _special_tokens(tokenizer: Any) -> list[str]:
+    tokens = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def _leading_specials(text: str, specials: list[str]) -> list[str]:
+    found, rest = [], text.strip()
     while rest:
-        hit = next((s for s in specials if s and rest.startswith(s)), None)
+        hit = next((s for s in specials if rest.startswith(s)), None)
         if hit is None:
             break
-        markers.append(hit)
+        found.append(hit)
         rest = rest[len(hit) :].strip()
-    return markers
+    return found
 
 
-def pre_query(tokenizer: Any, system_prompt: str | None = None) -> PreQuery:
-    """The pre-query template (optionally after a steering system prompt) and the template's stop markers."""
-    messages = [{"role": "user", "content": _SENTINEL_USER}]
+def stop_markers(tokenizer: Any) -> list[str]:
+    """Where a generated turn ends: the special tokens the template writes after a turn's content (<|eot_id|>,
+    <|im_end|>, <end_of_turn>), the eos and end-of-text tokens, and the token opening the next turn's header
+    (<|start_header_id|>, <|im_start|>): a model that runs past its end marker must not write the next turn."""
+    specials = _special_tokens(tokenizer)
+    pair = [
+        {"role": "user", "content": _SENTINEL_USER},
+        {"role": "assistant", "content": _SENTINEL_ASSISTANT},
+    ]
+    after_assistant = _render(tokenizer, pair).split(_SENTINEL_ASSISTANT, 1)[-1]
+    plain = _render(tokenizer, pair[:1])
+    after_user = plain.split(_SENTINEL_USER, 1)[-1]
+    header = _render(tokenizer, pair[:1], add_generation_prompt=True)[len(plain) :]
+    stops = _leading_specials(after_assistant, specials) + _leading_specials(after_user, specials)
+    stops += [tokenizer.eos_token or ""] + [t for t in specials if "end_of_text" in t or "endoftext" in t]
+    stops += _leading_specials(header, specials)[:1]
+    return [s for s in dict.fromkeys(stops) if s]
+
+
+def pre_query(
+    tokenizer: Any, system_prompt: str | None = None, history: list[dict[str, str]] | None = None
+) -> PreQuery:
+    """The pre-query template (optionally after a steering system prompt and earlier turns) and the stop markers.
+
+    With `history`, it is everything before the next user turn's content: how Magpie-MT samples follow-ups.
+    """
+    messages = [*(history or []), {"role": "user", "content": _SENTINEL_USER}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     text = _render(tokenizer, messages)
     if text.count(_SENTINEL_USER) != 1:
         raise TemplateError(
             f"model '{_name(tokenizer)}': its chat template does not place the user's message verbatim once "
-            "(found it {text.count(_SENTINEL_USER)} times), so it cannot be split into a pre-query template"
+            f"(found it {text.count(_SENTINEL_USER)} times), so it cannot be split into a pre-query template"
         )
     template = text.split(_SENTINEL_USER, 1)[0]
     if not template:
@@ -105,13 +122,11 @@ def pre_query(tokenizer: Any, system_prompt: str | None = None) -> PreQuery:
     # once (and never twice: templates that render it already keep theirs).
     bos = tokenizer.bos_token or ""
     prefix = bos + template if adds_bos and bos and not template.startswith(bos) else template
-    stops = end_of_turn_markers(tokenizer)
-    if tokenizer.eos_token and tokenizer.eos_token not in stops:
-        stops.append(tokenizer.eos_token)
+    stops = stop_markers(tokenizer)
     stop_ids = []
     for s in stops:
         ids = tokenizer.convert_tokens_to_ids(s)
-        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
+        if isinstance(ids, int) and tokenizer.convert_ids_to_tokens(ids) == s:  # not a fallback to <unk>
             stop_ids.append(ids)
     return PreQuery(template, prefix, stops, stop_ids, adds_bos)
 

@@ -76,7 +76,9 @@ def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path, data
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
     tok = trainer.processing_class
     row = trainer.train_dataset[2]  # system + two user/assistant rounds
-    trained = tok.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
+    trained = tok.decode(
+        [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    )
     assert trained == "Rome.<|im_end|>Madrid.<|im_end|>"
 
 
