@@ -36,9 +36,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def openai_server(embedded_path):
-    """A real OpenAI-compatible server on localhost (tests/openai_server.py) with an API key."""
+def start_server(model_path: str) -> tuple[str, subprocess.Popen]:
+    """tests/openai_server.py on a free localhost port, expecting the key in $TEST_SERVER_KEY (sk-test-123)."""
     port = free_port()
     env = {**os.environ, "TEST_SERVER_KEY": "sk-test-123", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -46,29 +45,33 @@ def openai_server(embedded_path):
             sys.executable,
             str(ROOT / "tests" / "openai_server.py"),
             "--model",
-            embedded_path,
+            model_path,
             "--port",
             str(port),
             "--api-key-env",
             "TEST_SERVER_KEY",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        text=True,
     )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return f"http://127.0.0.1:{port}", proc
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError("test server exited during start-up") from None
             time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("test server did not start in 120 s")
-    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    raise RuntimeError("test server did not start in 120 s")
+
+
+@pytest.fixture(scope="session")
+def openai_server(embedded_path):
+    """A real OpenAI-compatible server on localhost (tests/openai_server.py) with an API key."""
+    url, proc = start_server(embedded_path)
+    yield url
     proc.kill()
     proc.wait()

@@ -81,7 +81,13 @@ if __name__ == "__main__":
     ap.add_argument("--model", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--api-key-env")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 keeps several servers off each other's cores"
+    )
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
     server = serve(a.model, a.port, os.environ.get(a.api_key_env) if a.api_key_env else None)
     print(f"ready on {a.port}", flush=True)
     server.serve_forever()

@@ -5,7 +5,7 @@ import datasets
 import pytest
 
 from core.engines import Completion
-from data_synth.magpie import GridPoint, MagpieConfig, clean_instruction, grid_point, run
+from data_synth.magpie import GridPoint, MagpieConfig, clean_instruction, grid_point, run, steering_choice
 
 
 def test_clean_instruction_rules():
@@ -66,3 +66,50 @@ def test_magpie_writes_parseable_conversations_and_resumes(tmp_path, embedded_pa
     firsts = [r["messages"][0]["content"] for r in ds2]
     assert len(set(firsts)) == 6
     assert firsts[:4] == [r["messages"][0]["content"] for r in ds]
+
+
+def test_steering_keys_are_validated_and_mixed():
+    with pytest.raises(
+        ValueError, match=r"system_prompt: unknown system-prompt key 'mathh'; known keys: code, math"
+    ):
+        MagpieConfig(system_prompt="mathh")
+    with pytest.raises(ValueError, match="system_prompt_mix shares must sum to 1"):
+        MagpieConfig(system_prompt_mix={"math": 0.5, "code": 0.4})
+    cfg = MagpieConfig(
+        system_prompt_mix={"math": 0.5, "poetry": 0.5}, system_prompts={"poetry": "You write poems."}
+    )
+    picks = [steering_choice(i, cfg.steering())[0] for i in range(100)]
+    assert abs(picks.count("math") - 50) <= 2 and abs(picks.count("poetry") - 50) <= 2
+    assert MagpieConfig(system_prompt="You are a chess coach.").steering() == [
+        ("custom", "You are a chess coach.", 1.0)
+    ]
+
+
+def test_cli_rejects_unknown_steering_key_before_loading_a_model():
+    out = subprocess.run(
+        [sys.executable, "-m", "data_synth.magpie", "recipe=magpie_demo", "system_prompt=mathh"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "unknown system-prompt key 'mathh'" in out.stderr
+
+
+def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path):
+    cfg = MagpieConfig(
+        n_conversations=2,
+        n_turns=2,
+        output_dir=str(tmp_path / "mt"),
+        chunk_size=3,
+        seed=2,
+        system_prompt_mix={"math": 0.5, "code": 0.5},
+    )
+    cfg.instruction.max_tokens = 64
+    cfg.response.max_tokens = 24
+    run(cfg)
+    ds = datasets.load_dataset("parquet", data_dir=cfg.output_dir, split="train")
+    assert len(ds) == 2
+    for row in ds:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+        assert row["n_turns"] == 2 and row["system_prompt_key"] in ("math", "code")
+        assert row["pre_query_template"].startswith("<|im_start|>system\nYou are an AI assistant")
+        assert row["messages"][2]["content"] != row["messages"][0]["content"]
