@@ -216,11 +216,14 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     while writer.n_rows < cfg.n_conversations:
         first = writer.n_rows
         n = min(cfg.chunk_size, cfg.n_conversations - first)
+        # Sample ~12% more instructions than needed: some are dropped, and a second round for the last
+        # few rows of a chunk would run at a tiny batch size. Only `n` are answered.
+        n_sample = n + max(1, n // 8)
         # A fresh seed per call, so a resumed run samples new instructions instead of repeating old ones.
         seed = cfg.seed * 1_000_003 + first * 7919 + calls
         calls += 1
-        points = [grid_point(first + j, cfg.n_conversations, cfg.instruction.grid) for j in range(n)]
-        steer = [steering_choice(first + j, choices) for j in range(n)]
+        points = [grid_point(first + j, cfg.n_conversations, cfg.instruction.grid) for j in range(n_sample)]
+        steer = [steering_choice(first + j, choices) for j in range(n_sample)]
         samplings = [
             Sampling(p.temperature, p.top_p, cfg.instruction.max_tokens, stops + newline, stop_ids, seed=seed)
             for p in points
@@ -228,6 +231,8 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         instructions = engine.complete([templates[k].prompt_prefix for k, _, _ in steer], samplings)
         convs, meta = [], []
         for c, p, (key, text, _) in zip(instructions, points, steer, strict=True):
+            if len(convs) == n:  # enough for this chunk; the surplus is neither counted nor marked seen
+                break
             instruction, reason = clean_instruction(c)
             if instruction is None:
                 stats.drop(reason)
