@@ -18,6 +18,22 @@ def schemas(stage: str) -> tuple[type, ...]:
         from train.sft import ScriptArgs
 
         return (ScriptArgs, SFTConfig)
+    if stage == "tag":
+        from data_synth.tag import TagConfig
+
+        return (TagConfig,)
+    if stage == "select":
+        from data_synth.select import SelectConfig
+
+        return (SelectConfig,)
+    if stage == "pairs":
+        from data_synth.pairs import PairsConfig
+
+        return (PairsConfig,)
+    if stage == "report":
+        from data_synth.report import ReportConfig
+
+        return (ReportConfig,)
     if stage == "eval":
         from eval.pairwise import PairwiseConfig
 

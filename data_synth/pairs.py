@@ -1,0 +1,160 @@
+"""Magpie-DPO preference pairs: k sampled responses per instruction, scored, best vs worst.
+
+    python -m data_synth.pairs recipe=demo_pairs input=runs/demo/selected output_dir=runs/demo/pairs
+
+For each instruction (the first user turn), `n_samples` responses are sampled at `temperature` (0.8 in the
+paper) and scored by a reward model (ArmoRM/FsfairX on GPU) or, on CPU, by the judge's probability-weighted
+1-10 score (labelled so in the manifest). chosen = the best, rejected = the worst; ties (and instructions with fewer than two scored
+responses) are dropped and counted. Rows are trl's conversational preference format (`prompt`, `chosen`,
+`rejected`, each a list of messages) plus scores, split into `train-*.parquet` and `test-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from core.chat import render_prompt
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.engines import EngineConfig, Sampling, make_engine
+from core.io import ShardWriter, atomic_write_json, load_rows
+from data_synth.tag import REWARD_PROMPT, Judge, first_turn, judge_score_source, reward_model_scores
+
+
+@dataclass
+class PairsConfig:
+    input: str = "runs/demo/selected"
+    output_dir: str = "runs/demo/pairs"
+    model: str = "embedded"  # the policy whose responses are compared
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    n_samples: int = 5
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    max_prompts: int | None = None
+    # scoring: a sequence-classification reward model, or null for the judge's probability-weighted 1-10 score
+    reward_model: str | None = None
+    reward_batch_size: int = 8
+    judge: str = "embedded"
+    judge_engine: EngineConfig = field(default_factory=EngineConfig)
+    judge_max_tokens: int = 160
+    judge_retries: int = 1
+    judge_retry_temperature: float = 0.7
+    test_size: float = 0.02
+    seed: int = 42
+    chunk_size: int = 64
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2 to form a pair, got {self.n_samples}")
+        if not 0 <= self.test_size < 1:
+            raise ValueError(f"test_size must be in [0, 1), got {self.test_size}")
+
+
+def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
+    """Indices of the highest and lowest score; None for a tie or fewer than two scored responses."""
+    scored = [(s, i) for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return None
+    best, worst = max(scored), min(scored)
+    return None if best[0] == worst[0] else (best[1], worst[1])
+
+
+def run(cfg: PairsConfig) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.io import atomic_write_bytes
+
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), may_differ=("chunk_size",), overwrite=cfg.overwrite)
+    rows = load_rows(cfg.input)
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
+    rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
+    work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
+    done = {r["source_index"] for r in work.rows()}
+    todo = [i for i in range(len(rows)) if i not in done]
+    engine = judge = None
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pairs", unit="prompt")
+    for start in range(0, len(todo), cfg.chunk_size):
+        idx = todo[start : start + cfg.chunk_size]
+        engine = engine or make_engine(cfg.model, cfg.engine)
+        questions = [first_turn(rows[i])[0] for i in idx]
+        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=cfg.seed + start)
+        outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], sampling)
+        responses = [
+            [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]
+            for k in range(len(idx))
+        ]
+        flat = [(q, r) for q, rs in zip(questions, responses, strict=True) for r in rs]
+        if cfg.reward_model:
+            flat_scores: list[float | None] = reward_model_scores(
+                flat, cfg.reward_model, cfg.reward_batch_size
+            )
+        else:
+            judge = judge or Judge.from_config(cfg)
+            flat_scores = judge.score(
+                [REWARD_PROMPT.format(instruction=q, response=r) for q, r in flat], 1, 10
+            )
+        for k, (i, q, rs) in enumerate(zip(idx, questions, responses, strict=True)):
+            scores = flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples]
+            pick = best_and_worst(
+                [s if rs[n] else None for n, s in enumerate(scores)]
+            )  # empty replies never win
+            row = {"source_index": i, "status": "pair" if pick else "tie", "prompt": [{"role": "user", "content": q}],
+                   "chosen": None, "rejected": None, "score_chosen": None, "score_rejected": None,
+                   "all_scores": scores}  # fmt: skip
+            if pick:
+                b, w = pick
+                row.update(chosen=[{"role": "assistant", "content": rs[b]}],
+                           rejected=[{"role": "assistant", "content": rs[w]}],
+                           score_chosen=scores[b], score_rejected=scores[w])  # fmt: skip
+            work.add([row])
+        work.flush()
+        bar.update(len(idx))
+    bar.close()
+
+    results = list(work.rows())
+    pairs = [r for r in results if r["status"] == "pair"]
+    order = np.random.default_rng(cfg.seed).permutation(len(pairs))
+    n_test = int(round(len(pairs) * cfg.test_size))
+    splits = {
+        "test": [pairs[j] for j in sorted(order[:n_test])],
+        "train": [pairs[j] for j in sorted(order[n_test:])],
+    }
+    for split, split_rows in splits.items():
+        sink = pa.BufferOutputStream()
+        clean = [{k: v for k, v in r.items() if k != "status"} for r in split_rows]
+        pq.write_table(pa.Table.from_pylist(clean) if clean else pa.table({}), sink)
+        atomic_write_bytes(out / f"{split}-00000.parquet", sink.getvalue().to_pybytes())
+    summary = {
+        "prompts": len(results),
+        "pairs": len(pairs),
+        "ties_dropped": len(results) - len(pairs),
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+        "scorer": f"reward model {cfg.reward_model}"
+        if cfg.reward_model
+        else judge_score_source(cfg.judge, 1, 10),
+    }
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("pairs", argv, PairsConfig)
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""A Markdown dataset card and PNG plots of a (tagged) conversation set, optionally against others.
+
+    python -m data_synth.report input=runs/demo/tagged compare=runs/sharegpt,runs/wildchat output_dir=runs/demo/report
+
+Plots whatever columns exist: task categories, input quality and difficulty, reward histogram, instruction and
+response lengths, and an embedding coverage map (t-SNE of first-turn embeddings of this set against the
+compared sets: the paper's Figure 3).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved  # noqa: E402
+from core.io import atomic_write_text, load_rows  # noqa: E402
+from data_synth.tag import DIFFICULTY, QUALITY, TASK_CATEGORIES, embed, first_turn  # noqa: E402
+
+
+@dataclass
+class ReportConfig:
+    input: str = "runs/demo/tagged"
+    compare: list[str] = field(default_factory=list)
+    output_dir: str = "runs/demo/report"
+    name: str | None = None  # defaults to the input directory's name
+    embedder: str = "embedded-embedder"
+    max_points: int = 2000  # per set, for the coverage map
+    seed: int = 0
+    overwrite: bool = False
+
+
+def _frame(path: str) -> pd.DataFrame:
+    rows = load_rows(path)
+    if not rows or "messages" not in rows[0]:
+        raise ConfigError(f"{path}: no rows with a 'messages' column")
+    df = pd.DataFrame(rows)
+    turns = [first_turn({"messages": m}) for m in df["messages"]]
+    df["instruction"] = [t[0] for t in turns]
+    df["response"] = [t[1] for t in turns]
+    return df
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _bar(ax: plt.Axes, counts: Counter, order: list[str], title: str) -> None:
+    labels = [o for o in order if o in counts] + sorted(k for k in counts if k not in order and k is not None)
+    ax.barh(labels[::-1], [counts[k] for k in labels][::-1], color="#4c72b0")
+    ax.set_title(title)
+    ax.set_xlabel("conversations")
+
+
+def plots(df: pd.DataFrame, others: dict[str, pd.DataFrame], cfg: ReportConfig, out: Path) -> list[str]:
+    images = []
+    if "task_category" in df:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _bar(ax, Counter(df["task_category"].dropna()), TASK_CATEGORIES, "Task categories")
+        images.append(_save(fig, out / "task_categories.png"))
+    ordinal = [(c, o) for c, o in (("input_quality", QUALITY), ("difficulty", DIFFICULTY)) if c in df]
+    if ordinal:
+        fig, axes = plt.subplots(1, len(ordinal), figsize=(6 * len(ordinal), 3.5), squeeze=False)
+        for ax, (column, order) in zip(axes[0], ordinal, strict=True):
+            _bar(ax, Counter(df[column].dropna()), order, column.replace("_", " ").capitalize())
+        images.append(_save(fig, out / "quality_difficulty.png"))
+    rewards = [c for c in ("instruct_reward", "reward_difference") if c in df and df[c].notna().any()]
+    if rewards:
+        fig, axes = plt.subplots(1, len(rewards), figsize=(6 * len(rewards), 3.5), squeeze=False)
+        for ax, column in zip(axes[0], rewards, strict=True):
+            ax.hist(df[column].dropna(), bins=30, color="#55a868")
+            ax.set_title(f"{column} ({df[column].notna().sum()} scored)")
+        images.append(_save(fig, out / "reward.png"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for ax, column in zip(axes, ("instruction", "response"), strict=True):
+        for name, frame in {cfg.name or "this set": df, **others}.items():
+            ax.hist(frame[column].str.len(), bins=40, alpha=0.6, label=name)
+        ax.set_title(f"{column} length (characters)")
+        ax.legend()
+    images.append(_save(fig, out / "lengths.png"))
+    images.append(coverage_map(df, others, cfg, out))
+    return images
+
+
+def coverage_map(df: pd.DataFrame, others: dict[str, pd.DataFrame], cfg: ReportConfig, out: Path) -> str:
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(cfg.seed)
+    sets = {cfg.name or "this set": df, **others}
+    texts, owner = [], []
+    for name, frame in sets.items():
+        pick = rng.permutation(len(frame))[: cfg.max_points]
+        texts += [frame["instruction"].iloc[i] for i in pick]
+        owner += [name] * len(pick)
+    emb = embed(texts, cfg.embedder, 256)
+    perplexity = float(min(30, max(2, (len(texts) - 1) // 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=cfg.seed).fit_transform(emb)
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    owner_arr = np.array(owner)
+    for name in sets:
+        sel = owner_arr == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.6, label=f"{name} ({sel.sum()})")
+    ax.set_title("Instruction coverage (t-SNE of sentence embeddings)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(markerscale=3)
+    return _save(fig, out / "coverage.png")
+
+
+def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any]) -> str:
+    lines = [f"# {name}", "", f"{len(df):,} conversations.", ""]
+    if "generator" in df:
+        lines += [f"Generator: {', '.join(sorted(map(str, df['generator'].dropna().unique())))}.", ""]
+    n_turns = df["messages"].map(lambda m: sum(x["role"] == "user" for x in m))
+    lines += ["| statistic | value |", "|---|---|",
+              f"| user turns per conversation (mean) | {n_turns.mean():.2f} |",
+              f"| instruction length, characters (median) | {df['instruction'].str.len().median():.0f} |",
+              f"| response length, characters (median) | {df['response'].str.len().median():.0f} |"]  # fmt: skip
+    for column in ("input_quality", "difficulty", "task_category", "language"):
+        if column in df:
+            top = Counter(df[column].dropna()).most_common(12)
+            lines += ["", f"**{column}** ({df[column].isna().sum()} missing): "
+                      + ", ".join(f"{k} {v}" for k, v in top)]  # fmt: skip
+    if "instruct_reward" in df and df["instruct_reward"].notna().any():
+        r = df["instruct_reward"].dropna()
+        lines += [
+            "",
+            f"**instruct_reward**: mean {r.mean():.3f}, median {r.median():.3f}, min {r.min():.3f}, max {r.max():.3f}",
+        ]
+    if "min_neighbor_distance" in df:
+        lines += ["", f"**near duplicates**: {(df['min_neighbor_distance'] <= 0).sum()} rows with an identical "
+                  f"neighbour; {(df.get('repeat_count', pd.Series(dtype=int)) > 0).sum()} with a neighbour closer than the threshold"]  # fmt: skip
+    if manifest.get("sources"):
+        lines += ["", "Where the tags come from:", ""] + [
+            f"- `{k}`: {v}" for k, v in manifest["sources"].items()
+        ]
+    lines += ["", "## Plots", ""] + [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: ReportConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    df = _frame(cfg.input)
+    others = {Path(p).name: _frame(p) for p in cfg.compare}
+    name = cfg.name or Path(cfg.input).name
+    cfg.name = name
+    manifest_path = Path(cfg.input) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    images = plots(df, others, cfg, out)
+    atomic_write_text(out / "README.md", card(df, name, images, manifest))
+    return {"rows": len(df), "images": images, "card": str(out / "README.md")}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("report", argv, ReportConfig)
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Select a subset of tagged conversations with explicit, reported rules (MAGPIE_REFERENCE.md section 3).
+
+    python -m data_synth.select recipe=pro_300k_filtered input=runs/tagged output_dir=runs/pro_300k
+
+A recipe states filters (column, op, value), optional near-duplicate removal, a sort, a top-k and a shuffle.
+The paper's subsets are recipes: `air_300k_filtered`, `pro_300k_filtered`, `code_release`, `alpagasus`.
+Every filter's removal count is printed and written to `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.io import atomic_write_bytes, atomic_write_json, load_rows
+from data_synth.tag import DIFFICULTY, QUALITY, first_turn
+
+# Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
+ORDINAL = {"input_quality": QUALITY, "difficulty": DIFFICULTY}
+OPS = ("==", "!=", ">", ">=", "<", "<=", "in", "not_in", "endswith", "not_endswith")
+
+
+@dataclass
+class Filter:
+    column: str = ""
+    op: Literal["==", "!=", ">", ">=", "<", "<=", "in", "not_in", "endswith", "not_endswith"] = "=="
+    value: Any = None
+
+
+@dataclass
+class SelectConfig:
+    input: str = "runs/demo/tagged"
+    output_dir: str = "runs/demo/selected"
+    filters: list[Filter] = field(default_factory=list)
+    dedup_clusters: bool = False  # keep the first row of each near-duplicate cluster (needs cluster_id)
+    sort_by: str | None = None  # e.g. response_length (longest first with descending=true)
+    descending: bool = True
+    top_k: int | None = None
+    shuffle: bool = False
+    seed: int = 42
+    overwrite: bool = False
+
+
+def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`instruction` and `response` (first user turn and its answer) so rules can name them."""
+    turns = [first_turn({"messages": m}) for m in df["messages"]]
+    df = df.copy()
+    if "instruction" not in df:
+        df["instruction"] = [t[0] for t in turns]
+    if "response" not in df:
+        df["response"] = [t[1] for t in turns]
+    return df
+
+
+def check_filter(f: Filter, df: pd.DataFrame, where: str) -> None:
+    """Fail before any work on a missing column or a value that cannot be compared with it."""
+    if f.column not in df.columns:
+        raise ConfigError(
+            f"{where}: column '{f.column}' does not exist; columns: {', '.join(sorted(df.columns))}"
+        )
+    if f.column in ORDINAL and f.op in ("==", "!=", ">", ">=", "<", "<="):
+        if f.value not in ORDINAL[f.column]:
+            raise ConfigError(
+                f"{where}: value {f.value!r} for '{f.column}' must be one of {ORDINAL[f.column]}"
+            )
+        return
+    if f.op in ("in", "not_in"):
+        if not isinstance(f.value, list):
+            raise ConfigError(f"{where}: op '{f.op}' needs a list value, got {f.value!r}")
+        return
+    if f.op in ("endswith", "not_endswith"):
+        if not isinstance(f.value, str):
+            raise ConfigError(f"{where}: op '{f.op}' needs a string value, got {f.value!r}")
+        return
+    numeric = pd.api.types.is_numeric_dtype(df[f.column]) and not pd.api.types.is_bool_dtype(df[f.column])
+    if f.op in (">", ">=", "<", "<=") and (
+        not numeric or isinstance(f.value, bool) or not isinstance(f.value, (int, float))
+    ):
+        raise ConfigError(
+            f"{where}: '{f.column} {f.op} {f.value!r}' needs a numeric column and a numeric threshold "
+            f"(column dtype {df[f.column].dtype}, value {type(f.value).__name__})"
+        )
+
+
+def mask(f: Filter, df: pd.DataFrame) -> pd.Series:
+    """Rows that pass; a missing value (a failed judgment) never passes."""
+    col = df[f.column]
+    present = col.notna()
+    if f.column in ORDINAL and f.op in ("==", "!=", ">", ">=", "<", "<="):
+        rank = {label: i for i, label in enumerate(ORDINAL[f.column])}
+        col, value = col.map(rank), rank[f.value]
+        present = col.notna()
+    else:
+        value = f.value
+    if f.op == "in":
+        return present & col.isin(value)
+    if f.op == "not_in":
+        return present & ~col.isin(value)
+    if f.op == "endswith":
+        return present & col.astype(str).str.rstrip().str.endswith(value)
+    if f.op == "not_endswith":
+        return present & ~col.astype(str).str.rstrip().str.endswith(value)
+    compare = {
+        "==": col.__eq__,
+        "!=": col.__ne__,
+        ">": col.__gt__,
+        ">=": col.__ge__,
+        "<": col.__lt__,
+        "<=": col.__le__,
+    }
+    return present & compare[f.op](value).fillna(False).astype(bool)
+
+
+def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    df = with_derived_columns(df)
+    for i, f in enumerate(cfg.filters):
+        check_filter(f, df, f"filters[{i}]")
+    for key, column in (("dedup_clusters", "cluster_id"), ("sort_by", cfg.sort_by)):
+        if column and getattr(cfg, key) and column not in df.columns:
+            raise ConfigError(f"{key}: column '{column}' does not exist; run the tagger that adds it first")
+    steps = [{"step": "input", "removed": 0, "remaining": len(df)}]
+    for f in cfg.filters:
+        keep = mask(f, df)
+        steps.append({"step": f"{f.column} {f.op} {f.value}", "removed": int((~keep).sum()),
+                      "missing_values": int(df[f.column].isna().sum()), "remaining": int(keep.sum())})  # fmt: skip
+        df = df[keep]
+    if cfg.dedup_clusters:
+        before = len(df)
+        # The first row of each cluster is its id (data_synth.tag); keep the earliest survivor of each cluster.
+        df = df.sort_index().drop_duplicates("cluster_id", keep="first")
+        steps.append({"step": "dedup_clusters", "removed": before - len(df), "remaining": len(df)})
+    if cfg.sort_by:
+        df = df.sort_values(cfg.sort_by, ascending=not cfg.descending, kind="stable")
+    elif cfg.shuffle:  # no sort: top_k is then a random sample
+        df = df.sample(frac=1.0, random_state=cfg.seed)
+    if cfg.top_k is not None:
+        steps.append({"step": f"top_k {cfg.top_k} by {cfg.sort_by}", "removed": max(0, len(df) - cfg.top_k),
+                      "remaining": min(len(df), cfg.top_k)})  # fmt: skip
+        df = df.head(cfg.top_k)
+    if cfg.shuffle and cfg.sort_by:  # the code release sorts, keeps the top k, then shuffles
+        df = df.sample(frac=1.0, random_state=cfg.seed)
+    return df, steps
+
+
+def run(cfg: SelectConfig) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    rows = load_rows(cfg.input)
+    if rows and "messages" not in rows[0]:
+        raise ConfigError(f"{cfg.input}: no 'messages' column (columns: {sorted(rows[0])})")
+    source = pd.DataFrame(rows)
+    chosen, steps = select(source, cfg)
+    # Write the original columns of the chosen rows (not the derived instruction/response).
+    table = pa.Table.from_pylist(source.loc[chosen.index].to_dict("records"))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
+    summary = {"input_rows": len(source), "selected_rows": len(chosen), "steps": steps}
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("select", argv, SelectConfig)
+    summary = run(cfg)
+    width = max(len(s["step"]) for s in summary["steps"])
+    for s in summary["steps"]:
+        print(f"{s['step']:<{width}}  removed {s['removed']:>9,}  remaining {s['remaining']:>9,}")
+    print(json.dumps({"selected_rows": summary["selected_rows"], "output_dir": cfg.output_dir}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,586 @@
+"""Tag every conversation with the columns Magpie filters on (MAGPIE_REFERENCE.md section 2).
+
+    python -m data_synth.tag recipe=tag_demo input=runs/demo/magpie output_dir=runs/demo/tagged [taggers=...]
+
+Each tagger writes its own resumable shards under `output_dir/tags/<tagger>/` keyed by input row index, so
+any tagger can run alone and a killed run redoes only unfinished chunks. At the end the input rows and every
+tag are joined into `output_dir/train-NNNNN.parquet`. What produced each column (a reward model, or a judge
+standing in for one on CPU) is recorded in the Parquet field metadata and in `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from core.chat import render_prompt
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.engines import EngineConfig, Sampling, make_engine
+from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
+from core.models import resolve_model
+
+QUALITY = ["very poor", "poor", "average", "good", "excellent"]
+DIFFICULTY = ["very easy", "easy", "medium", "hard", "very hard"]
+TASK_CATEGORIES = [
+    "Information seeking", "Reasoning", "Planning", "Editing", "Coding & Debugging", "Math", "Role playing",
+    "Data analysis", "Creative writing", "Advice seeking", "Brainstorming", "Others",
+]  # fmt: skip
+
+MAGPIE_TAGGERS = ("lengths", "language", "neighbors", "quality", "difficulty", "task_category", "reward")
+ALL_TAGGERS = (*MAGPIE_TAGGERS, "alpagasus")
+
+
+@dataclass
+class TagConfig:
+    input: str = "runs/demo/magpie"
+    output_dir: str = "runs/demo/tagged"
+    taggers: list[str] = field(default_factory=lambda: list(MAGPIE_TAGGERS))
+    # LLM-judged tags (quality, difficulty, task_category; reward on CPU)
+    judge: str = "embedded"
+    judge_engine: EngineConfig = field(default_factory=EngineConfig)
+    judge_max_tokens: int = 256
+    judge_retries: int = (
+        2  # extra attempts, sampled at judge_retry_temperature, for replies that do not parse
+    )
+    judge_retry_temperature: float = 0.7
+    # instruct_reward: a sequence-classification reward model; null = the judge's probability-weighted 1-10
+    # score, labelled as such in the column metadata
+    reward_model: str | None = None
+    reward_batch_size: int = 8
+    # neighbors: FAISS over sentence embeddings of the first user turn
+    embedder: str = "embedded-embedder"
+    embed_batch_size: int = 256
+    neighbors_k: int = 500
+    near_duplicate_distance: float = 0.05
+    # lengths
+    tokenizer: str = "embedded"
+    chunk_size: int = 256  # rows per resumable unit
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.taggers if t not in ALL_TAGGERS]
+        if unknown:
+            raise ValueError(f"taggers: unknown {unknown}; choose from {list(ALL_TAGGERS)}")
+
+
+# ------------------------------------------------------------------------------------------ judge prompts
+
+QUALITY_PROMPT = """# Instruction
+
+You need to rate the quality of the user query based on its clarity, specificity, and coherence.
+
+The rating scale is as follows:
+
+- very poor: The query is unclear, vague, or incoherent. It lacks essential information and context.
+- poor: The query is somewhat unclear or lacks important details. It requires significant clarification.
+- average: The query is moderately clear and specific. It may require some additional information for a complete understanding.
+- good: The query is clear, specific, and mostly well-formed. It provides sufficient context for understanding the user's intent.
+- excellent: The query is very clear, specific, and well-articulated. It contains all the necessary information and context for providing a comprehensive response.
+
+## User Query
+```
+{instruction}
+```
+
+## Output Format
+First assess the query, highlighting its strengths and/or weaknesses. Then rate it from very poor to excellent by filling in the placeholders in [...]:
+```
+{{
+    "explanation": "[...]",
+    "input_quality": "[very poor/poor/average/good/excellent]"
+}}
+```"""
+
+DIFFICULTY_PROMPT = """# Instruction
+
+First identify the intent of the user query. Then label its difficulty level based on the content of the query.
+
+## User Query
+```
+{instruction}
+```
+
+## Output Format
+Given the user query, first identify the user intent and the knowledge needed to solve the task. Then rate the difficulty level of the query as `very easy`, `easy`, `medium`, `hard`, or `very hard`.
+
+Output the result in this JSON format, filling in the placeholders in [...]:
+```
+{{
+    "intent": "The user wants to [....]",
+    "knowledge": "To solve this problem, the models need to know [....]",
+    "difficulty": "[very easy/easy/medium/hard/very hard]"
+}}
+```"""
+
+CATEGORY_PROMPT = """# Instruction
+
+Please label the task tags for the user query.
+
+## User Query
+```
+{instruction}
+```
+
+## Tagging the user input
+Please label the task tags for the user query. You will need to analyze the user query and select the most relevant task tag from the list below.
+
+all_task_tags = [
+    "Information seeking",  # Users ask for specific information or facts about various topics.
+    "Reasoning",  # Queries require logical thinking, problem-solving, or processing of complex ideas.
+    "Planning",  # Users need assistance in creating plans or strategies for activities and projects.
+    "Editing",  # Involves editing, rephrasing, proofreading, or other tasks related to the composition of general written content.
+    "Coding & Debugging",  # Users seek help with writing, reviewing, or fixing code in programming.
+    "Math",  # Queries related to mathematical concepts, problems, and calculations.
+    "Role playing",  # Users engage in scenarios requiring ChatGPT to adopt a character or persona.
+    "Data analysis",  # Requests involve interpreting data, statistics, or performing analytical tasks.
+    "Creative writing",  # Users seek assistance with crafting stories, poems, or other creative writing.
+    "Advice seeking",  # Users ask for recommendations or guidance on various personal or professional issues.
+    "Brainstorming",  # Involves generating ideas, creative thinking, or exploring possibilities.
+    "Others"  # Any queries that do not fit into the above categories or are of a miscellaneous nature.
+]
+
+## Output Format:
+Note that you can only select a single primary tag. Other applicable tags can be added to the list of other tags.
+Now, please output your tags below in a json format by filling in the placeholders in <...>:
+```
+{{
+    "primary_tag": "<primary tag>",
+    "other_tags": ["<tag 1>", "<tag 2>", ... ]
+}}
+```"""
+
+REWARD_PROMPT = """# Instruction
+
+Rate how well the assistant's response answers the user's query: helpfulness, correctness, relevance and depth.
+Use an integer score from 1 (useless or harmful) to 10 (excellent).
+
+## User Query
+```
+{instruction}
+```
+
+## Assistant Response
+```
+{response}
+```
+
+## Output Format
+```
+{{
+    "score": [1-10],
+    "explanation": "[...]"
+}}
+```"""
+
+
+# AlpaGasus (Chen et al., 2023): grade each (instruction, response) pair from 0 to 5; keep those >= a threshold.
+ALPAGASUS_PROMPT = """# Instruction
+
+We would like to request your feedback on the performance of an AI assistant in response to the user's
+instruction displayed below. Please rate according to the accuracy of the response to the instruction.
+The assistant receives a score on a scale of 0 to 5, where a higher score indicates a higher level of accuracy.
+
+## User Instruction
+```
+{instruction}
+```
+
+## Assistant Response
+```
+{response}
+```
+
+## Output Format
+```
+{{
+    "score": [0-5],
+    "explanation": "[...]"
+}}
+```"""
+
+
+def _label(value: Any, allowed: list[str]) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in allowed:
+        raise ValueError(f"expected one of {allowed}, got {value!r}")
+    return value.strip().lower()
+
+
+def _category(value: Any) -> str:
+    by_lower = {c.lower(): c for c in TASK_CATEGORIES}
+    if not isinstance(value, str) or value.strip().lower() not in by_lower:
+        raise ValueError(f"expected one of the 12 task categories, got {value!r}")
+    return by_lower[value.strip().lower()]
+
+
+def parse_quality(obj: dict) -> dict:
+    return {
+        "input_quality": _label(obj["input_quality"], QUALITY),
+        "quality_explanation": str(obj.get("explanation", "")),
+    }
+
+
+def parse_difficulty(obj: dict) -> dict:
+    return {"difficulty": _label(obj["difficulty"], DIFFICULTY), "intent": str(obj.get("intent", "")),
+            "knowledge": str(obj.get("knowledge", ""))}  # fmt: skip
+
+
+def parse_category(obj: dict) -> dict:
+    others = obj.get("other_tags", [])
+    if not isinstance(others, list):
+        raise ValueError(f"other_tags must be a list, got {others!r}")
+    primary = _category(obj["primary_tag"])
+    return {
+        "task_category": primary,
+        "other_task_category": [c for c in dict.fromkeys(map(_category, others)) if c != primary],
+    }
+
+
+def parse_judgment(text: str, parse: Callable[[dict], dict]) -> dict:
+    """The judge's reply after the prefilled "{" (and up to the stop "}"): strict JSON, validated fields."""
+    body = text.strip()
+    body = body if body.startswith("{") else "{" + body
+    body = body if body.rstrip().endswith("}") else body + "}"
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    try:
+        return parse(obj)
+    except KeyError as e:
+        raise ValueError(f"missing field {e}") from None
+
+
+# Labels come from a strict JSON reply: name -> (prompt, parser, output columns with their Arrow types).
+JUDGE_TAGGERS: dict[str, tuple[str, Callable[[dict], dict], dict[str, pa.DataType]]] = {
+    "quality": (
+        QUALITY_PROMPT,
+        parse_quality,
+        {"input_quality": pa.string(), "quality_explanation": pa.string()},
+    ),
+    "difficulty": (
+        DIFFICULTY_PROMPT,
+        parse_difficulty,
+        {"difficulty": pa.string(), "intent": pa.string(), "knowledge": pa.string()},
+    ),
+    "task_category": (
+        CATEGORY_PROMPT,
+        parse_category,
+        {"task_category": pa.string(), "other_task_category": pa.list_(pa.string())},
+    ),
+}
+
+# Scores come from the judge's probabilities for each score token right after the prefilled `{"score": `
+# (probability-weighted, as G-Eval): a continuous value with few ties, read even from judges too small to
+# finish the JSON. name -> (prompt, column, lowest, highest score).
+SCORE_TAGGERS: dict[str, tuple[str, str, int, int]] = {
+    "reward": (REWARD_PROMPT, "instruct_reward", 1, 10),
+    "alpagasus": (ALPAGASUS_PROMPT, "alpagasus_score", 0, 5),
+}  # fmt: skip
+
+
+def first_turn(row: dict) -> tuple[str, str]:
+    """(instruction, response): the first user turn and the assistant turn after it."""
+    messages = row["messages"]
+    user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    reply = next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), "")
+    return messages[user]["content"], reply
+
+
+# ------------------------------------------------------------------------------------------------ taggers
+
+
+def tag_lengths(rows: list[dict], cfg: TagConfig) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer))
+    pairs = [first_turn(r) for r in rows]
+    ins = tok([p[0] for p in pairs], add_special_tokens=False)["input_ids"]
+    res = tok([p[1] for p in pairs], add_special_tokens=False)["input_ids"]
+    return [
+        {"instruction_length": len(p[0]), "response_length": len(p[1]), "instruction_n_tokens": len(i),
+         "response_n_tokens": len(r)}
+        for p, i, r in zip(pairs, ins, res, strict=True)
+    ]  # fmt: skip
+
+
+def tag_language(rows: list[dict], cfg: TagConfig) -> list[dict]:
+    import py3langid
+
+    return [{"language": py3langid.classify(first_turn(r)[0])[0]} for r in rows]
+
+
+def embed(texts: list[str], model: str, batch_size: int) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(resolve_model(model), device=None)
+    emb = encoder.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True,
+                         normalize_embeddings=True)  # fmt: skip
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def neighbor_tags(emb: np.ndarray, k: int, threshold: float) -> list[dict]:
+    """min_neighbor_distance (L2 to the nearest other row), repeat_count (neighbours closer than `threshold`)
+    and a near-duplicate cluster id (the first row of each connected group closer than `threshold`)."""
+    import faiss
+
+    n, dim = emb.shape
+    index = faiss.IndexFlatL2(dim)
+    index.add(emb)
+    k = min(k, n)
+    sq, ids = index.search(emb, k)  # squared L2, self included
+    dist = np.sqrt(np.maximum(sq, 0.0))
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    out = []
+    for i in range(n):
+        others = ids[i] != i
+        d, j = dist[i][others], ids[i][others]
+        valid = j >= 0
+        d, j = d[valid], j[valid]
+        close = j[d < threshold]
+        for other in close:
+            a, b = find(i), find(int(other))
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the root is always the group's first row
+        out.append(
+            {"min_neighbor_distance": float(d.min()) if len(d) else math.inf, "repeat_count": int(len(close))}
+        )
+    for i, row in enumerate(out):
+        row["cluster_id"] = find(i)
+    return out
+
+
+def tag_neighbors(rows: list[dict], cfg: TagConfig) -> list[dict]:
+    emb = embed([first_turn(r)[0] for r in rows], cfg.embedder, cfg.embed_batch_size)
+    return neighbor_tags(emb, cfg.neighbors_k, cfg.near_duplicate_distance)
+
+
+def reward_model_scores(pairs: list[tuple[str, str]], model_name: str, batch_size: int) -> list[float]:
+    """Score (instruction, response) pairs with a sequence-classification reward model (FsfairX, ArmoRM, ...)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model(model_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval().to(device)
+    scores: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chats = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+            )
+            for q, a in pairs[start : start + batch_size]
+        ]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            out = model(**enc)
+        # FsfairX-style models have one label; ArmoRM's own code returns a `score` besides its logits.
+        score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
+        scores.extend(score.float().reshape(-1).tolist())
+    return scores
+
+
+def tag_reward_model(rows: list[dict], cfg: TagConfig) -> list[dict]:
+    scores = reward_model_scores([first_turn(r) for r in rows], cfg.reward_model, cfg.reward_batch_size)
+    return [{"instruct_reward": s} for s in scores]
+
+
+# -------------------------------------------------------------------------------------------------- driver
+
+
+class Judge:
+    """A judge engine plus the strict-JSON protocol: prefill "{", stop at "}", parse, retry, else mark failed."""
+
+    def __init__(
+        self, model: str, engine: EngineConfig, max_tokens: int, retries: int, retry_temperature: float
+    ):
+        self.engine = make_engine(model, engine)
+        self.max_tokens, self.retries, self.retry_temperature = max_tokens, retries, retry_temperature
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Judge:
+        """From any config with the judge_* fields (TagConfig, PairsConfig)."""
+        return cls(
+            cfg.judge, cfg.judge_engine, cfg.judge_max_tokens, cfg.judge_retries, cfg.judge_retry_temperature
+        )
+
+    def __call__(self, prompts: list[str], parse: Callable[[dict], dict]) -> list[dict | None]:
+        tok = self.engine.tokenizer
+        texts = [render_prompt(tok, [{"role": "user", "content": p}]) + "{" for p in prompts]
+        results: list[dict | None] = [None] * len(texts)
+        todo = list(range(len(texts)))
+        for attempt in range(self.retries + 1):
+            if not todo:
+                break
+            temperature = 0.0 if attempt == 0 else self.retry_temperature
+            sampling = Sampling(
+                temperature=temperature, max_tokens=self.max_tokens, stop=("}",), seed=attempt
+            )
+            outs = self.engine.complete([texts[i] for i in todo], sampling)
+            failed = []
+            for i, c in zip(todo, outs, strict=True):
+                try:
+                    results[i] = parse_judgment(c.text, parse)
+                except ValueError:
+                    failed.append(i)
+            todo = failed
+        return results
+
+    def score(self, prompts: list[str], low: int, high: int) -> list[float | None]:
+        """Expected score over the integer tokens in [low, high] among the first token's top logprobs."""
+        tok = self.engine.tokenizer
+        texts = [render_prompt(tok, [{"role": "user", "content": p}]) + '{\n    "score": ' for p in prompts]
+        outs = self.engine.complete(texts, Sampling(temperature=0.0, max_tokens=1, logprobs=20))
+        scores: list[float | None] = []
+        for c in outs:
+            mass: dict[int, float] = {}
+            for token, logprob in (c.top_logprobs or {}).items():
+                t = token.strip()
+                if t.isdigit() and low <= int(t) <= high:
+                    mass[int(t)] = mass.get(int(t), 0.0) + math.exp(logprob)
+            total = sum(mass.values())
+            scores.append(sum(v * p for v, p in mass.items()) / total if total > 1e-6 else None)
+        return scores
+
+
+def run_judge_tagger(
+    name: str, rows: list[dict], cfg: TagConfig, judge: Callable[[], Judge], writer: ShardWriter
+) -> None:
+    """`judge` builds (or returns the already built) judge: nothing loads when every row is done."""
+    if name in SCORE_TAGGERS:
+        prompt, column, low, high = SCORE_TAGGERS[name]
+        columns = [column]
+        ask = lambda prompts: [None if v is None else {column: v} for v in judge().score(prompts, low, high)]  # noqa: E731
+    else:
+        prompt, parse, columns = JUDGE_TAGGERS[name]
+        ask = lambda prompts: judge()(prompts, parse)  # noqa: E731
+    done = {r["row_index"] for r in writer.rows()}
+    todo = [i for i in range(len(rows)) if i not in done]
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"tag {name}", unit="row")
+    for start in range(0, len(todo), cfg.chunk_size):
+        idx = todo[start : start + cfg.chunk_size]
+        prompts = []
+        for i in idx:
+            q, a = first_turn(rows[i])
+            prompts.append(prompt.format(instruction=q, response=a))
+        for i, res in zip(idx, ask(prompts), strict=True):
+            row = {"row_index": i, f"{name}_failed": res is None}
+            row.update({c: (res or {}).get(c) for c in columns})
+            writer.add([row])
+        writer.flush()  # one shard per chunk: the unit a killed run redoes
+        bar.update(len(idx))
+    bar.close()
+
+
+def judge_score_source(judge: str, low: int, high: int) -> str:
+    return f"judge {judge}: probability-weighted {low}-{high} score (not a reward model)"
+
+
+def tagger_source(name: str, cfg: TagConfig) -> str:
+    if name == "reward" and cfg.reward_model:
+        return f"reward model {cfg.reward_model}"
+    if name in SCORE_TAGGERS:
+        _, _, low, high = SCORE_TAGGERS[name]
+        return judge_score_source(cfg.judge, low, high)
+    if name in JUDGE_TAGGERS:
+        return f"judge {cfg.judge}"
+    if name == "neighbors":
+        return f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}"
+    return {"lengths": f"characters and {cfg.tokenizer} tokens", "language": "py3langid"}[name]
+
+
+def run(cfg: TagConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), may_differ=("taggers", "chunk_size"), overwrite=cfg.overwrite)
+    rows = load_rows(cfg.input)
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
+    start = time.time()
+    timings: dict[str, float] = {}
+    judges: list[Judge] = []
+
+    def judge() -> Judge:
+        if not judges:
+            judges.append(Judge.from_config(cfg))
+        return judges[0]
+
+    for name in cfg.taggers:
+        t0 = time.time()
+        writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
+        if (name in JUDGE_TAGGERS or name in SCORE_TAGGERS) and not (name == "reward" and cfg.reward_model):
+            run_judge_tagger(name, rows, cfg, judge, writer)
+        elif writer.n_rows < len(rows):  # whole-table taggers: one atomic shard, recomputed if missing
+            fn = {"lengths": tag_lengths, "language": tag_language, "neighbors": tag_neighbors,
+                  "reward": tag_reward_model}[name]  # fmt: skip
+            writer.add({"row_index": i, **tags} for i, tags in enumerate(fn(rows, cfg)))
+            writer.flush()
+        timings[name] = round(time.time() - t0, 2)
+    summary = merge(rows, cfg, out)
+    summary["seconds_per_tagger"] = timings
+    summary["wall_seconds"] = round(time.time() - start, 2)
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+def merge(rows: list[dict], cfg: TagConfig, out: Path) -> dict[str, Any]:
+    """Join the input rows with every tag table present under tags/ into train-*.parquet (one atomic write)."""
+    table = pa.Table.from_pylist(rows)
+    sources, failures = {}, {}
+    for tag_dir in sorted((out / "tags").iterdir()):
+        shards = sorted(tag_dir.glob("part-*.parquet"))
+        if not shards:
+            continue
+        tags = pa.concat_tables([pq.read_table(s) for s in shards]).to_pylist()
+        by_row = {t["row_index"]: t for t in tags}
+        columns = [c for c in tags[0] if c != "row_index"]
+        missing = len(rows) - len(by_row)
+        source = tagger_source(tag_dir.name, cfg)
+        for c in columns:
+            values = [by_row.get(i, {}).get(c) for i in range(len(rows))]
+            arr = pa.array(values)
+            table = table.append_column(pa.field(c, arr.type, metadata={"source": source}), arr)
+        sources[tag_dir.name] = source
+        failed = sum(1 for t in tags if t.get(f"{tag_dir.name}_failed"))
+        failures[tag_dir.name] = {"failed": failed, "untagged": missing}
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
+    return {"rows": len(rows), "columns": table.column_names, "sources": sources, "failures": failures}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("tag", argv, TagConfig)
+    summary = run(cfg)
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("rows", "failures", "seconds_per_tagger", "wall_seconds")}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

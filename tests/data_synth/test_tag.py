@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import data_synth.tag as tag
+from core.config import ConfigError
+
+
+def test_judge_replies_parse_strictly():
+    ok = tag.parse_judgment('"explanation": "clear", "input_quality": "Good"}', tag.parse_quality)
+    assert ok == {"input_quality": "good", "quality_explanation": "clear"}
+    with pytest.raises(ValueError, match="not JSON"):
+        tag.parse_judgment('"explanation": "clear", input_quality: good', tag.parse_quality)
+    with pytest.raises(ValueError, match="expected one of"):
+        tag.parse_judgment('"input_quality": "great"}', tag.parse_quality)
+    with pytest.raises(ValueError, match="missing field"):
+        tag.parse_judgment('"explanation": "no rating"}', tag.parse_quality)
+    cat = tag.parse_judgment('"primary_tag": "Others", "other_tags": ["math", "Others"]}', tag.parse_category)
+    assert cat == {"task_category": "Others", "other_task_category": ["Math"]}
+    with pytest.raises(ValueError, match="12 task categories"):  # the original notebook's "Other" bug
+        tag.parse_judgment('"primary_tag": "Other", "other_tags": []}', tag.parse_category)
+    assert len(tag.TASK_CATEGORIES) == 12
+
+
+def brute_force(emb: np.ndarray, threshold: float):
+    d = np.sqrt(((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    cluster = [-1] * len(emb)
+    for i in range(len(emb)):  # depth-first search; visiting in index order makes the root the smallest index
+        if cluster[i] == -1:
+            cluster[i], stack = i, [i]
+            while stack:
+                for v in np.nonzero(d[stack.pop()] < threshold)[0]:
+                    if cluster[v] == -1:
+                        cluster[v] = i
+                        stack.append(v)
+    return d.min(1), (d < threshold).sum(1), cluster
+
+
+def test_faiss_neighbors_match_brute_force():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[10] = emb[3]  # an exact duplicate
+    emb[20] = emb[3] + 0.01  # L2 0.04: a chain of near-duplicates 3 ~ 10 ~ 20 ~ 40 (3 to 40 is 0.08)
+    emb[40] = emb[20] + 0.01
+    emb[50] = emb[7] + 0.005  # L2 0.02 over 16 dims
+    tags = tag.neighbor_tags(emb, k=60, threshold=0.05)
+    dmin, repeats, cluster = brute_force(emb, 0.05)
+    np.testing.assert_allclose([t["min_neighbor_distance"] for t in tags], dmin, atol=1e-3)
+    assert [t["repeat_count"] for t in tags] == repeats.tolist()
+    assert [t["cluster_id"] for t in tags] == cluster
+    assert {tags[i]["cluster_id"] for i in (3, 10, 20, 40)} == {3} and tags[50]["cluster_id"] == 7
+    assert tags[10]["min_neighbor_distance"] == 0.0
+
+
+def conversations(path):
+    rows = [
+        ("What is the boiling point of water at sea level?", "It is 100 degrees Celsius."),
+        (
+            "Write a haiku about the sea.",
+            "Waves fold into foam / the tide keeps its old promise / gulls write on the wind",
+        ),
+        ("What is the boiling point of water at sea level?", "100 °C, or 212 °F."),
+        ("Quelle est la capitale de la France ?", "La capitale de la France est Paris."),
+    ]
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            + "\n"
+            for q, a in rows
+        )
+    )
+    return path
+
+
+def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkeypatch):
+    data = conversations(tmp_path / "rows.jsonl")
+    cfg = tag.TagConfig(
+        input=str(data),
+        output_dir=str(tmp_path / "tagged"),
+        judge_max_tokens=48,
+        judge_retries=1,
+        chunk_size=2,
+    )
+    summary = tag.run(cfg)
+    table = pq.read_table(tmp_path / "tagged" / "train-00000.parquet")
+    rows = table.to_pylist()
+    assert len(rows) == 4 and [r["messages"][0]["content"] for r in rows][0].startswith("What is the boiling")
+    for column in (
+        "input_quality",
+        "difficulty",
+        "task_category",
+        "instruct_reward",
+        "language",
+        "min_neighbor_distance",
+        "repeat_count",
+        "cluster_id",
+        "instruction_n_tokens",
+        "response_length",
+    ):
+        assert column in table.column_names
+    assert (
+        rows[0]["min_neighbor_distance"] == pytest.approx(0.0, abs=1e-3)
+        and rows[0]["cluster_id"] == rows[2]["cluster_id"] == 0
+    )
+    assert rows[3]["language"] == "fr" and rows[0]["language"] == "en"
+    for r in rows:  # every judged row has a valid label or is marked failed, never silently missing
+        assert (r["input_quality"] in tag.QUALITY) != r["quality_failed"]
+        assert (r["task_category"] in tag.TASK_CATEGORIES) != r["task_category_failed"]
+    assert summary["failures"]["quality"]["untagged"] == 0
+    # Scores come from the judge's score-token probabilities: every row gets a value in range.
+    assert all(r["instruct_reward"] is not None and 1 <= r["instruct_reward"] <= 10 for r in rows)
+    assert len({round(r["instruct_reward"], 6) for r in rows}) > 1
+    assert "not a reward model" in table.schema.field("instruct_reward").metadata[b"source"].decode()
+
+    def no_engine(*a, **k):
+        raise AssertionError("a finished tagging run must not call the judge again")
+
+    monkeypatch.setattr(tag, "make_engine", no_engine)
+    assert tag.run(cfg)["rows"] == 4
+
+
+def test_bad_input_fails_before_work(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"instruction": "hi"}) + "\n")
+    with pytest.raises(ConfigError, match=r"row 0 has no 'messages' column"):
+        tag.run(tag.TagConfig(input=str(path), output_dir=str(tmp_path / "o"), taggers=["lengths"]))
+    with pytest.raises(ValueError, match=r"taggers: unknown \['qualty'\]"):
+        tag.TagConfig(taggers=["qualty"])
