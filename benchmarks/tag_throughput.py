@@ -24,13 +24,47 @@ from core.engines import EngineConfig
 from core.io import atomic_write_json
 from data_synth import tag
 
-SUBJECTS = ["a Python function", "my resume", "a birthday party", "the French Revolution", "a sourdough starter",
-            "quantum entanglement", "a marketing plan", "my vegetable garden", "a SQL query", "a short story",
-            "the stock market", "a wedding speech", "photosynthesis", "a job interview", "a budget spreadsheet"]
-ASKS = ["How do I improve", "Can you explain", "Write a summary of", "Give me ideas for", "What is wrong with",
-        "Help me plan", "Compare two approaches to", "Translate into Spanish a note about", "Debug", "Critique"]
-DETAILS = ["for a beginner", "in three steps", "with examples", "in under 100 words", "for my manager",
-           "using only free tools", "for a ten-year-old", "step by step", "with pros and cons", "as a table"]
+SUBJECTS = [
+    "a Python function",
+    "my resume",
+    "a birthday party",
+    "the French Revolution",
+    "a sourdough starter",
+    "quantum entanglement",
+    "a marketing plan",
+    "my vegetable garden",
+    "a SQL query",
+    "a short story",
+    "the stock market",
+    "a wedding speech",
+    "photosynthesis",
+    "a job interview",
+    "a budget spreadsheet",
+]
+ASKS = [
+    "How do I improve",
+    "Can you explain",
+    "Write a summary of",
+    "Give me ideas for",
+    "What is wrong with",
+    "Help me plan",
+    "Compare two approaches to",
+    "Translate into Spanish a note about",
+    "Debug",
+    "Critique",
+]
+DETAILS = [
+    "for a beginner",
+    "in three steps",
+    "with examples",
+    "in under 100 words",
+    "for my manager",
+    "using only free tools",
+    "for a ten-year-old",
+    "step by step",
+    "with pros and cons",
+    "as a table",
+]
 
 
 def instructions(n: int, seed: int = 0) -> list[str]:
@@ -41,7 +75,10 @@ def instructions(n: int, seed: int = 0) -> list[str]:
 
 
 def rows_of(texts: list[str]) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Sure."}]} for t in texts]
+    return [
+        {"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "Sure."}]}
+        for t in texts
+    ]
 
 
 def timed(fn, *args):
@@ -69,7 +106,12 @@ def main() -> None:
     a = ap.parse_args()
     cfg = tag.TagConfig()
     rows = rows_of(instructions(a.rows))
-    result: dict = {"benchmark": "tag_throughput", "rows": a.rows, "machine": {"cpus": os.cpu_count()}, "taggers": {}}
+    result: dict = {
+        "benchmark": "tag_throughput",
+        "rows": a.rows,
+        "machine": {"cpus": os.cpu_count()},
+        "taggers": {},
+    }
 
     for name, fn in (("lengths", tag.tag_lengths), ("language", tag.tag_language)):
         _, seconds = timed(fn, rows, cfg)
@@ -89,15 +131,21 @@ def main() -> None:
 
     judge_rows = rows[: a.judge_rows]
     prompts_q = [tag.QUALITY_PROMPT.format(instruction=tag.first_turn(r)[0]) for r in judge_rows]
-    prompts_r = [tag.REWARD_PROMPT.format(instruction=tag.first_turn(r)[0], response="Sure.") for r in judge_rows]
+    prompts_r = [
+        tag.REWARD_PROMPT.format(instruction=tag.first_turn(r)[0], response="Sure.") for r in judge_rows
+    ]
     for batch, label in ((16, "batched"), (1, "one_at_a_time")):
         judge = tag.Judge("embedded", EngineConfig(batch_size=batch), 96, 0, 0.7)
         _, q_s = timed(judge, prompts_q, tag.parse_quality)
         _, r_s = timed(judge.score, prompts_r, 1, 10)
-        result["taggers"].setdefault("quality_judge", {})[label] = {"seconds": round(q_s, 2),
-                                                                  "rows_per_s": round(len(judge_rows) / q_s, 2)}
-        result["taggers"].setdefault("reward_judge_score", {})[label] = {"seconds": round(r_s, 2),
-                                                                       "rows_per_s": round(len(judge_rows) / r_s, 2)}
+        result["taggers"].setdefault("quality_judge", {})[label] = {
+            "seconds": round(q_s, 2),
+            "rows_per_s": round(len(judge_rows) / q_s, 2),
+        }
+        result["taggers"].setdefault("reward_judge_score", {})[label] = {
+            "seconds": round(r_s, 2),
+            "rows_per_s": round(len(judge_rows) / r_s, 2),
+        }
     for key in ("quality_judge", "reward_judge_score"):
         t = result["taggers"][key]
         t["speedup"] = round(t["batched"]["rows_per_s"] / t["one_at_a_time"]["rows_per_s"], 2)

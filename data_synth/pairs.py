@@ -23,7 +23,7 @@ from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine
 from core.io import ShardWriter, atomic_write_json, load_rows
-from data_synth.tag import REWARD_PROMPT, Judge, first_turn, judge_score_source, reward_model_scores
+from data_synth.tag import Taggers, first_turn, judge_score_source
 
 
 @dataclass
@@ -82,7 +82,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
     done = {r["source_index"] for r in work.rows()}
     todo = [i for i in range(len(rows)) if i not in done]
-    engine = judge = None
+    engine = None
+    scorer = Taggers(cfg)  # PairsConfig has the reward_model and judge_* fields the scorer reads
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pairs", unit="prompt")
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
@@ -96,15 +97,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
             for k in range(len(idx))
         ]
         flat = [(q, r) for q, rs in zip(questions, responses, strict=True) for r in rs]
-        if cfg.reward_model:
-            flat_scores: list[float | None] = reward_model_scores(
-                flat, cfg.reward_model, cfg.reward_batch_size
-            )
-        else:
-            judge = judge or Judge.from_config(cfg)
-            flat_scores = judge.score(
-                [REWARD_PROMPT.format(instruction=q, response=r) for q, r in flat], 1, 10
-            )
+        flat_scores = scorer.rewards(flat)  # the reward model, or the judge's labelled score
         for k, (i, q, rs) in enumerate(zip(idx, questions, responses, strict=True)):
             scores = flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples]
             pick = best_and_worst(

@@ -23,11 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from core.chat import render_prompt
+from core.chat import render_prompt, tokenizer_adds_bos
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine
 from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
 from core.models import resolve_model
+
+ChunkTagger = Callable[[list[tuple[str, str]]], list[dict | None]]
 
 QUALITY = ["very poor", "poor", "average", "good", "excellent"]
 DIFFICULTY = ["very easy", "easy", "medium", "hard", "very hard"]
@@ -36,7 +38,10 @@ TASK_CATEGORIES = [
     "Data analysis", "Creative writing", "Advice seeking", "Brainstorming", "Others",
 ]  # fmt: skip
 
-MAGPIE_TAGGERS = ("lengths", "language", "neighbors", "quality", "difficulty", "task_category", "reward")
+MAGPIE_TAGGERS = (
+    "lengths", "language", "neighbors", "quality", "difficulty", "task_category", "reward", "reward_difference",
+    "safety",
+)  # fmt: skip
 ALL_TAGGERS = (*MAGPIE_TAGGERS, "alpagasus")
 
 
@@ -57,6 +62,13 @@ class TagConfig:
     # score, labelled as such in the column metadata
     reward_model: str | None = None
     reward_batch_size: int = 8
+    # reward_difference: r(response) - r(base model's URIAL response), same scorer as instruct_reward
+    base_model: str = "embedded"  # Llama-3-8B base in GPU recipes; on CPU the embedded model stands in
+    base_engine: EngineConfig = field(default_factory=EngineConfig)
+    base_max_tokens: int = 512
+    # safety: a Llama-Guard model (verdict + categories); null = the judge's yes/no probability, labelled
+    safety_model: str | None = None
+    safety_engine: EngineConfig = field(default_factory=EngineConfig)
     # neighbors: FAISS over sentence embeddings of the first user turn
     embedder: str = "embedded-embedder"
     embed_batch_size: int = 256
@@ -207,6 +219,56 @@ The assistant receives a score on a scale of 0 to 5, where a higher score indica
     "explanation": "[...]"
 }}
 ```"""
+
+
+# URIAL (Lin et al., 2023): in-context alignment of a base model with a fixed preamble and a few examples.
+URIAL_PROMPT = """# Instruction
+
+Below is a list of conversations between a human and an AI assistant (you).
+Users place their queries under "# Query:", and your responses are under "# Answer:".
+You are a helpful, respectful, and honest assistant. You always answer as helpfully as possible while staying
+safe. Your answers are accurate, well organized and engaging, and you say so when you do not know something.
+
+# Query:
+```
+What is the best way to keep fresh basil?
+```
+
+# Answer:
+```
+Treat basil like cut flowers: trim the stems, stand them in a glass of water at room temperature, and loosely
+cover the leaves with a plastic bag. Change the water every day or two. Avoid the fridge: cold turns the leaves
+black. For longer storage, blend the leaves with olive oil and freeze the paste in an ice-cube tray.
+```
+
+# Query:
+```
+Write a two-line poem about rain.
+```
+
+# Answer:
+```
+Soft rain taps the window, patient and slow,
+teaching the thirsty garden how to grow.
+```
+
+# Query:
+```
+{instruction}
+```
+
+# Answer:
+```
+"""
+
+SAFETY_PROMPT = """Here is a conversation between a user and an AI assistant.
+
+User: {instruction}
+
+Assistant: {response}
+
+Is the assistant's response safe: free of content that is harmful, dangerous, illegal, hateful, sexual or that
+helps someone cause harm? Answer with one word: yes or no."""
 
 
 def _label(value: Any, allowed: list[str]) -> str:
@@ -373,38 +435,42 @@ def tag_neighbors(rows: list[dict], cfg: TagConfig) -> list[dict]:
     return neighbor_tags(emb, cfg.neighbors_k, cfg.near_duplicate_distance)
 
 
-def reward_model_scores(pairs: list[tuple[str, str]], model_name: str, batch_size: int) -> list[float]:
-    """Score (instruction, response) pairs with a sequence-classification reward model (FsfairX, ArmoRM, ...)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+class RewardModel:
+    """A sequence-classification reward model (FsfairX, ArmoRM, ...) scoring (instruction, response) pairs."""
 
-    path = resolve_model(model_name)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval().to(device)
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chats = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
-            )
-            for q, a in pairs[start : start + batch_size]
-        ]
-        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            out = model(**enc)
-        # FsfairX-style models have one label; ArmoRM's own code returns a `score` besides its logits.
-        score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
-        scores.extend(score.float().reshape(-1).tolist())
-    return scores
+    def __init__(self, name: str, batch_size: int):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        path = resolve_model(name)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval().to(self.device)
+        )
+        self.batch_size = batch_size
 
-def tag_reward_model(rows: list[dict], cfg: TagConfig) -> list[dict]:
-    scores = reward_model_scores([first_turn(r) for r in rows], cfg.reward_model, cfg.reward_batch_size)
-    return [{"instruct_reward": s} for s in scores]
+    def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
+        import torch
+
+        scores: list[float] = []
+        for start in range(0, len(pairs), self.batch_size):
+            chats = [
+                self.tok.apply_chat_template(
+                    [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=False
+                )
+                for q, a in pairs[start : start + self.batch_size]
+            ]
+            enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                out = self.model(**enc)
+            # FsfairX-style models have one label; ArmoRM's own code returns a `score` besides its logits.
+            score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
+            scores.extend(score.float().reshape(-1).tolist())
+        return scores
 
 
 # -------------------------------------------------------------------------------------------------- driver
@@ -465,33 +531,130 @@ class Judge:
         return scores
 
 
-def run_judge_tagger(
-    name: str, rows: list[dict], cfg: TagConfig, judge: Callable[[], Judge], writer: ShardWriter
+def yes_probability(engine: Any, prompts: list[str]) -> list[float | None]:
+    """P(yes) / (P(yes) + P(no)) from the first answer token's top logprobs; None if neither is among them."""
+    texts = [render_prompt(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    out = []
+    for c in engine.complete(texts, Sampling(temperature=0.0, max_tokens=1, logprobs=20)):
+        mass = {"yes": 0.0, "no": 0.0}
+        for token, logprob in (c.top_logprobs or {}).items():
+            word = token.strip().lower()
+            if word in mass:
+                mass[word] += math.exp(logprob)
+        total = mass["yes"] + mass["no"]
+        out.append(mass["yes"] / total if total > 0 else None)
+    return out
+
+
+def run_chunked(
+    name: str,
+    rows: list[dict],
+    cfg: TagConfig,
+    tag_chunk: ChunkTagger,
+    columns: list[str],
+    writer: ShardWriter,
 ) -> None:
-    """`judge` builds (or returns the already built) judge: nothing loads when every row is done."""
-    if name in SCORE_TAGGERS:
-        prompt, column, low, high = SCORE_TAGGERS[name]
-        columns = [column]
-        ask = lambda prompts: [None if v is None else {column: v} for v in judge().score(prompts, low, high)]  # noqa: E731
-    else:
-        prompt, parse, columns = JUDGE_TAGGERS[name]
-        ask = lambda prompts: judge()(prompts, parse)  # noqa: E731
+    """Tag rows chunk by chunk, one shard per chunk (the unit a killed run redoes). `tag_chunk` maps
+    (instruction, response) pairs to tag dicts, None where it failed; its models load on first use, so a
+    finished tagger loads nothing."""
     done = {r["row_index"] for r in writer.rows()}
     todo = [i for i in range(len(rows)) if i not in done]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"tag {name}", unit="row")
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
-        prompts = []
-        for i in idx:
-            q, a = first_turn(rows[i])
-            prompts.append(prompt.format(instruction=q, response=a))
-        for i, res in zip(idx, ask(prompts), strict=True):
-            row = {"row_index": i, f"{name}_failed": res is None}
-            row.update({c: (res or {}).get(c) for c in columns})
-            writer.add([row])
-        writer.flush()  # one shard per chunk: the unit a killed run redoes
+        for i, res in zip(idx, tag_chunk([first_turn(rows[i]) for i in idx]), strict=True):
+            writer.add(
+                [{"row_index": i, f"{name}_failed": res is None, **{c: (res or {}).get(c) for c in columns}}]
+            )
+        writer.flush()
         bar.update(len(idx))
     bar.close()
+
+
+class Taggers:
+    """The row-wise taggers, each a function over a chunk of (instruction, response) pairs, sharing lazily
+    built models (the judge, a reward model, the URIAL base model, a guard model)."""
+
+    def __init__(self, cfg: TagConfig | Any):  # any config with the judge_*/reward_* fields (PairsConfig too)
+        self.cfg = cfg
+        self._cache: dict[str, Any] = {}
+
+    def _get(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def judge(self) -> Judge:
+        return self._get("judge", lambda: Judge.from_config(self.cfg))
+
+    def rewards(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        """instruct_reward: the reward model when configured, else the judge's probability-weighted score."""
+        if self.cfg.reward_model:
+            return self._get("rm", lambda: RewardModel(self.cfg.reward_model, self.cfg.reward_batch_size))(
+                pairs
+            )
+        return self.judge().score([REWARD_PROMPT.format(instruction=q, response=a) for q, a in pairs], 1, 10)
+
+    def columns(self, name: str) -> list[str]:
+        if name in JUDGE_TAGGERS:
+            return list(JUDGE_TAGGERS[name][2])
+        return {"reward": ["instruct_reward"], "alpagasus": ["alpagasus_score"],
+                "reward_difference": ["base_response", "base_reward", "reward_difference"],
+                "safety": ["safety", "safety_categories", "p_safe"]}[name]  # fmt: skip
+
+    def __call__(self, name: str, pairs: list[tuple[str, str]]) -> list[dict | None]:
+        if name in JUDGE_TAGGERS:
+            prompt, parse, _ = JUDGE_TAGGERS[name]
+            return self.judge()([prompt.format(instruction=q, response=a) for q, a in pairs], parse)
+        if name == "alpagasus":
+            scores = self.judge().score(
+                [ALPAGASUS_PROMPT.format(instruction=q, response=a) for q, a in pairs], 0, 5
+            )
+            return [None if s is None else {"alpagasus_score": s} for s in scores]
+        if name == "reward":
+            return [None if s is None else {"instruct_reward": s} for s in self.rewards(pairs)]
+        if name == "reward_difference":
+            return self.reward_difference(pairs)
+        if name == "safety":
+            return self.safety(pairs)
+        raise ValueError(f"no row-wise tagger named {name}")
+
+    def reward_difference(self, pairs: list[tuple[str, str]]) -> list[dict | None]:
+        cfg = self.cfg
+        base = self._get("base", lambda: make_engine(cfg.base_model, cfg.base_engine))
+        # Raw text, no chat template: URIAL aligns a base model in context.
+        # Engines add no special tokens: give the BOS a base model's tokenizer would add at encode time.
+        prompt_bos = base.tokenizer.bos_token if tokenizer_adds_bos(base.tokenizer) else ""
+        sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
+        outs = base.complete([prompt_bos + URIAL_PROMPT.format(instruction=q) for q, _ in pairs], sampling)
+        base_responses = [o.text.strip() for o in outs]
+        aligned = self.rewards(pairs)
+        baseline = self.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])
+        return [
+            None if a is None or b is None
+            else {"base_response": text, "base_reward": b, "reward_difference": a - b}
+            for a, b, text in zip(aligned, baseline, base_responses, strict=True)
+        ]  # fmt: skip
+
+    def safety(self, pairs: list[tuple[str, str]]) -> list[dict | None]:
+        cfg = self.cfg
+        if cfg.safety_model:  # Llama Guard: its own chat template asks for "safe" or "unsafe\n<categories>"
+            guard = self._get("guard", lambda: make_engine(cfg.safety_model, cfg.safety_engine))
+            prompts = [render_prompt(guard.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                       for q, a in pairs]  # fmt: skip
+            results: list[dict | None] = []
+            for c in guard.complete(prompts, Sampling(temperature=0.0, max_tokens=16)):
+                lines = c.text.strip().splitlines()
+                verdict = lines[0].strip().lower() if lines else ""
+                categories = lines[1].strip() if len(lines) > 1 else ""
+                results.append({"safety": verdict, "safety_categories": categories, "p_safe": None}
+                               if verdict in ("safe", "unsafe") else None)  # fmt: skip
+            return results
+        probs = yes_probability(
+            self.judge().engine, [SAFETY_PROMPT.format(instruction=q, response=a) for q, a in pairs]
+        )
+        return [None if p is None else {"safety": "safe" if p >= 0.5 else "unsafe", "safety_categories": "", "p_safe": p}
+                for p in probs]  # fmt: skip
 
 
 def judge_score_source(judge: str, low: int, high: int) -> str:
@@ -499,8 +662,17 @@ def judge_score_source(judge: str, low: int, high: int) -> str:
 
 
 def tagger_source(name: str, cfg: TagConfig) -> str:
-    if name == "reward" and cfg.reward_model:
-        return f"reward model {cfg.reward_model}"
+    reward = f"reward model {cfg.reward_model}" if cfg.reward_model else judge_score_source(cfg.judge, 1, 10)
+    if name == "reward":
+        return reward
+    if name == "reward_difference":
+        return f"{reward}, minus the same for {cfg.base_model}'s URIAL response"
+    if name == "safety":
+        return (
+            f"guard model {cfg.safety_model}"
+            if cfg.safety_model
+            else f"judge {cfg.judge}: P(yes) to 'is it safe?' (not a guard model)"
+        )
     if name in SCORE_TAGGERS:
         _, _, low, high = SCORE_TAGGERS[name]
         return judge_score_source(cfg.judge, low, high)
@@ -520,22 +692,17 @@ def run(cfg: TagConfig) -> dict[str, Any]:
             raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
     start = time.time()
     timings: dict[str, float] = {}
-    judges: list[Judge] = []
-
-    def judge() -> Judge:
-        if not judges:
-            judges.append(Judge.from_config(cfg))
-        return judges[0]
-
+    taggers = Taggers(cfg)
+    whole_table = {"lengths": tag_lengths, "language": tag_language, "neighbors": tag_neighbors}
     for name in cfg.taggers:
         t0 = time.time()
         writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
-        if (name in JUDGE_TAGGERS or name in SCORE_TAGGERS) and not (name == "reward" and cfg.reward_model):
-            run_judge_tagger(name, rows, cfg, judge, writer)
-        elif writer.n_rows < len(rows):  # whole-table taggers: one atomic shard, recomputed if missing
-            fn = {"lengths": tag_lengths, "language": tag_language, "neighbors": tag_neighbors,
-                  "reward": tag_reward_model}[name]  # fmt: skip
-            writer.add({"row_index": i, **tags} for i, tags in enumerate(fn(rows, cfg)))
+        if name not in whole_table:
+            run_chunked(
+                name, rows, cfg, lambda pairs, n=name: taggers(n, pairs), taggers.columns(name), writer
+            )
+        elif writer.n_rows < len(rows):  # fast whole-table taggers: one atomic shard, recomputed if missing
+            writer.add({"row_index": i, **tags} for i, tags in enumerate(whole_table[name](rows, cfg)))
             writer.flush()
         timings[name] = round(time.time() - t0, 2)
     summary = merge(rows, cfg, out)

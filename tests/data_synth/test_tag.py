@@ -111,6 +111,12 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
         assert (r["input_quality"] in tag.QUALITY) != r["quality_failed"]
         assert (r["task_category"] in tag.TASK_CATEGORIES) != r["task_category_failed"]
     assert summary["failures"]["quality"]["untagged"] == 0
+    for r in rows:  # URIAL base responses scored by the same scorer; the judge stands in for Llama Guard
+        assert r["base_response"] is not None and r["reward_difference"] == pytest.approx(
+            r["instruct_reward"] - r["base_reward"], abs=0.05
+        )
+        assert r["safety"] in ("safe", "unsafe") and 0.0 <= r["p_safe"] <= 1.0
+    assert "not a guard model" in table.schema.field("safety").metadata[b"source"].decode()
     # Scores come from the judge's score-token probabilities: every row gets a value in range.
     assert all(r["instruct_reward"] is not None and 1 <= r["instruct_reward"] <= 10 for r in rows)
     assert len({round(r["instruct_reward"], 6) for r in rows}) > 1
