@@ -12,12 +12,12 @@ def schemas(stage: str) -> tuple[type, ...]:
         from data_synth.magpie import MagpieConfig
 
         return (MagpieConfig,)
-    if stage == "sft":
-        from trl import SFTConfig
+    if stage in ("sft", "dpo"):
+        from trl import DPOConfig, SFTConfig
 
-        from train.sft import ScriptArgs
+        from train.common import ScriptArgs
 
-        return (ScriptArgs, SFTConfig)
+        return (ScriptArgs, SFTConfig if stage == "sft" else DPOConfig)
     if stage == "tag":
         from data_synth.tag import TagConfig
 

@@ -136,3 +136,40 @@ def test_bad_input_fails_before_work(tmp_path):
         tag.run(tag.TagConfig(input=str(path), output_dir=str(tmp_path / "o"), taggers=["lengths"]))
     with pytest.raises(ValueError, match=r"taggers: unknown \['qualty'\]"):
         tag.TagConfig(taggers=["qualty"])
+
+
+def test_reward_model_path_with_a_tiny_sequence_classifier(tmp_path, embedded_path):
+    """The GPU path (FsfairX-style AutoModelForSequenceClassification), on a tiny random-weight model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(embedded_path)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    data = conversations(tmp_path / "rows.jsonl")
+    cfg = tag.TagConfig(
+        input=str(data),
+        output_dir=str(tmp_path / "tagged"),
+        taggers=["reward"],
+        reward_model=str(tmp_path / "rm"),
+    )
+    tag.run(cfg)
+    table = pq.read_table(tmp_path / "tagged" / "train-00000.parquet")
+    rewards = table.column("instruct_reward").to_pylist()
+    assert len(rewards) == 4 and all(isinstance(r, float) for r in rewards) and len(set(rewards)) > 1
+    assert rewards[0] != rewards[2]  # same question, different answers, different scores
+    assert (
+        table.schema.field("instruct_reward").metadata[b"source"].decode()
+        == f"reward model {tmp_path / 'rm'}"
+    )

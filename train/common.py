@@ -1,0 +1,145 @@
+"""What sft.py and dpo.py share: the script's own keys, tokenizer and model loading (LoRA/QLoRA), the run's
+start (config, output directory, seed) and its end (resume, save, merged export, model card)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from core.chat import training_chat_template
+from core.config import ConfigError, load_config, prepare_output_dir, resolved
+from core.io import atomic_write_text
+from core.models import resolve_model
+
+
+@dataclass
+class ScriptArgs:
+    model_name_or_path: str = "embedded"
+    dataset: str = "runs/demo/magpie"  # a local Parquet/JSONL file or directory, or a Hub dataset id
+    dataset_split: str = "train"
+    max_samples: int | None = None
+    peft: Literal["none", "lora", "qlora"] = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    torch_dtype: str = "auto"  # float32 / bfloat16 / auto (bf16 on GPU, float32 on CPU)
+    attn_implementation: str | None = None
+    chat_template: str | None = None  # a .jinja file, or the name of one trl ships (llama3, qwen2_5, ...)
+    merge_lora: bool = False  # also write a merged full model to output_dir/merged
+    overwrite: bool = False
+
+
+def start(stage: str, argv: list[str] | None, config_class: type) -> tuple[ScriptArgs, Any, PartialState]:
+    """Parse `recipe=NAME key=value ...`, claim the output directory (main process only), seed."""
+    script, args = load_config(stage, argv, ScriptArgs, config_class)
+    state = PartialState()
+    if state.is_main_process:
+        prepare_output_dir(
+            args.output_dir, resolved(script, args), may_differ=("overwrite",), overwrite=script.overwrite
+        )
+    state.wait_for_everyone()
+    set_seed(args.seed)
+    return script, args, state
+
+
+def read_chat_template(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text()
+    import trl
+
+    bundled = Path(trl.__file__).parent / "chat_templates" / f"{name_or_path}.jinja"
+    if bundled.is_file():
+        return bundled.read_text()
+    names = sorted(p.stem for p in bundled.parent.glob("*.jinja") if not p.stem.endswith("_training"))
+    raise ConfigError(
+        f"chat_template '{name_or_path}' is neither a file nor one of trl's templates: {', '.join(names)}"
+    )
+
+
+def load_tokenizer(script: ScriptArgs, args: Any, assistant_only_loss: bool = False) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(script.model_name_or_path), trust_remote_code=args.trust_remote_code
+    )
+    if script.chat_template:
+        tokenizer.chat_template = read_chat_template(script.chat_template)
+    if assistant_only_loss:
+        template = training_chat_template(tokenizer)
+        if template is not None:
+            tokenizer.chat_template = template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, Any]:
+    if script.peft == "none":
+        return None, None
+    from peft import LoraConfig
+
+    targets = script.lora_target_modules
+    lora = LoraConfig(
+        r=script.lora_r,
+        lora_alpha=script.lora_alpha,
+        lora_dropout=script.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    quant = None
+    if script.peft == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            # Under ZeRO-3 the 4-bit weights are sharded like any parameter: storage must be the model dtype.
+            bnb_4bit_quant_storage=dtype,
+        )
+    return lora, quant
+
+
+def load_model(script: ScriptArgs, args: Any) -> tuple[Any, Any]:
+    """The model to train and its LoRA config (None for full fine-tuning)."""
+    if script.torch_dtype == "auto":  # bf16 on GPUs; CPUs train much faster in float32
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    else:
+        dtype = getattr(torch, script.torch_dtype)
+    lora, quant = peft_and_quantization(script, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(script.model_name_or_path),
+        dtype=dtype,
+        attn_implementation=script.attn_implementation,
+        quantization_config=quant,
+        trust_remote_code=args.trust_remote_code,
+    )
+    return model, lora
+
+
+def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialState, what: str) -> None:
+    """Resume from the last checkpoint if there is one, train, save (adapter or full model), card."""
+    last = get_last_checkpoint(args.output_dir)
+    if last and state.is_main_process:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(args.output_dir)
+    if state.is_main_process:
+        out = Path(args.output_dir)
+        trainer.processing_class.save_pretrained(out)
+        if script.merge_lora and script.peft != "none":
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            trainer.processing_class.save_pretrained(out / "merged")
+        atomic_write_text(
+            out / "README.md",
+            f"# {out.name}\n\n{what} of `{script.model_name_or_path}` on `{script.dataset}` "
+            f"({len(trainer.train_dataset)} rows), peft={script.peft}. Full settings: config.yaml.\n",
+        )
