@@ -42,6 +42,28 @@ def check_messages(messages: Any, where: str) -> None:
         raise ConversationError(f"{where}: the conversation must end with an assistant turn")
 
 
+# ShareGPT-style speaker names (ShareGPT, Evol-Instruct V2, OpenHermes, Magpie's releases) -> chat roles.
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
+    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
+}  # fmt: skip
+
+
+def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]:
+    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role", "content"}]`; unknown speakers fail."""
+    if not isinstance(conversations, list):
+        raise ConversationError(
+            f"{where}: 'conversations' must be a list, got {type(conversations).__name__}"
+        )
+    messages = []
+    for i, turn in enumerate(conversations):
+        speaker = str(turn.get("from", "")).lower() if isinstance(turn, dict) else ""
+        if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise ConversationError(f"{where}: turn {i} has speaker {speaker!r} or a non-text value")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+    return messages
+
+
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether encoding text adds a BOS token (Llama-2, Phi-3 style) rather than the template rendering it."""
     bos = tokenizer.bos_token_id

@@ -69,6 +69,21 @@ def recipe_path(stage: str, name: str) -> Path:
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
+def load_recipe(stage: str, name: str, _seen: tuple[str, ...] = ()) -> Any:
+    """A recipe's YAML; `base: OTHER` first loads recipe OTHER of the same stage and overrides it (so a baseline
+    recipe states only what differs from the paper's, e.g. its dataset)."""
+    path = recipe_path(stage, name)
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, typing.Mapping):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if base in _seen:
+        raise ConfigError(f"{path}: recipes inherit in a loop: {' -> '.join((*_seen, name, base))}")
+    return OmegaConf.merge(load_recipe(stage, base, (*_seen, name)), loaded)
+
+
 def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     recipe, overrides = None, []
     for arg in argv:
@@ -94,11 +109,7 @@ def load_config(stage: str, argv: list[str] | None, *schemas: type) -> tuple[Any
     recipe, overrides = _split_argv(argv)
     merged = OmegaConf.create({})
     if recipe is not None:
-        path = recipe_path(stage, recipe)
-        loaded = OmegaConf.load(path)
-        if not isinstance(loaded, typing.Mapping):
-            raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
-        merged = loaded
+        merged = load_recipe(stage, recipe)
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
     except Exception as e:  # omegaconf reports malformed dotlists with its own types

@@ -23,7 +23,10 @@ class ScriptArgs:
     model_name_or_path: str = "embedded"
     dataset: str = "runs/demo/magpie"  # a local Parquet/JSONL file or directory, or a Hub dataset id
     dataset_split: str = "train"
+    dataset_mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; replaces `dataset`
+    mixture_seed: int = 42
     max_samples: int | None = None
+    drop_invalid: bool = False  # drop (and count) rows that are not valid conversations instead of failing
     peft: Literal["none", "lora", "qlora"] = "lora"
     lora_r: int = 16
     lora_alpha: int = 32

@@ -112,3 +112,17 @@ def test_output_dir_written_resumed_and_protected(tmp_path):
     with pytest.raises(ConfigError, match="no config.yaml"):
         prepare_output_dir(foreign, {"a": 1})
     assert (foreign / "results.csv").read_text() == "precious"
+
+
+def test_a_recipe_can_inherit_from_another(tmp_path, monkeypatch):
+    import core.config as config
+
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "parent.yaml").write_text("name: parent\nn: 4\ninner:\n  temperature: 0.7\n")
+    (tmp_path / "synth" / "child.yaml").write_text("base: parent\nname: child\ninner:\n  stop: [x]\n")
+    (tmp_path / "synth" / "loop.yaml").write_text("base: loop\n")
+    monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
+    (cfg,) = load_config("synth", ["recipe=child", "n=5"], Cfg)
+    assert (cfg.name, cfg.n, cfg.inner.temperature, cfg.inner.stop) == ("child", 5, 0.7, ["x"])
+    with pytest.raises(ConfigError, match="inherit in a loop"):
+        load_config("synth", ["recipe=loop"], Cfg)

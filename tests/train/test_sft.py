@@ -118,3 +118,23 @@ def test_accelerate_launch_runs_the_script_and_writes_its_config(tmp_path, data_
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert "learning_rate: 0.0002" in (out / "config.yaml").read_text()
+
+
+def test_weighted_mixture_oversamples_and_converts_sharegpt(tmp_path, data_file):
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]})
+        + "\n"
+    )
+    script = ScriptArgs(dataset_mixture={str(data_file): 0.5, str(sharegpt): 3.0})
+    ds = load_conversations(script)
+    texts = [r["messages"][-1]["content"] for r in ds]
+    assert len(ds) == 2 + 3 and texts.count("Hello!") == 3  # half of 4 rows, and the one row three times
+
+
+def test_invalid_rows_can_be_dropped_and_counted(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "no answer"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_conversations(ScriptArgs(dataset=str(path), drop_invalid=True))) == 1
+    assert "dropped 1 invalid rows of 2" in capsys.readouterr().out

@@ -1,0 +1,140 @@
+"""The comparison SFT sets, normalized to `messages`: ShareGPT, WildChat, Evol-Instruct, UltraChat, Tulu V2 Mix,
+OpenHermes 2.5.
+
+    python -m data_synth.baselines name=sharegpt [source=FILE_OR_HUB_ID] [max_samples=N dedup=true] output_dir=DIR
+
+Each set's real Hub id and split are the default `source`; a local JSON/JSONL/Parquet file or directory in the
+same schema works too. Schemas understood: `messages` (role/content), WildChat's `conversation` (role/content
+plus metadata), ShareGPT-style `conversations` (from/value with human/gpt/system), and `instruction`/`input`/
+`output`. Broken rows are dropped and counted by reason, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.chat import check_messages, sharegpt_to_messages
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.io import atomic_write_bytes, atomic_write_json, load_rows
+
+# name: (Hub id, split, what the paper used)
+SOURCES = {
+    "sharegpt": ("anon8231489123/ShareGPT_Vicuna_unfiltered", "train", "ShareGPT, 112K after cleaning"),
+    "wildchat": ("allenai/WildChat", "train", "WildChat, 652K"),
+    "evol_instruct": ("WizardLMTeam/WizardLM_evol_instruct_V2_196k", "train", "Evol-Instruct, 143K"),
+    "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft", "UltraChat, 208K"),
+    "tulu_v2_mix": ("allenai/tulu-v2-sft-mixture", "train", "Tulu V2 Mix, 326K"),
+    "openhermes": ("teknium/OpenHermes-2.5", "train", "OpenHermes 2.5, 1M"),
+}
+# Metadata worth keeping when a schema carries it (WildChat's model, language, toxicity flags, ...).
+KEEP = (
+    "id",
+    "conversation_id",
+    "model",
+    "language",
+    "toxic",
+    "redacted",
+    "turn",
+    "dataset",
+    "source",
+    "category",
+)
+
+
+@dataclass
+class BaselineConfig:
+    name: str = "sharegpt"
+    source: str | None = None  # a local file/dir, or a Hub id; defaults to the set's own Hub id
+    split: str | None = None
+    output_dir: str = "runs/baselines/sharegpt"
+    max_samples: int | None = None  # sample down to N rows (seeded), after cleaning
+    dedup: bool = False  # drop rows whose first user turn repeats an earlier one
+    seed: int = 42
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in SOURCES:
+            raise ValueError(f"name: unknown baseline '{self.name}'; choose from {sorted(SOURCES)}")
+
+
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The row's conversation in `messages` form, whatever the schema; ConfigError if it has none or it is broken."""
+    # `get`, not `in`: a file mixing schemas loads with every column, missing ones as None.
+    if row.get("messages") is not None:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    elif row.get("conversation") is not None:  # WildChat: role/content turns with per-turn metadata
+        messages = [{"role": t["role"], "content": t["content"]} for t in row["conversation"]]
+    elif row.get("conversations") is not None:
+        messages = sharegpt_to_messages(row["conversations"], where)
+    elif row.get("instruction") is not None and row.get("output") is not None:
+        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    else:
+        raise ConfigError(
+            f"{where}: no conversation (expected messages, conversation, conversations or instruction/output)"
+        )
+    # ShareGPT dumps often end on an unanswered user turn: the last complete exchange is what can be trained on.
+    while messages and messages[-1]["role"] == "user":
+        messages = messages[:-1]
+    check_messages(messages, where)
+    return messages
+
+
+def run(cfg: BaselineConfig) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    hub_id, default_split, _ = SOURCES[cfg.name]
+    source = cfg.source or hub_id
+    rows = load_rows(source, cfg.split or default_split)
+    kept, dropped, seen, duplicates = [], {}, set(), 0
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i}"
+        try:
+            messages = to_messages(row, where)
+        except (ConfigError, KeyError, TypeError) as e:
+            # Counted by kind ("roles out of order", "assistant turn 1 is empty", ...), not per row.
+            reason = (
+                str(e).removeprefix(where + ": ").split(":")[0]
+                if isinstance(e, ConfigError)
+                else "malformed turn"
+            )
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
+        first = next(m["content"] for m in messages if m["role"] == "user").strip().lower()
+        if cfg.dedup and first in seen:
+            duplicates += 1
+            continue
+        seen.add(first)
+        kept.append(
+            {
+                "messages": messages,
+                "source": cfg.name,
+                **{k: row[k] for k in KEEP if k in row and k != "source"},
+            }
+        )
+    if cfg.max_samples is not None and len(kept) > cfg.max_samples:
+        kept = [kept[i] for i in sorted(random.Random(cfg.seed).sample(range(len(kept)), cfg.max_samples))]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(kept), sink)
+    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
+    summary = {"name": cfg.name, "source": source, "input_rows": len(rows), "rows": len(kept),
+               "dropped": dropped, "duplicates_dropped": duplicates}  # fmt: skip
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("baselines", argv, BaselineConfig)
+    print(json.dumps(run(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main()
