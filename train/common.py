@@ -3,6 +3,9 @@ start (config, output directory, seed) and its end (resume, save, merged export,
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +13,6 @@ from typing import Any, Literal
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from core.chat import training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
@@ -41,6 +43,16 @@ class ScriptArgs:
 
 def start(stage: str, argv: list[str] | None, config_class: type) -> tuple[ScriptArgs, Any, PartialState]:
     """Parse `recipe=NAME key=value ...`, claim the output directory (main process only), seed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
+        # ZeRO on CPU (tests, CPU clusters): DeepSpeed's CPU accelerator needs the gloo process group before
+        # the training config is built, and the config must name gloo too, or accelerate counts one process
+        # and DeepSpeed rejects the batch size.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        if not any(a.startswith("ddp_backend=") for a in argv):
+            argv.append("ddp_backend=gloo")
     script, args = load_config(stage, argv, ScriptArgs, config_class)
     state = PartialState()
     if state.is_main_process:
@@ -127,11 +139,31 @@ def load_model(script: ScriptArgs, args: Any) -> tuple[Any, Any]:
     return model, lora
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint-N that was written to the end (the Trainer writes trainer_state.json last).
+
+    A run killed while saving leaves a partial checkpoint that transformers' get_last_checkpoint would pick
+    and fail on; such leftovers are removed here (they hold nothing a resume could use)."""
+    out = Path(output_dir)
+    checkpoints = sorted(
+        out.glob("checkpoint-*"),
+        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+    )
+    for ckpt in reversed(checkpoints):
+        if (ckpt / "trainer_state.json").is_file():
+            return str(ckpt)
+        if PartialState().is_main_process:
+            print(f"removing incomplete {ckpt} (a killed save)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
 def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialState, what: str) -> None:
-    """Resume from the last checkpoint if there is one, train, save (adapter or full model), card."""
-    last = get_last_checkpoint(args.output_dir)
+    """Resume from the last complete checkpoint if there is one, train, save (adapter or full model), card."""
+    last = last_complete_checkpoint(args.output_dir)
+    state.wait_for_everyone()
     if last and state.is_main_process:
-        print(f"resuming from {last}")
+        print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
     if state.is_main_process:
