@@ -38,6 +38,10 @@ class ScriptArgs:
     attn_implementation: str | None = None
     chat_template: str | None = None  # a .jinja file, or the name of one trl ships (llama3, qwen2_5, ...)
     merge_lora: bool = False  # also write a merged full model to output_dir/merged
+    # A base model (Llama-3-8B) never trained the rows of its chat-template tokens (<|start_header_id|>,
+    # <|eot_id|>): they are ~zero, and a LoRA-tuned model would never emit <|eot_id|>. Such rows (input and
+    # output embeddings) start from the mean of the trained rows instead. Trained rows are left alone.
+    init_untrained_template_tokens: bool = True
     overwrite: bool = False
 
 
@@ -94,6 +98,36 @@ def load_tokenizer(script: ScriptArgs, args: Any, assistant_only_loss: bool = Fa
     return tokenizer
 
 
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the special tokens the chat template writes (role headers, end-of-turn markers)."""
+    conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ids = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)[
+        "input_ids"
+    ]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return sorted({i for i in ids if i in special})
+
+
+@torch.no_grad()
+def init_untrained_rows(model: Any, token_ids: list[int], rel_norm: float = 1e-3) -> list[int]:
+    """Set embedding rows of `token_ids` whose norm is ~0 (never trained) to the mean trained row, in the input
+    embeddings and, when untied, the output head: the fix Unsloth and others apply to Llama-3 base. (trl's fused
+    LM head reads `lm_head.weight` directly, so PEFT's trainable-token rows on the head would not train.)"""
+    fixed = []
+    for emb in {
+        id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+    }.values():
+        weight = emb.weight
+        norms = weight.float().norm(dim=-1)
+        cutoff = rel_norm * norms.median()
+        untrained = [i for i in token_ids if i < weight.shape[0] and norms[i] <= cutoff]
+        if untrained:
+            trained = norms > cutoff
+            weight[untrained] = weight[trained].float().mean(0).to(weight.dtype)
+            fixed += untrained
+    return sorted(set(fixed))
+
+
 def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, Any]:
     if script.peft == "none":
         return None, None
@@ -122,7 +156,7 @@ def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, 
     return lora, quant
 
 
-def load_model(script: ScriptArgs, args: Any) -> tuple[Any, Any]:
+def load_model(script: ScriptArgs, args: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The model to train and its LoRA config (None for full fine-tuning)."""
     if script.torch_dtype == "auto":  # bf16 on GPUs; CPUs train much faster in float32
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -136,6 +170,14 @@ def load_model(script: ScriptArgs, args: Any) -> tuple[Any, Any]:
         quantization_config=quant,
         trust_remote_code=args.trust_remote_code,
     )
+    if script.init_untrained_template_tokens and quant is None:  # 4-bit weights: embeddings stay unquantized,
+        fixed = init_untrained_rows(
+            model, template_token_ids(tokenizer)
+        )  # but QLoRA users fix the base first
+        if fixed and PartialState().is_main_process:
+            print(
+                f"initialized untrained embedding rows of template tokens {tokenizer.convert_ids_to_tokens(fixed)}"
+            )
     return model, lora
 
 

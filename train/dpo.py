@@ -53,7 +53,7 @@ def build_trainer(script: ScriptArgs, args: DPOConfig) -> DPOTrainer:
     """Data, tokenizer, model and trainer; with LoRA the frozen base doubles as the reference model."""
     dataset = load_preferences(script)
     tokenizer = load_tokenizer(script, args)
-    model, lora = load_model(script, args)
+    model, lora = load_model(script, args, tokenizer)
     return DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )

@@ -71,7 +71,7 @@ def build_trainer(script: ScriptArgs, args: SFTConfig) -> SFTTrainer:
     """Data, tokenizer, model and trainer, in that order (alignment-handbook's shape)."""
     dataset = load_conversations(script)
     tokenizer = load_tokenizer(script, args, assistant_only_loss=args.assistant_only_loss)
-    model, lora = load_model(script, args)
+    model, lora = load_model(script, args, tokenizer)
     return SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
     )

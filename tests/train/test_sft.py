@@ -138,3 +138,69 @@ def test_invalid_rows_can_be_dropped_and_counted(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(load_conversations(ScriptArgs(dataset=str(path), drop_invalid=True))) == 1
     assert "dropped 1 invalid rows of 2" in capsys.readouterr().out
+
+
+def tiny_llama3(tmp_path: Path, embedded_path: str) -> Path:
+    """A tiny random Llama with the Llama-3 chat template and special tokens (a stand-in for Llama-3-8B base)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.fixtures.chat_families import family_tokenizer
+
+    path = Path(family_tokenizer("llama3", embedded_path, tmp_path))
+    tok = AutoTokenizer.from_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embedded_path, peft):
+    """Llama-3-template SFT on a tiny random Llama whose template-token rows are zero, as in Llama-3-8B base: those
+    rows start from the mean trained row, the loss covers exactly the assistant turns and their <|eot_id|>, and
+    every trainable parameter changes."""
+    from safetensors.torch import load_file, save_file
+
+    model_path = tiny_llama3(tmp_path, embedded_path)
+    weights = load_file(model_path / "model.safetensors")
+    tok_ids = [49152 + i for i in range(5)]  # the five Llama-3 special tokens the fixture tokenizer adds
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name][tok_ids] = 0.0
+    save_file(weights, model_path / "model.safetensors", metadata={"format": "pt"})
+    script = ScriptArgs(
+        model_name_or_path=str(model_path),
+        dataset=str(data_file),
+        peft=peft,
+        chat_template="llama3",
+        lora_r=4,
+        lora_alpha=8,
+    )
+    trainer = build_trainer(script, sft_args(tmp_path / "out", learning_rate=1e-2))
+    tok = trainer.processing_class
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    model = trainer.model.get_base_model() if peft == "lora" else trainer.model
+    for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = emb.weight.detach()
+        trained = torch.ones(len(w), dtype=torch.bool)
+        trained[tok_ids] = False
+        assert w[eot].abs().sum() > 0 and torch.allclose(w[eot], w[trained].mean(0), atol=1e-6)  # the mean row
+    row = trainer.train_dataset[2]
+    trained = tok.decode(
+        [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    )
+    assert trained == "Rome.<|eot_id|>Madrid.<|eot_id|>"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
