@@ -193,7 +193,9 @@ def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embe
         w = emb.weight.detach()
         trained = torch.ones(len(w), dtype=torch.bool)
         trained[tok_ids] = False
-        assert w[eot].abs().sum() > 0 and torch.allclose(w[eot], w[trained].mean(0), atol=1e-6)  # the mean row
+        assert w[eot].abs().sum() > 0 and torch.allclose(
+            w[eot], w[trained].mean(0), atol=1e-6
+        )  # the mean row
     row = trainer.train_dataset[2]
     trained = tok.decode(
         [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
