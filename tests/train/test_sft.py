@@ -206,3 +206,21 @@ def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embe
     after = dict(trainer.model.named_parameters())
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
+
+
+def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
+    """4-bit nf4 base (bitsandbytes runs on CPU), LoRA adapters on top: the quantized weights are frozen and
+    every adapter parameter changes."""
+    import bitsandbytes as bnb
+
+    script = ScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="qlora", lora_r=8, lora_alpha=16)
+    trainer = build_trainer(script, sft_args(tmp_path / "out"))
+    base = trainer.model.get_base_model()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+    assert base.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before and all("lora_" in n for n in before)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
