@@ -11,7 +11,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import logging
 import os
 import random
 import threading
@@ -20,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from core.models import resolve_model
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

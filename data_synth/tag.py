@@ -593,26 +593,29 @@ class Taggers:
             return self._get("rm", lambda: RewardModel(self.cfg.reward_model, self.cfg.reward_batch_size))(
                 pairs
             )
-        return self.judge().score([REWARD_PROMPT.format(instruction=q, response=a) for q, a in pairs], 1, 10)
+        prompt, _, low, high = SCORE_TAGGERS["reward"]
+        return self.judge().score([prompt.format(instruction=q, response=a) for q, a in pairs], low, high)
 
     def columns(self, name: str) -> list[str]:
         if name in JUDGE_TAGGERS:
             return list(JUDGE_TAGGERS[name][2])
-        return {"reward": ["instruct_reward"], "alpagasus": ["alpagasus_score"],
-                "reward_difference": ["base_response", "base_reward", "reward_difference"],
+        if name in SCORE_TAGGERS:
+            return [SCORE_TAGGERS[name][1]]
+        return {"reward_difference": ["base_response", "base_reward", "reward_difference"],
                 "safety": ["safety", "safety_categories", "p_safe"]}[name]  # fmt: skip
 
     def __call__(self, name: str, pairs: list[tuple[str, str]]) -> list[dict | None]:
         if name in JUDGE_TAGGERS:
             prompt, parse, _ = JUDGE_TAGGERS[name]
             return self.judge()([prompt.format(instruction=q, response=a) for q, a in pairs], parse)
-        if name == "alpagasus":
-            scores = self.judge().score(
-                [ALPAGASUS_PROMPT.format(instruction=q, response=a) for q, a in pairs], 0, 5
-            )
-            return [None if s is None else {"alpagasus_score": s} for s in scores]
         if name == "reward":
             return [None if s is None else {"instruct_reward": s} for s in self.rewards(pairs)]
+        if name in SCORE_TAGGERS:
+            prompt, column, low, high = SCORE_TAGGERS[name]
+            scores = self.judge().score(
+                [prompt.format(instruction=q, response=a) for q, a in pairs], low, high
+            )
+            return [None if s is None else {column: s} for s in scores]
         if name == "reward_difference":
             return self.reward_difference(pairs)
         if name == "safety":

@@ -213,7 +213,9 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
     every adapter parameter changes."""
     import bitsandbytes as bnb
 
-    script = ScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="qlora", lora_r=8, lora_alpha=16)
+    script = ScriptArgs(
+        model_name_or_path="embedded", dataset=str(data_file), peft="qlora", lora_r=8, lora_alpha=16
+    )
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
     base = trainer.model.get_base_model()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
