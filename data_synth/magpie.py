@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
-from core.config import cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion, EngineConfig, Sampling, make_engine
 from core.io import ShardWriter, atomic_write_json
 from data_synth.templates import PreQuery, pre_query
@@ -63,6 +63,8 @@ SYSTEM_PROMPTS = {
         "Your purpose is to give accurate, fluent and natural translations."
     ),
 }
+
+MAX_BARREN_CHUNKS = 10
 
 # Magpie-MT: later user turns are sampled after the history rendered with this system prompt.
 MT_SYSTEM_PROMPT = (
@@ -211,7 +213,7 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     seen = {_normalize(row["messages"][0]["content"]) for row in writer.rows()}  # dedup survives resumes
     stats = _Stats()
     r = cfg.response
-    start, done_at_start, calls = time.time(), writer.n_rows, 0
+    start, done_at_start, calls, barren = time.time(), writer.n_rows, 0, 0
     bar = tqdm(total=cfg.n_conversations, initial=writer.n_rows, desc="magpie", unit="conv")
     while writer.n_rows < cfg.n_conversations:
         first = writer.n_rows
@@ -299,6 +301,15 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
             stats.assistant_tokens += row["response_tokens"]
         writer.add(rows)
         bar.update(len(rows))
+        barren = 0 if rows else barren + 1
+        if (
+            barren == MAX_BARREN_CHUNKS
+        ):  # a model or setting that never yields a valid row must not spin forever
+            writer.flush()
+            raise ConfigError(
+                f"no valid conversation in the last {MAX_BARREN_CHUNKS} chunks (dropped so far: {stats.dropped}, "
+                f"duplicates: {stats.duplicates}); check instruction.max_tokens, the stops and the model"
+            )
         elapsed = max(time.time() - start, 1e-9)
         bar.set_postfix(
             conv_s=f"{(writer.n_rows - done_at_start) / elapsed:.2f}",

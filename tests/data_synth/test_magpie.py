@@ -113,3 +113,23 @@ def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path):
         assert row["n_turns"] == 2 and row["system_prompt_key"] in ("math", "code")
         assert row["pre_query_template"].startswith("<|im_start|>system\nYou are an AI assistant")
         assert row["messages"][2]["content"] != row["messages"][0]["content"]
+
+
+def test_a_setting_that_never_yields_a_row_fails_instead_of_spinning(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_synth.magpie",
+            "recipe=magpie_demo",
+            "n_conversations=2",
+            "chunk_size=2",
+            "instruction.max_tokens=1",
+            f"output_dir={tmp_path / 'm'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "no valid conversation in the last 10 chunks" in out.stderr
+    assert "'truncated'" in out.stderr  # says why rows were dropped
