@@ -73,13 +73,20 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """A chat rendered with its generation prompt as raw text carrying exactly one BOS (engines add none)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def with_bos(tokenizer: Any, text: str) -> str:
+    """Engines add no special tokens, so raw text gets the BOS the tokenizer would add at encode time: once, and
+    never twice (text that already starts with it, e.g. a rendered Llama-3 template, is left alone)."""
     bos = tokenizer.bos_token or ""
     if bos and not text.startswith(bos) and tokenizer_adds_bos(tokenizer):
-        text = bos + text
+        return bos + text
     return text
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A chat rendered with its generation prompt as raw text carrying exactly one BOS (engines add none)."""
+    return with_bos(
+        tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
 
 
 def training_chat_template(tokenizer: Any) -> str | None:

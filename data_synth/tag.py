@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from core.chat import render_prompt, tokenizer_adds_bos
+from core.chat import render_prompt, with_bos
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine
 from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
@@ -626,10 +626,9 @@ class Taggers:
         cfg = self.cfg
         base = self._get("base", lambda: make_engine(cfg.base_model, cfg.base_engine))
         # Raw text, no chat template: URIAL aligns a base model in context.
-        # Engines add no special tokens: give the BOS a base model's tokenizer would add at encode time.
-        prompt_bos = base.tokenizer.bos_token if tokenizer_adds_bos(base.tokenizer) else ""
         sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
-        outs = base.complete([prompt_bos + URIAL_PROMPT.format(instruction=q) for q, _ in pairs], sampling)
+        prompts = [with_bos(base.tokenizer, URIAL_PROMPT.format(instruction=q)) for q, _ in pairs]
+        outs = base.complete(prompts, sampling)
         base_responses = [o.text.strip() for o in outs]
         aligned = self.rewards(pairs)
         baseline = self.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])

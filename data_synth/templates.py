@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.chat import tokenizer_adds_bos
+from core.chat import tokenizer_adds_bos, with_bos
 from core.config import ConfigError, cli, load_config
 
 _SENTINEL_USER = "MAGPIE_SENTINEL_USER_7f3a"
@@ -117,18 +117,13 @@ def pre_query(
         raise TemplateError(
             f"model '{_name(tokenizer)}': its chat template renders nothing before the user's message"
         )
-    adds_bos = tokenizer_adds_bos(tokenizer)
-    # Engines never add special tokens, so a BOS the tokenizer would add at encode time goes in here
-    # once (and never twice: templates that render it already keep theirs).
-    bos = tokenizer.bos_token or ""
-    prefix = bos + template if adds_bos and bos and not template.startswith(bos) else template
     stops = stop_markers(tokenizer)
     stop_ids = []
     for s in stops:
         ids = tokenizer.convert_tokens_to_ids(s)
         if isinstance(ids, int) and tokenizer.convert_ids_to_tokens(ids) == s:  # not a fallback to <unk>
             stop_ids.append(ids)
-    return PreQuery(template, prefix, stops, stop_ids, adds_bos)
+    return PreQuery(template, with_bos(tokenizer, template), stops, stop_ids, tokenizer_adds_bos(tokenizer))
 
 
 @dataclass

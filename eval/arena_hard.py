@@ -91,7 +91,9 @@ def bradley_terry(
             rows += [x, x]
             labels += [1.0, 0.0]
             weights += [wins[i, j], wins[j, i]]
-    lr = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-6)  # no regularization (sklearn >= 1.8 spelling)
+    lr = LogisticRegression(
+        fit_intercept=False, C=np.inf, tol=1e-6
+    )  # no regularization (sklearn >= 1.8 spelling)
     lr.fit(np.array(rows), np.array(labels), sample_weight=np.array(weights))
     ratings = scale * lr.coef_[0] + init
     ratings += init - ratings[index[baseline]]
