@@ -1,0 +1,55 @@
+"""The one file every evaluation leaves behind for `eval.leaderboard`: `<output_dir>/scores.jsonl`.
+
+Each row is one number: {"model", "benchmark", "metric", "value", "ci_low", "ci_high"} (interval bounds may be
+null when the benchmark has none). Writers replace their own rows; the leaderboard pivots all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.io import read_jsonl, write_jsonl
+
+SCORES_FILE = "scores.jsonl"
+FIELDS = ("model", "benchmark", "metric", "value", "ci_low", "ci_high")
+
+
+def score_row(
+    model: str,
+    benchmark: str,
+    metric: str,
+    value: float,
+    ci_low: float | None = None,
+    ci_high: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "benchmark": benchmark,
+        "metric": metric,
+        "value": float(value),
+        "ci_low": None if ci_low is None else float(ci_low),
+        "ci_high": None if ci_high is None else float(ci_high),
+    }
+
+
+def write_scores(output_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """Replace the rows of the same (model, benchmark, metric) in `output_dir/scores.jsonl`, keep the rest."""
+    path = Path(output_dir) / SCORES_FILE
+    new = {(r["model"], r["benchmark"], r["metric"]): r for r in rows}
+    kept = [
+        r
+        for r in (read_scores(path) if path.exists() else [])
+        if (r["model"], r["benchmark"], r["metric"]) not in new
+    ]
+    write_jsonl(path, kept + list(new.values()))
+    return path
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"{path}:{i}: missing fields {missing} (expected {list(FIELDS)})")
+    return rows
