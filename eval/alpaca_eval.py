@@ -1,0 +1,236 @@
+"""AlpacaEval 2 with any judge, scored by the alpaca-eval package itself.
+
+    python -m eval.alpaca_eval model_outputs=runs/eval/magpie/alpaca_eval/model_outputs.json \
+        judge.model=gpt-4-1106-preview judge.engine.backend=openai ...
+    python -m eval.alpaca_eval annotations=PATH/annotations.json [df_gamed=df_gamed.csv]
+
+Judging follows `weighted_alpaca_eval_gpt4_turbo`: the package's own prompt (its `alpaca_eval_clf.txt`), its
+seeded random swap of the two outputs, and the preference 2 - P("m") from the judge's top logprobs of the first
+token (the parsed identifier when the engine gives no logprobs). Win rate, standard error and the
+length-controlled win rate come from `alpaca_eval.metrics`, so an `annotations.json` scores here exactly as in
+alpaca_eval. The LC win rate needs the package's `df_gamed.csv` (downloaded from the Hub, or `df_gamed=PATH`
+offline); without it the JSON says why LC is missing instead of guessing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.engines import Completion
+from core.io import atomic_write_json, atomic_write_text
+from eval.generate import check_same_questions
+from eval.judging import Judge, JudgeConfig
+from eval.scores import score_row, write_scores
+
+BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs
+ANNOTATOR = "weighted_alpaca_eval"
+
+
+@dataclass
+class AlpacaEvalConfig:
+    model_outputs: str | None = None  # model_outputs.json (eval.generate writes one)
+    reference_outputs: str | None = None  # the baseline's outputs; default gpt4_1106_preview from the Hub
+    annotations: str | None = None  # only score this annotations.json (no judging)
+    max_instances: int | None = (
+        None  # compare on the first N instructions (model_outputs made with max_questions)
+    )
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=1, logprobs=20))
+    df_gamed: str | None = None  # local df_gamed.csv for the LC win rate; default: the Hub's (needs internet)
+    output_dir: str | None = None  # default: <model_outputs dir>/weighted_alpaca_eval
+
+
+def load_outputs(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path}: expected a JSON list of {{instruction, output, generator}} objects")
+    for i, row in enumerate(rows):
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if missing:
+            raise ConfigError(f"{path}: entry {i}: missing string field(s) {missing}")
+    return rows
+
+
+def reference_path(cfg: AlpacaEvalConfig) -> str:
+    if cfg.reference_outputs:
+        return cfg.reference_outputs
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(BASELINE_HUB[0], BASELINE_HUB[1], repo_type="dataset")
+
+
+def preference(c: Completion) -> float | None:
+    """In prompt order: 1 = output_1 ("m") is better, 2 = output_2 ("M"); weighted when logprobs exist."""
+    if c.top_logprobs:
+        p = {"m": 0.0, "M": 0.0}
+        for token, logprob in c.top_logprobs.items():
+            if token.strip() in p:
+                p[token.strip()] += math.exp(logprob)
+        if p["m"] + p["M"] > 0:
+            return 2.0 - p["m"] / (p["m"] + p["M"])
+    text = c.text.strip()
+    if text[:1] in ("m", "M") and (len(text) == 1 or not text[1].isalnum()):
+        return 1.0 if text[0] == "m" else 2.0
+    return None
+
+
+def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], out: Path) -> pd.DataFrame:
+    """Judge model (output_2) against reference (output_1), as alpaca_eval's pairwise annotator does."""
+    from alpaca_eval import processors, utils
+
+    template = (
+        Path(utils.__file__).parent / "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
+    ).read_text()
+    df = pd.DataFrame(
+        {
+            "instruction": [r["instruction"] for r in reference],
+            "output_1": [r["output"] for r in reference],
+            "generator_1": [r.get("generator", "baseline") for r in reference],
+            "dataset": [r.get("dataset", "") for r in reference],
+            "output_2": [r["output"] for r in model],
+            "generator_2": [r.get("generator", "model") for r in model],
+        }
+    )
+    # The package's own seeded swap of output_1/output_2 (seeded on the instruction), undone after judging.
+    swap = processors.RandomSwitchTwoColumnsProcessor(
+        two_columns_to_switch=["output_1", "output_2"],
+        fn_replace_if_switch=lambda d: d.assign(preference=3 - d["preference"]) if "preference" in d else d,
+        random_seed_columns=["instruction"],
+        _switch_column="is_switched_outputs",
+    )
+    shown = swap.preprocess(df)
+    prompts, _ = utils.make_prompts(shown, template)
+    judge = Judge(cfg.judge, out / "judge_cache.sqlite")
+    verdicts = judge.ask([utils.prompt_to_chatml(p) for p in prompts], preference, desc="alpaca_eval judge")
+    judge.close()
+    shown["preference"] = [v.value if v.value is not None else math.nan for v in verdicts]
+    df = swap.postprocess(shown)
+    df["annotator"] = f"{ANNOTATOR}/{cfg.judge.model}"
+    df["raw_completion"] = [_raw(v.completion) for v in verdicts]
+    df["error"] = [v.error for v in verdicts]
+    df.attrs["judge_stats"] = judge.stats.as_dict()
+    return df
+
+
+def _raw(c: Completion | None) -> dict | None:
+    return None if c is None else {"text": c.text, "top_logprobs": c.top_logprobs}
+
+
+@contextlib.contextmanager
+def _df_gamed_from(path: str | None):
+    """Let alpaca_eval's GLM read df_gamed.csv from a local file (its code always asks the Hub)."""
+    if path is None:
+        yield
+        return
+    from alpaca_eval.metrics import glm_winrate
+
+    original = glm_winrate.hf_hub_download
+
+    def local(*args: Any, filename: str = "", **kwargs: Any) -> str:
+        return str(path) if filename == "df_gamed.csv" else original(*args, filename=filename, **kwargs)
+
+    glm_winrate.hf_hub_download = local
+    try:
+        yield
+    finally:
+        glm_winrate.hf_hub_download = original
+
+
+def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, Any]:
+    """alpaca_eval's metrics on one model's annotations; LC where its inputs (df_gamed.csv) can be read."""
+    from alpaca_eval import metrics
+
+    result = {k: _plain(v) for k, v in metrics.get_winrate(annotations).items()}
+    try:
+        with _df_gamed_from(df_gamed):
+            lc = metrics.get_length_controlled_winrate(
+                annotations.copy(), save_weights_dir=None, is_add_glm_preference_inplace=False
+            )
+        result.update({k: _plain(lc[k]) for k in ("length_controlled_winrate", "lc_standard_error")})
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+    ) as e:  # offline without df_gamed, or instructions it does not cover
+        result["length_controlled_winrate_unavailable"] = f"{type(e).__name__}: {e}"[:300]
+    result["n_failed"] = int(annotations["preference"].isna().sum())
+    return result
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def read_annotations(path: str) -> pd.DataFrame:
+    df = pd.read_json(path)  # how alpaca_eval itself reads annotations.json (is_recompute_metrics_only)
+    missing = [c for c in ("preference", "output_1", "output_2", "generator_1", "generator_2") if c not in df]
+    if missing:
+        raise ConfigError(f"{path}: not an alpaca_eval annotations.json (missing columns {missing})")
+    return df
+
+
+def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
+    if not cfg.model_outputs:
+        raise ConfigError(
+            "give model_outputs=PATH to judge, or annotations=PATH to score existing annotations"
+        )
+    out = Path(cfg.output_dir or Path(cfg.model_outputs).parent / ANNOTATOR)
+    prepare_output_dir(out, resolved(cfg))
+    model = load_outputs(cfg.model_outputs)
+    ref_path = reference_path(cfg)
+    reference = load_outputs(ref_path)[: cfg.max_instances]
+    check_same_questions(
+        [r["instruction"] for r in reference],
+        [r["instruction"] for r in model],
+        cfg.model_outputs,
+        "instruction",
+    )
+    df = annotate(cfg, model, reference, out)
+    stats = df.attrs["judge_stats"]
+    atomic_write_text(
+        out / "annotations.json", df.to_json(orient="records", indent=2)
+    )  # alpaca_eval's layout
+    # Score the file as written, so this result and `annotations=PATH` (and alpaca_eval) agree to the last digit.
+    scored = score(read_annotations(str(out / "annotations.json")), cfg.df_gamed)
+    result = {"model": model[0].get("generator", "model"), **scored, "judge_calls": stats}
+    atomic_write_json(out / "results.json", result)
+    rows = [
+        score_row(
+            result["model"],
+            "alpaca_eval",
+            "win_rate",
+            result["win_rate"],
+            *_interval(result["win_rate"], result["standard_error"]),
+        )
+    ]
+    if "length_controlled_winrate" in result:
+        lc, se = result["length_controlled_winrate"], result["lc_standard_error"]
+        rows.insert(0, score_row(result["model"], "alpaca_eval", "lc_win_rate", lc, *_interval(lc, se)))
+    write_scores(out, rows)
+    return result
+
+
+def _interval(value: float, se: float) -> tuple[float, float]:
+    return value - 1.96 * se, value + 1.96 * se
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("eval", argv, AlpacaEvalConfig)
+    if cfg.annotations and not cfg.model_outputs:
+        result = score(read_annotations(cfg.annotations), cfg.df_gamed)
+    else:
+        result = run(cfg)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Answer a benchmark's questions with one model, in the benchmark's own file format.
+
+    python -m eval.generate model=runs/sft/merged bench=alpaca_eval output_dir=runs/eval/magpie/alpaca_eval
+    python -m eval.generate recipe=magpie_paper model=... bench=arena_hard output_dir=...
+
+alpaca_eval -> `model_outputs.json` (what `alpaca_eval --model_outputs` reads); arena_hard ->
+`model_answer/<name>.jsonl` (arena-hard-auto v0.1); mt_bench -> `model_answer/<name>.jsonl` (FastChat, both
+turns). Greedy decoding with the recipe's repetition penalty (the paper: 1.2), any engine. Progress is kept in
+`answers.jsonl` after every chunk, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from core.chat import render_prompt
+from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.engines import EngineConfig, Sampling, make_engine
+from core.io import atomic_write_json, load_rows, read_jsonl, write_jsonl
+from core.models import resolve_model
+
+Bench = Literal["alpaca_eval", "arena_hard", "mt_bench"]
+
+# Where each benchmark's questions live on the Hub (users have internet; tests pass local files).
+HUB_QUESTIONS = {
+    "alpaca_eval": "tatsu-lab/alpaca_eval",  # alpaca_eval.json: 805 instructions
+    "arena_hard": "lmarena-ai/arena-hard-auto-v0.1",  # 500 questions
+    "mt_bench": "HuggingFaceH4/mt_bench_prompts",  # 80 two-turn questions
+}
+
+
+@dataclass
+class GenerateConfig:
+    model: str = "embedded"  # local path, Hub id, `embedded`, or the server's model name (openai backend)
+    name: str | None = None  # the model's name in the answer files; default: the model path's last part
+    bench: Bench = "alpaca_eval"
+    questions: str | None = None  # local .json/.jsonl/.parquet or a Hub dataset id; default: the benchmark's
+    max_questions: int | None = None  # the first N (quick looks; a full run answers everything)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    system_prompt: str | None = None
+    max_tokens: int = 2048
+    repetition_penalty: float = 1.0
+    output_dir: str = "runs/eval/generate"
+    overwrite: bool = False
+
+
+def model_name(cfg: GenerateConfig) -> str:
+    return cfg.name or Path(str(resolve_model(cfg.model)).rstrip("/")).name
+
+
+def load_questions(bench: str, source: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Questions as {"id", "turns": [str], "category", "extra"}; `extra` goes back into the answer files."""
+    source = source or HUB_QUESTIONS[bench]
+    if bench == "alpaca_eval" and source == HUB_QUESTIONS["alpaca_eval"]:
+        from huggingface_hub import hf_hub_download  # the Hub repo's loading script is gone; read the file
+
+        source = hf_hub_download(source, "alpaca_eval.json", repo_type="dataset")
+    split = "train"
+    rows = load_rows(source, split=split)
+    questions = [_question(bench, row, i, source) for i, row in enumerate(rows)]
+    ids = [q["id"] for q in questions]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"{source}: duplicate question ids {dup[:5]}")
+    return questions[:limit] if limit else questions
+
+
+def _question(bench: str, row: dict[str, Any], i: int, source: str) -> dict[str, Any]:
+    where = f"{source}: row {i + 1}"
+    if bench == "alpaca_eval":
+        if not isinstance(row.get("instruction"), str):
+            raise ConfigError(f"{where}: expected an 'instruction' string (AlpacaEval format)")
+        return {
+            "id": str(i),
+            "turns": [row["instruction"]],
+            "category": row.get("dataset"),
+            "extra": {"dataset": row.get("dataset", "")},
+        }
+    qid = row.get("question_id", row.get("prompt_id"))
+    turns = row.get("turns", row.get("prompt"))
+    if qid is None or not isinstance(turns, list) or not turns:
+        raise ConfigError(
+            f"{where}: expected 'question_id' and a non-empty 'turns' list "
+            f"(arena-hard-auto / FastChat format) or 'prompt_id' and 'prompt' (HuggingFaceH4/mt_bench_prompts)"
+        )
+    texts = [t["content"] if isinstance(t, dict) else t for t in turns]
+    if not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"{where}: every turn must be a string or {{'content': string}}")
+    return {
+        "id": str(qid),
+        "turns": texts,
+        "category": row.get("category"),
+        "extra": {k: row[k] for k in ("cluster",) if k in row},
+    }
+
+
+def check_same_questions(
+    expected: list[str], got: list[str], where: str, what: str = "question_id", ordered: bool = True
+) -> None:
+    """An answer file must cover the benchmark's questions exactly (in order, where pairing is by position);
+    the error names the missing, unexpected or misplaced ids."""
+    if got == expected or (not ordered and sorted(got) == sorted(expected)):
+        return
+
+    def short(ids):
+        return ", ".join(repr(i[:60]) for i in ids[:5]) + (f" (+{len(ids) - 5} more)" if len(ids) > 5 else "")
+
+    got_set, expected_set = set(got), set(expected)
+    missing = [i for i in expected if i not in got_set]
+    extra = [i for i in got if i not in expected_set]
+    problems = [f"missing {what}s {short(missing)}"] if missing else []
+    problems += [f"unexpected {what}s {short(extra)}"] if extra else []
+    duplicated = sorted({i for i in got if got.count(i) > 1})
+    problems += [f"duplicated {what}s {short(duplicated)}"] if duplicated else []
+    if not problems:
+        moved = [g for g, e in zip(got, expected, strict=True) if g != e]
+        problems = [f"{what}s out of order, first {short(moved)}"]
+    raise ConfigError(f"{where} does not match the benchmark's questions: " + "; ".join(problems))
+
+
+def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """Answer every turn of every question, greedy; resumable through `answers.jsonl`."""
+    path = out / "answers.jsonl"
+    done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
+    todo = [q for q in questions if len(done.get(q["id"], {}).get("answers", [])) < len(q["turns"])]
+    if todo:
+        engine = make_engine(cfg.model, cfg.engine)
+        sampling = Sampling(
+            temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty
+        )
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        total = sum(len(q["turns"]) for q in questions)
+        bar = tqdm(
+            total=total, initial=total - sum(len(q["turns"]) for q in todo), desc="answers", unit="turn"
+        )
+        for turn in range(max(len(q["turns"]) for q in todo)):  # turn by turn: turn 2 needs answer 1
+            need = [
+                q
+                for q in todo
+                if len(q["turns"]) > turn and len(done.get(q["id"], {}).get("answers", [])) == turn
+            ]
+            for start in range(0, len(need), max(1, cfg.engine.batch_size)):
+                batch = need[start : start + max(1, cfg.engine.batch_size)]
+                prompts = [render_prompt(engine.tokenizer, system + _history(q, done, turn)) for q in batch]
+                for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
+                    row = done.setdefault(q["id"], {"id": q["id"], "answers": [], "n_tokens": []})
+                    row["answers"].append(c.text.strip())
+                    row["n_tokens"].append(c.n_tokens)
+                write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
+                bar.update(len(batch))
+        bar.close()
+        del engine
+        gc.collect()
+    return [{**q, **done[q["id"]]} for q in questions]
+
+
+def _history(q: dict[str, Any], done: dict[str, dict], turn: int) -> list[dict[str, str]]:
+    messages = []
+    for t in range(turn + 1):
+        messages.append({"role": "user", "content": q["turns"][t]})
+        if t < turn:
+            messages.append({"role": "assistant", "content": done[q["id"]]["answers"][t]})
+    return messages
+
+
+def export(bench: str, name: str, answered: list[dict[str, Any]], out: Path) -> Path:
+    """Write the benchmark's own answer file."""
+    if bench == "alpaca_eval":
+        rows = [
+            {
+                "instruction": a["turns"][0],
+                "output": a["answers"][0],
+                "generator": name,
+                "dataset": a["extra"].get("dataset", ""),
+            }
+            for a in answered
+        ]
+        atomic_write_json(out / "model_outputs.json", rows)
+        return out / "model_outputs.json"
+    rows = []
+    for a in answered:
+        if bench == "arena_hard":
+            turns = [{"content": t, "token_len": n} for t, n in zip(a["answers"], a["n_tokens"], strict=True)]
+            extra = {"conv_metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1])}
+        else:
+            turns, extra = a["answers"], {}
+        rows.append(
+            {
+                "question_id": a["id"],
+                "answer_id": hashlib.sha1(f"{name}/{a['id']}".encode()).hexdigest()[
+                    :22
+                ],  # stable across re-exports
+                "model_id": name,
+                "choices": [{"index": 0, "turns": turns}],
+                "tstamp": time.time(),
+                **extra,
+            }
+        )
+    path = out / "model_answer" / f"{name}.jsonl"
+    write_jsonl(path, rows)
+    return path
+
+
+def style_metadata(text: str, token_len: int) -> dict[str, Any]:
+    """Length and markdown counts for Arena-Hard style control (arena-hard-auto's conv_metadata; code removed)."""
+    import re
+
+    text = re.sub(r"```[^`]*```", "", text)
+    count = lambda pattern, flags=re.MULTILINE: len(re.findall(pattern, text, flags))  # noqa: E731
+    return {
+        "token_len": token_len,
+        "header_count": {f"h{i}": count(rf"^#{{{i}}}\s") for i in range(1, 7)},
+        "list_count": {"ordered": count(r"^\s*\d+\.\s"), "unordered": count(r"^\s*[-*+]\s")},
+        "bold_count": {"**": count(r"\*\*[^*\n]+\*\*", 0), "__": count(r"__[^_\n]+__", 0)},
+    }
+
+
+def run(cfg: GenerateConfig) -> Path:
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, resolved(cfg), may_differ=("max_questions",), overwrite=cfg.overwrite)
+    questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
+    answered = generate(cfg, questions, out)
+    return export(cfg.bench, model_name(cfg), answered, out)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("eval", argv, GenerateConfig)
+    path = run(cfg)
+    print(f"{cfg.bench} answers of {model_name(cfg)} -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Judge calls for every evaluation: a persistent cache, retries for unparsable replies, and failure accounting.
+
+The cache (SQLite, one file) is keyed by the judge's name, the exact prompt and the sampling settings, so
+re-running a finished evaluation makes zero judge calls, and a judge that already saw a (question, answer,
+baseline) triple in another run is not asked again when runs share the file. A reply the parser cannot read
+is asked again (`retries` times) at a small temperature with a new seed; whatever still fails is returned as a
+failure with its reason, for the report to count, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from tqdm.auto import tqdm
+
+from core.chat import render_prompt
+from core.engines import Completion, EngineConfig, EngineError, Sampling, make_engine
+from core.models import resolve_model
+
+T = TypeVar("T")
+
+
+@dataclass
+class JudgeConfig:
+    """The judge of a pairwise benchmark: any engine, with its own sampling and a cache."""
+
+    model: str = "embedded"  # local path, Hub id, `embedded`, or the server's model name (openai backend)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_tokens: int = 1
+    temperature: float = 0.0
+    logprobs: int | None = 20  # top logprobs of the first token, for weighted (probability) verdicts
+    retries: int = 2  # extra attempts for a reply with no verdict (at retry_temperature, new seed each)
+    retry_temperature: float = 0.7
+    cache: str | None = None  # SQLite file; default <output_dir>/judge_cache.sqlite
+    # Text that starts the judge's reply (e.g. "My final verdict is [[" for small local judges that wander);
+    # parsers see it in front of the reply. Empty = the benchmark's protocol.
+    prefill: str = ""
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, max_tokens=self.max_tokens, logprobs=self.logprobs)
+
+
+class JudgeCache:
+    """Completions by sha256(judge, prompt, sampling). SQLite: each write is atomic; readers never see half."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS judgments (key TEXT PRIMARY KEY, completion TEXT NOT NULL)"
+        )
+        self.db.commit()
+
+    @staticmethod
+    def key(judge: str, prompt: str | list[dict[str, str]], sampling: Sampling) -> str:
+        blob = json.dumps([judge, prompt, dataclasses.asdict(sampling)], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, key: str) -> Completion | None:
+        row = self.db.execute("SELECT completion FROM judgments WHERE key = ?", (key,)).fetchone()
+        return Completion(**json.loads(row[0])) if row else None
+
+    def put_many(self, items: list[tuple[str, Completion]]) -> None:
+        with self.db:  # one transaction per chunk
+            self.db.executemany(
+                "INSERT OR REPLACE INTO judgments VALUES (?, ?)",
+                [(k, json.dumps(dataclasses.asdict(c), ensure_ascii=False)) for k, c in items],
+            )
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+
+@dataclass
+class Verdict(Generic[T]):
+    value: T | None  # the parsed verdict; None = failed
+    completion: Completion | None  # the reply the verdict came from (the last one tried when it failed)
+    attempts: int
+    error: str | None = None  # why it failed: "no verdict in the reply" or the engine's error
+
+
+@dataclass
+class JudgeStats:
+    calls: int = 0  # completions requested from the engine (cache misses)
+    cached: int = 0  # completions served from the cache
+    failed: int = 0  # requests with no verdict after every retry
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Judge:
+    """Ask one judge many questions: `judge.ask(conversations, parse) -> [Verdict]`; the engine loads lazily."""
+
+    def __init__(self, cfg: JudgeConfig, cache_path: str | Path):
+        self.cfg = cfg
+        self.cache = JudgeCache(cfg.cache or cache_path)
+        self.stats = JudgeStats()
+        self._engine = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = make_engine(self.cfg.model, self.cfg.engine)
+        return self._engine
+
+    def close(self) -> None:
+        self._engine = None
+        gc.collect()
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The judge's tokenizer alone: a fully cached run renders prompts without loading any weights."""
+        from transformers import AutoTokenizer
+
+        name = resolve_model(self.cfg.engine.tokenizer or self.cfg.model)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=self.cfg.engine.trust_remote_code)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        return render_prompt(self.tokenizer, messages) + self.cfg.prefill
+
+    def ask(
+        self,
+        conversations: list[list[dict[str, str]]],
+        parse: Callable[[Completion], T | None],
+        desc: str = "judging",
+    ) -> list[Verdict[T]]:
+        """One verdict per conversation (chat messages); cached replies are reused, the rest are generated."""
+        verdicts: list[Verdict[T] | None] = [None] * len(conversations)
+        prompts: dict[int, str] = {}
+        pending = list(range(len(conversations)))
+        base = self.cfg.sampling()
+        bar = tqdm(total=len(conversations), desc=desc, unit="q")
+        for attempt in range(self.cfg.retries + 1):
+            retry = dict(temperature=self.cfg.retry_temperature, seed=attempt)
+            sampling = dataclasses.replace(base, **retry) if attempt else base
+            keys, misses = {}, []
+            for i in pending:
+                keys[i] = JudgeCache.key(
+                    self.cfg.model, self._prompt_text(i, conversations, prompts), sampling
+                )
+                cached = self.cache.get(keys[i])
+                if cached is None:
+                    misses.append(i)
+                else:
+                    self.stats.cached += 1
+                    verdicts[i] = self._verdict(parse, cached, attempt)
+            errors = self._generate(misses, prompts, keys, sampling, parse, verdicts, attempt)
+            pending = [i for i in pending if verdicts[i] is None or verdicts[i].value is None]
+            for i in pending:
+                last = verdicts[i].completion if verdicts[i] else None
+                verdicts[i] = Verdict(None, last, attempt + 1, errors.get(i, "no verdict in the reply"))
+            bar.update(len(conversations) - len(pending) - bar.n)
+            if not pending:
+                break
+        bar.update(len(conversations) - bar.n)
+        bar.close()
+        self.stats.failed += len(pending)
+        return verdicts  # type: ignore[return-value]
+
+    def _prompt_text(self, i: int, conversations: list, prompts: dict[int, str]) -> str:
+        if i not in prompts:
+            # The key is the rendered text, so a changed chat template is a different prompt.
+            prompts[i] = self.prompt(conversations[i])
+        return prompts[i]
+
+    def _verdict(self, parse: Callable, c: Completion, attempt: int) -> Verdict:
+        if self.cfg.prefill:
+            c = dataclasses.replace(c, text=self.cfg.prefill + c.text)
+        value = parse(c)
+        return Verdict(value, c, attempt + 1, None if value is not None else "no verdict in the reply")
+
+    def _generate(self, misses, prompts, keys, sampling, parse, verdicts, attempt) -> dict[int, str]:
+        errors: dict[int, str] = {}
+        chunk = max(1, self.cfg.engine.batch_size)
+        for start in range(0, len(misses), chunk):
+            batch = misses[start : start + chunk]
+            try:
+                outs = self.engine.complete([prompts[i] for i in batch], sampling)
+            except EngineError as e:  # the engine already retried; count these as failures, keep going
+                errors.update({i: f"engine error: {e}" for i in batch})
+                continue
+            self.stats.calls += len(batch)
+            self.cache.put_many([(keys[i], c) for i, c in zip(batch, outs, strict=True)])
+            for i, c in zip(batch, outs, strict=True):
+                verdicts[i] = self._verdict(parse, c, attempt)
+        return errors

@@ -1,0 +1,149 @@
+"""One leaderboard across evaluation runs: a row per model, a column per benchmark metric with its interval.
+
+    python -m eval.leaderboard runs=runs/eval/magpie,runs/eval/sharegpt output_dir=runs/leaderboard
+
+Reads every `scores.jsonl` under the given directories (eval.alpaca_eval, eval.arena_hard, eval.lm_eval and
+eval.pairwise write them) and writes `leaderboard.md`, `leaderboard.csv` and `leaderboard.png` (a bar chart per
+metric with 95% intervals as error bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError, cli, load_config
+from core.io import atomic_write_bytes, atomic_write_text
+from eval.scores import SCORES_FILE, read_scores
+
+# Headline metrics first, in the order the paper reports them; anything else follows alphabetically.
+PREFERRED = [
+    "alpaca_eval/lc_win_rate",
+    "alpaca_eval/win_rate",
+    "arena_hard/score",
+    "arena_hard/score_style_controlled",
+]
+
+
+@dataclass
+class LeaderboardConfig:
+    runs: list[str] = field(default_factory=list)  # directories searched recursively for scores.jsonl
+    output_dir: str = "runs/leaderboard"
+
+
+def collect(runs: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(model, "benchmark/metric"): row}; the same number reported twice is fine, two different ones are not."""
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    for run in runs:
+        files = sorted(Path(run).rglob(SCORES_FILE))
+        if not files:
+            raise ConfigError(
+                f"runs: no {SCORES_FILE} under '{run}' (run an evaluation with output_dir there first)"
+            )
+        for path in files:
+            for row in read_scores(path):
+                key = (row["model"], f"{row['benchmark']}/{row['metric']}")
+                if key in table and not math.isclose(table[key]["value"], row["value"], abs_tol=1e-9):
+                    raise ConfigError(
+                        f"{row['model']} has two different {key[1]} scores: {table[key]['value']} in {origin[key]} "
+                        f"and {row['value']} in {path}; pass runs that do not overlap"
+                    )
+                table[key], origin[key] = row, path
+    return table
+
+
+def pivot(table: dict[tuple[str, str], dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Models (best first on the first column) and metric columns (headline metrics first)."""
+    columns = sorted(
+        {c for _, c in table}, key=lambda c: (PREFERRED.index(c) if c in PREFERRED else len(PREFERRED), c)
+    )
+    first = columns[0]
+    models = sorted(
+        {m for m, _ in table}, key=lambda m: -table[(m, first)]["value"] if (m, first) in table else math.inf
+    )
+    return models, columns
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if row["ci_low"] is None or row["ci_high"] is None:
+        return f"{row['value']:.1f}"
+    return f"{row['value']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+
+
+def to_markdown(table: dict, models: list[str], columns: list[str]) -> str:
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([m] + [_cell(table.get((m, c))) for c in columns]) + " |" for m in models]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict, models: list[str], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["model"] + [f"{c}{s}" for c in columns for s in ("", "_ci_low", "_ci_high")])
+    for m in models:
+        cells = []
+        for c in columns:
+            row = table.get((m, c)) or {}
+            cells += [row.get("value"), row.get("ci_low"), row.get("ci_high")]
+        writer.writerow([m] + ["" if v is None else v for v in cells])
+    return buf.getvalue()
+
+
+def to_png(table: dict, models: list[str], columns: list[str]) -> bytes:
+    """One horizontal bar chart per metric, models in the same order everywhere, 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(4.2 * len(columns), 0.45 * len(models) + 1.6), squeeze=False
+    )
+    for ax, column in zip(axes[0], columns, strict=True):
+        rows = [table.get((m, column)) for m in models]
+        values = [r["value"] if r else math.nan for r in rows]
+        errors = [
+            [r["value"] - r["ci_low"] if r and r["ci_low"] is not None else 0 for r in rows],
+            [r["ci_high"] - r["value"] if r and r["ci_high"] is not None else 0 for r in rows],
+        ]
+        ax.barh(range(len(models)), values, xerr=errors, capsize=3, color="#4c72b0")
+        ax.set_yticks(range(len(models)), models if ax is axes[0][0] else [""] * len(models))
+        ax.invert_yaxis()
+        ax.set_title(column, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build(runs: list[str], output_dir: str) -> str:
+    table = collect(runs)
+    models, columns = pivot(table)
+    out = Path(output_dir)
+    markdown = to_markdown(table, models, columns)
+    atomic_write_text(out / "leaderboard.md", markdown)
+    atomic_write_text(out / "leaderboard.csv", to_csv(table, models, columns))
+    atomic_write_bytes(out / "leaderboard.png", to_png(table, models, columns))
+    return markdown
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("eval", argv, LeaderboardConfig)
+    if not cfg.runs:
+        raise ConfigError("runs is empty: give runs=DIR[,DIR...] (directories holding scores.jsonl files)")
+    print(build(cfg.runs, cfg.output_dir))
+    print(f"-> {cfg.output_dir}/leaderboard.md, leaderboard.csv, leaderboard.png")
+
+
+if __name__ == "__main__":
+    main()
