@@ -3,9 +3,20 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from eval.arena_hard import battles_from_judgments, bradley_terry, leaderboard, parse_verdict, score
+from core.config import ConfigError
+from eval.arena_hard import (
+    battles_from_judgments,
+    bradley_terry,
+    leaderboard,
+    main,
+    parse_verdict,
+    score,
+    style_controlled_leaderboard,
+)
+from eval.generate import main as generate
 
 
 def test_every_verdict_form():
@@ -79,4 +90,73 @@ def test_cli_scores_arena_hard_auto_judgment_files(tmp_path):
     board = {r["model"]: r for r in json.loads(out.stdout)["leaderboard"]}
     assert board["gpt-4-0314"]["score"] == 50.0 and board["strong"]["score"] > 50.0 > board["weak"]["score"]
     header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0]
-    assert header == "model,score,rating,rating_q025,rating_q975,CI"
+    assert header == "model,score,rating_q025,rating_q975,CI,avg_tokens"  # arena-hard-auto's columns
+
+
+def _meta(n):
+    return {"token_len": n, "header_count": {"h1": 0}, "list_count": {"ordered": 0}, "bold_count": {"**": 0}}
+
+
+def test_style_control_credits_length_to_length():
+    # "long" is longer than the baseline on 3 questions in 4 and wins 80% of those, 20% of the rest; "even"
+    # matches the baseline's length and wins 60% everywhere. Plain BT ranks long first; once length is a
+    # feature of its own, even is ahead.
+    rng = np.random.default_rng(0)
+    rows, answers = [], {"base": {}, "long": {}, "even": {}}
+    for i in range(200):
+        q, longer = f"q{i}", i % 4 != 0
+        answers["base"][q], answers["even"][q] = {"meta": _meta(200)}, {"meta": _meta(200)}
+        answers["long"][q] = {"meta": _meta(400 if longer else 100)}
+        for model, p in (("long", 0.8 if longer else 0.2), ("even", 0.6)):
+            g1, g2 = ("B>A" if rng.random() < p else "A>B"), ("A>B" if rng.random() < p else "B>A")
+            rows.append({"question_id": q, "model": model, "games": [{"score": g1}, {"score": g2}]})
+    plain = {r["model"]: r["score"] for r in leaderboard(battles_from_judgments(rows, "base"), "base", 10)}
+    styled = {r["model"]: r["score"] for r in style_controlled_leaderboard(rows, answers, "base", 10)}
+    assert plain["long"] > plain["even"] and styled["even"] > styled["long"]
+    assert styled["base"] == 50.0
+
+
+def test_embedded_judge_in_both_orders_and_a_cached_rerun(embedded_path, tmp_path):
+    questions = tmp_path / "question.jsonl"
+    asks = ["Name a fruit.", "What is 2+2?"]
+    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "turns": [{"content": a}]}) + "\n"
+                                 for i, a in enumerate(asks)))  # fmt: skip
+    answers = tmp_path / "data" / "model_answer"
+    answers.mkdir(parents=True)
+    (answers / "gpt-4-0314.jsonl").write_text("".join(
+        json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
+                    "choices": [{"index": 0, "turns": [{"content": "I do not know.", "token_len": 5}]}]}) + "\n"
+        for i in range(2)))  # fmt: skip
+    generate([f"model={embedded_path}", "name=smol", "bench=arena_hard", f"questions={questions}",
+              "max_tokens=12", f"output_dir={tmp_path / 'gen'}"])  # fmt: skip
+    (answers / "smol.jsonl").write_text((tmp_path / "gen" / "model_answer" / "smol.jsonl").read_text())
+    args = [f"answers={answers}", f"questions={questions}", f"judge.model={embedded_path}", "judge.max_tokens=6",
+            'judge.prefill="My final verdict is: [["', "n_bootstrap=10"]  # fmt: skip
+    main(args)
+    judged = [
+        json.loads(line)
+        for line in (tmp_path / "data/model_judgment/SmolLM2-135M-Instruct/smol.jsonl").open()
+    ]
+    assert [j["question_id"] for j in judged] == ["q0", "q1"] and all(len(j["games"]) == 2 for j in judged)
+    game1, game2 = judged[0]["games"]  # game 1 shows the baseline as A, game 2 as B
+    assert game1["user_prompt"].index("I do not know.") < game1["user_prompt"].index("Assistant B's Answer")
+    assert game2["user_prompt"].index("I do not know.") > game2["user_prompt"].index("Assistant B's Answer")
+    result = json.loads((tmp_path / "data" / "arena_hard" / "results.json").read_text())
+    board = {r["model"]: r for r in result["leaderboard"]}
+    assert board["gpt-4-0314"]["score"] == 50.0 and board["gpt-4-0314"]["avg_tokens"] == 5.0
+    n_games = 4 - result["unparsed_games"]["smol"]
+    assert result["judge_calls"]["calls"] >= 4 and n_games > 0  # the prefilled 135M judge gives labels
+    assert 0 < board["smol"]["avg_tokens"] <= 12
+
+    main(args)  # re-running the finished evaluation: every judgment comes from the cache
+    again = json.loads((tmp_path / "data" / "arena_hard" / "results.json").read_text())
+    assert again["judge_calls"]["calls"] == 0 and again["leaderboard"] == result["leaderboard"]
+
+    lines = (answers / "smol.jsonl").read_text().splitlines()
+    (answers / "smol.jsonl").write_text(lines[0] + "\n")  # q1 is no longer answered
+    with pytest.raises(
+        ConfigError, match=r"smol.jsonl does not match the benchmark's questions: missing question_ids 'q1'"
+    ):
+        from eval.arena_hard import ArenaHardConfig, load_config, run
+
+        run(load_config("eval", args, ArenaHardConfig)[0])

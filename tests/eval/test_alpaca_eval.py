@@ -1,0 +1,108 @@
+"""AlpacaEval 2: the weighted verdict, alpaca-eval's own metrics on our annotations.json, a real judged run."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import eval.alpaca_eval as ae
+from core.config import ConfigError
+from core.engines import Completion
+from eval.generate import main as generate
+
+
+def test_weighted_preference_from_identifier_logprobs_else_the_parsed_identifier():
+    c = Completion("m", 1, "length", {"m": math.log(0.6), "M": math.log(0.2), "The": math.log(0.1)})
+    assert ae.preference(c) == pytest.approx(2 - 0.6 / 0.8)  # alpaca_eval's logprob_parser: 2 - P(m)
+    assert ae.preference(Completion("M", 1, "stop", None)) == 2.0
+    assert ae.preference(Completion("m", 1, "stop", {"I": -0.1})) == 1.0  # neither token in the top-k
+    assert ae.preference(Completion("Model M", 1, "stop", None)) is None
+    assert ae.preference(Completion("", 0, "stop", None)) is None
+
+
+def annotations(prefs, n_chars=(10, 20)):
+    return [{"instruction": f"q{i}", "output_1": "b" * n_chars[0], "generator_1": "base",
+             "output_2": "m" * (n_chars[1] + i), "generator_2": "model", "preference": p}
+            for i, p in enumerate(prefs)]  # fmt: skip
+
+
+def test_win_rate_and_standard_error_by_hand():
+    # preferences 1, 2, 1.5, 1.25 -> wins 0, 1, .5, .25: mean .4375; sample sd .42696 / sqrt(4) = .21348
+    result = ae.score(pd.DataFrame(annotations([1.0, 2.0, 1.5, 1.25])), df_gamed=None)
+    assert result["win_rate"] == pytest.approx(43.75)
+    assert result["standard_error"] == pytest.approx(21.348, abs=1e-3)
+    assert result["n_total"] == 4 and result["n_wins"] == 1 and result["n_wins_base"] == 2
+    assert "length_controlled_winrate_unavailable" in result  # offline and no df_gamed: said, not guessed
+
+
+def fake_df_gamed(path, n):
+    """A df_gamed.csv in alpaca_eval's layout (two gamed baselines per instruction) for n instructions."""
+    rng = np.random.default_rng(0)
+    rows = [{"model": m, "index": i, "instruction_difficulty": float(rng.normal()), "not_gamed_baseline": False,
+             "preference": float(rng.uniform()), "std_delta_len": s}
+            for m, s in (("verbose", 1.0), ("concise", -1.0)) for i in range(n)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+def test_annotations_file_scores_exactly_as_in_alpaca_eval(tmp_path):
+    from alpaca_eval import metrics
+
+    prefs = list(np.random.default_rng(1).uniform(1, 2, 30)) + [np.nan]  # one failed annotation
+    path = tmp_path / "annotations.json"
+    pd.DataFrame(annotations(prefs)).to_json(path, orient="records", indent=2)  # alpaca_eval's writer
+    df_gamed = fake_df_gamed(tmp_path / "df_gamed.csv", len(prefs))
+    out = subprocess.run(
+        [sys.executable, "-m", "eval.alpaca_eval", f"annotations={path}", f"df_gamed={df_gamed}"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    ours = json.loads(out.stdout)
+    # What alpaca_eval computes on the same file (it reads annotations.json with pd.read_json).
+    with ae._df_gamed_from(df_gamed):
+        theirs = metrics.get_length_controlled_winrate(pd.read_json(path), save_weights_dir=None)
+    for key in ("win_rate", "standard_error", "n_total", "length_controlled_winrate", "lc_standard_error"):
+        assert ours[key] == theirs[key], key
+    assert ours["n_total"] == 30 and ours["n_failed"] == 1
+
+
+def test_annotations_file_must_be_alpaca_eval_shaped(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "x", "preference": 1.0}]))
+    with pytest.raises(ConfigError, match=r"a.json: not an alpaca_eval annotations.json \(missing columns"):
+        ae.read_annotations(str(tmp_path / "a.json"))
+
+
+def test_embedded_judge_on_embedded_answers_and_a_cached_rerun(embedded_path, tmp_path):
+    instructions = ["Name a fruit.", "What is 2+2?", "Say hello in French."]
+    (tmp_path / "q.json").write_text(
+        json.dumps([{"instruction": i, "dataset": "demo"} for i in instructions])
+    )
+    reference = [{"instruction": i, "output": "I do not know.", "generator": "terse", "dataset": "demo"}
+                 for i in instructions]  # fmt: skip
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    generate([f"model={embedded_path}", "name=smol", "bench=alpaca_eval", f"questions={tmp_path / 'q.json'}",
+              "max_tokens=16", f"output_dir={tmp_path / 'gen'}"])  # fmt: skip
+    outputs = tmp_path / "gen" / "model_outputs.json"
+    args = [f"model_outputs={outputs}", f"reference_outputs={tmp_path / 'ref.json'}", f"judge.model={embedded_path}",
+            f"df_gamed={fake_df_gamed(tmp_path / 'df_gamed.csv', 3)}"]  # fmt: skip
+    cfg = ae.load_config("eval", args, ae.AlpacaEvalConfig)[0]
+    first = ae.run(cfg)
+    assert first["judge_calls"]["calls"] == 3 and first["n_total"] == 3
+    assert 0.0 <= first["win_rate"] <= 100.0 and "length_controlled_winrate" in first
+    saved = json.loads((tmp_path / "gen" / "weighted_alpaca_eval" / "annotations.json").read_text())
+    assert [a["instruction"] for a in saved] == instructions
+    assert all(a["output_1"] == "I do not know." and a["generator_2"] == "smol" for a in saved)
+    assert all(1.0 <= a["preference"] <= 2.0 and a["raw_completion"]["top_logprobs"] for a in saved)
+    scores = [json.loads(line) for line in (tmp_path / "gen/weighted_alpaca_eval/scores.jsonl").open()]
+    assert {s["metric"] for s in scores} == {"lc_win_rate", "win_rate"}
+
+    again = ae.run(cfg)  # a finished evaluation re-runs from the judgment cache
+    assert again["judge_calls"] == {"calls": 0, "cached": 3, "failed": 0}
+    assert again["win_rate"] == first["win_rate"]
+
+    (tmp_path / "ref.json").write_text(json.dumps(reference[::-1]))  # the model's outputs no longer line up
+    with pytest.raises(ConfigError, match=r"model_outputs.json does not match .*instructions out of order"):
+        ae.run(cfg)

@@ -1,0 +1,108 @@
+"""eval.generate: every question format in, every benchmark's answer format out, with the embedded model."""
+
+import json
+
+import pytest
+
+from core.config import ConfigError
+from eval.arena_hard import read_answers
+from eval.generate import check_same_questions, load_questions, main, style_metadata
+
+
+def write(path, rows, as_list=False):
+    path.write_text(json.dumps(rows) if as_list else "".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_question_formats_of_each_benchmark(tmp_path):
+    alpaca = write(
+        tmp_path / "a.json", [{"instruction": "Hi", "dataset": "helpful_base"}, {"instruction": "Yo"}], True
+    )
+    qs = load_questions("alpaca_eval", alpaca)
+    assert [q["turns"] for q in qs] == [["Hi"], ["Yo"]] and qs[0]["extra"]["dataset"] == "helpful_base"
+    arena = write(tmp_path / "q.jsonl", [{"question_id": "ab12", "category": "arena-hard-v0.1", "cluster": "c",
+                                           "turns": [{"content": "Write a haiku"}]}])  # fmt: skip
+    (q,) = load_questions("arena_hard", arena)
+    assert q["id"] == "ab12" and q["turns"] == ["Write a haiku"] and q["extra"] == {"cluster": "c"}
+    fastchat = write(
+        tmp_path / "mt.jsonl", [{"question_id": 81, "category": "writing", "turns": ["One", "Two"]}]
+    )
+    assert load_questions("mt_bench", fastchat)[0]["turns"] == ["One", "Two"]
+    h4 = write(
+        tmp_path / "h4.jsonl", [{"prompt_id": 7, "category": "math", "prompt": ["A", "B"], "reference": []}]
+    )
+    assert load_questions("mt_bench", h4)[0]["id"] == "7"
+
+    bad = write(
+        tmp_path / "bad.jsonl", [{"question_id": 1, "turns": ["ok"]}, {"question_id": 2, "text": "no turns"}]
+    )
+    with pytest.raises(
+        ConfigError, match=r"bad.jsonl: row 2: expected 'question_id' and a non-empty 'turns'"
+    ):
+        load_questions("arena_hard", bad)
+    dup = write(
+        tmp_path / "dup.jsonl", [{"question_id": 1, "turns": ["a"]}, {"question_id": 1, "turns": ["b"]}]
+    )
+    with pytest.raises(ConfigError, match=r"duplicate question ids \['1'\]"):
+        load_questions("arena_hard", dup)
+
+
+def test_mismatched_answer_files_fail_naming_the_ids():
+    check_same_questions(["q1", "q2"], ["q1", "q2"], "f")
+    check_same_questions(["q1", "q2"], ["q2", "q1"], "f", ordered=False)  # keyed files may be in any order
+    with pytest.raises(ConfigError, match=r"f does not match .*missing question_ids 'q2'"):
+        check_same_questions(["q1", "q2"], ["q1"], "f")
+    with pytest.raises(ConfigError, match=r"unexpected question_ids 'q9'"):
+        check_same_questions(["q1"], ["q1", "q9"], "f")
+    with pytest.raises(ConfigError, match=r"question_ids out of order, first 'q2', 'q1'"):
+        check_same_questions(["q1", "q2"], ["q2", "q1"], "f")
+    with pytest.raises(ConfigError, match=r"duplicated question_ids 'q1'"):
+        check_same_questions(["q1"], ["q1", "q1"], "f", ordered=False)
+
+
+def test_style_metadata_counts_markdown_outside_code():
+    text = "# Title\n## Part\n1. one\n2. two\n- dot\n* star\n**bold** and __also__\n```\n# not a header\n- no\n```\n"
+    meta = style_metadata(text, 42)
+    assert meta["token_len"] == 42
+    assert meta["header_count"]["h1"] == 1 and meta["header_count"]["h2"] == 1
+    assert meta["list_count"] == {"ordered": 2, "unordered": 2}
+    assert meta["bold_count"] == {"**": 1, "__": 1}
+
+
+def test_embedded_model_answers_each_benchmark_in_its_format(embedded_path, tmp_path):
+    questions = write(tmp_path / "mt.jsonl", [{"question_id": 81, "category": "writing",
+                                               "turns": ["Name a color.", "Now name another one."]},
+                                              {"question_id": 82, "category": "math",
+                                               "turns": ["What is 2+2?", "And 3+3?"]}])  # fmt: skip
+    common = [f"model={embedded_path}", "name=smol", "max_tokens=8", "repetition_penalty=1.2"]
+    main([*common, "bench=mt_bench", f"questions={questions}", f"output_dir={tmp_path / 'mt'}"])
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "mt" / "model_answer" / "smol.jsonl").read_text().splitlines()
+    ]
+    assert [r["question_id"] for r in rows] == ["81", "82"]
+    for r in rows:  # FastChat's answer format, both turns answered
+        assert r["model_id"] == "smol" and len(r["choices"][0]["turns"]) == 2
+        assert all(isinstance(t, str) and t for t in r["choices"][0]["turns"])
+
+    # Resume: a lost second turn is regenerated, everything else is kept as it was.
+    progress = tmp_path / "mt" / "answers.jsonl"
+    kept = [json.loads(line) for line in progress.read_text().splitlines()]
+    kept[1]["answers"], kept[1]["n_tokens"] = kept[1]["answers"][:1], kept[1]["n_tokens"][:1]
+    progress.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    main([*common, "bench=mt_bench", f"questions={questions}", f"output_dir={tmp_path / 'mt'}"])
+    again = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert again[0] == kept[0] and again[1]["answers"][0] == kept[1]["answers"][0]
+    assert again[1]["answers"][1] == rows[1]["choices"][0]["turns"][1]  # greedy: the same answer again
+
+    arena = write(tmp_path / "ah.jsonl", [{"question_id": "x1", "turns": [{"content": "Name a fruit."}]}])
+    main([*common, "bench=arena_hard", f"questions={arena}", f"output_dir={tmp_path / 'ah'}"])
+    answers = read_answers(tmp_path / "ah" / "model_answer" / "smol.jsonl")  # what eval.arena_hard reads
+    assert list(answers) == ["x1"] and 0 < answers["x1"]["token_len"] <= 8
+    assert answers["x1"]["meta"]["token_len"] == answers["x1"]["token_len"]
+
+    alpaca = write(tmp_path / "ae.json", [{"instruction": "Name a fruit.", "dataset": "demo"}], as_list=True)
+    main([*common, "bench=alpaca_eval", f"questions={alpaca}", f"output_dir={tmp_path / 'ae'}"])
+    (out,) = json.loads((tmp_path / "ae" / "model_outputs.json").read_text())
+    assert out["instruction"] == "Name a fruit." and out["generator"] == "smol" and out["dataset"] == "demo"
+    assert out["output"] == answers["x1"]["text"]  # same model, same prompt, greedy
