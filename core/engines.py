@@ -67,6 +67,9 @@ class EngineConfig:
     # openai-compatible servers (vllm serve, SGLang, llama.cpp server, TGI)
     base_urls: list[str] = field(default_factory=list)
     api_key_env: str | None = None  # name of the environment variable that holds the key; never the key
+    # /chat/completions with messages instead of /completions with rendered text: hosted chat-only models
+    # (gpt-4-1106-preview as AlpacaEval/Arena-Hard judge). Only callers that pass messages may use it.
+    chat: bool = False
     concurrency: int = 8  # requests in flight per server
     timeout: float = 600.0
     max_retries: int = 4
@@ -255,21 +258,27 @@ class OpenAIEngine:
             resolve_model(self.cfg.tokenizer or self.model_name), trust_remote_code=self.cfg.trust_remote_code
         )
 
-    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+    def complete(self, prompts: list, sampling: Sampling | list[Sampling]) -> list[Completion]:
+        """Rendered prompts, or chat messages when `engine.chat` is set."""
         samplings = _as_list(sampling, len(prompts))
         workers = max(1, min(len(prompts), self.cfg.concurrency * len(self.urls)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             return list(pool.map(self._one, prompts, samplings))
 
-    def _body(self, prompt: str, s: Sampling) -> dict:
+    def _body(self, prompt: str | list[dict[str, str]], s: Sampling) -> dict:
+        if self.cfg.chat != isinstance(prompt, list):
+            raise EngineError(
+                "engine.chat=true needs chat messages and engine.chat=false rendered text; "
+                f"this caller passed {'messages' if isinstance(prompt, list) else 'text'}"
+            )
         body = {
             "model": self.model_name,
-            "prompt": prompt,
             "max_tokens": s.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             **self.cfg.extra_body,
         }
+        body["messages" if self.cfg.chat else "prompt"] = prompt
         if s.stop:
             body["stop"] = list(s.stop)
         if s.stop_token_ids:
@@ -278,7 +287,9 @@ class OpenAIEngine:
             body["repetition_penalty"] = s.repetition_penalty  # vLLM/SGLang/llama.cpp extension
         if s.seed is not None:
             body["seed"] = s.seed
-        if s.logprobs is not None:
+        if s.logprobs is not None and self.cfg.chat:
+            body.update(logprobs=True, top_logprobs=s.logprobs)
+        elif s.logprobs is not None:
             body["logprobs"] = s.logprobs
         return body
 
@@ -292,7 +303,9 @@ class OpenAIEngine:
         for attempt in range(self.cfg.max_retries + 1):
             url = self.urls[(first + attempt) % len(self.urls)]
             try:
-                r = self.client.post(f"{url}/completions", json=body)
+                r = self.client.post(
+                    f"{url}/{'chat/completions' if self.cfg.chat else 'completions'}", json=body
+                )
                 if r.status_code == 429 or r.status_code >= 500:
                     raise httpx.HTTPStatusError(
                         f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r
@@ -301,7 +314,7 @@ class OpenAIEngine:
                     raise EngineError(
                         f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}"
                     )
-                return self._parse(r.json(), s)
+                return self._parse(r.json(), s, self.cfg.chat)
             except (httpx.TransportError, httpx.HTTPStatusError, ValueError, KeyError) as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 if attempt < self.cfg.max_retries:
@@ -316,12 +329,14 @@ class OpenAIEngine:
         )
 
     @staticmethod
-    def _parse(data: dict, s: Sampling) -> Completion:
+    def _parse(data: dict, s: Sampling, chat: bool = False) -> Completion:
         choice = data["choices"][0]
-        text, hit = truncate_at_stop(choice["text"], s.stop)
+        text, hit = truncate_at_stop(choice["message"]["content"] if chat else choice["text"], s.stop)
         top = None
         lp = choice.get("logprobs") or {}
-        if s.logprobs is not None and lp.get("top_logprobs"):
+        if s.logprobs is not None and chat and lp.get("content"):
+            top = {t["token"]: t["logprob"] for t in lp["content"][0]["top_logprobs"]}
+        elif s.logprobs is not None and lp.get("top_logprobs"):
             top = dict(sorted(lp["top_logprobs"][0].items(), key=lambda kv: -kv[1]))
         n_tokens = (data.get("usage") or {}).get("completion_tokens", 0)
         reason = "stop" if hit or choice.get("finish_reason") == "stop" else "length"

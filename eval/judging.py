@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
+from core.config import ConfigError
 from core.engines import Completion, EngineConfig, EngineError, Sampling, make_engine
 from core.models import resolve_model
 
@@ -125,7 +126,14 @@ class Judge:
         name = resolve_model(self.cfg.engine.tokenizer or self.cfg.model)
         return AutoTokenizer.from_pretrained(name, trust_remote_code=self.cfg.engine.trust_remote_code)
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
+    def prompt(self, messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
+        """What the engine is sent: rendered text, or the messages themselves for a chat API (engine.chat)."""
+        if self.cfg.engine.chat:
+            if self.cfg.prefill:
+                raise ConfigError(
+                    "judge.prefill needs a raw-text engine; a chat API writes the reply's start itself"
+                )
+            return messages
         return render_prompt(self.tokenizer, messages) + self.cfg.prefill
 
     def ask(
@@ -167,9 +175,9 @@ class Judge:
         self.stats.failed += len(pending)
         return verdicts  # type: ignore[return-value]
 
-    def _prompt_text(self, i: int, conversations: list, prompts: dict[int, str]) -> str:
+    def _prompt_text(self, i: int, conversations: list, prompts: dict) -> str | list[dict[str, str]]:
         if i not in prompts:
-            # The key is the rendered text, so a changed chat template is a different prompt.
+            # The key is the rendered text (or the messages), so a changed chat template is a different prompt.
             prompts[i] = self.prompt(conversations[i])
         return prompts[i]
 

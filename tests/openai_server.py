@@ -1,4 +1,4 @@
-"""A small, real OpenAI-compatible `/v1/completions` server for tests, answering with the transformers engine.
+"""A small, real OpenAI-compatible `/v1/completions` and `/v1/chat/completions` server for tests, answering with the transformers engine.
 
     python tests/openai_server.py --model PATH --port 8011 [--api-key-env VAR]
 
@@ -14,6 +14,7 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from core.chat import render_prompt
 from core.engines import EngineConfig, Sampling, TransformersEngine
 
 
@@ -43,10 +44,14 @@ def serve(model: str, port: int, api_key: str | None = None) -> ThreadingHTTPSer
             if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
                 self._send(401, {"error": {"message": "invalid api key"}})
                 return
-            if self.path.rstrip("/") != "/v1/completions":
+            chat = self.path.rstrip("/") == "/v1/chat/completions"
+            if self.path.rstrip("/") != "/v1/completions" and not chat:
                 self._send(404, {"error": "not found"})
                 return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if chat:  # the server applies the model's chat template, as vllm serve does
+                body["prompt"] = render_prompt(engine.tokenizer, body["messages"])
+                body["logprobs"] = body.get("top_logprobs") if body.get("logprobs") else None
             stop = body.get("stop") or []
             s = Sampling(
                 temperature=float(body.get("temperature", 1.0)),
@@ -63,6 +68,11 @@ def serve(model: str, port: int, api_key: str | None = None) -> ThreadingHTTPSer
             choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
             if c.top_logprobs is not None:
                 choice["logprobs"] = {"top_logprobs": [c.top_logprobs]}
+            if chat:
+                top = [{"token": t, "logprob": lp} for t, lp in (c.top_logprobs or {}).items()]
+                choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
+                          "finish_reason": c.finish_reason,
+                          "logprobs": {"content": [{"token": "", "logprob": 0.0, "top_logprobs": top}]} if top else None}  # fmt: skip
             self._send(
                 200,
                 {

@@ -60,3 +60,19 @@ def test_prefill_starts_the_reply_and_parsers_see_it(embedded_path, tmp_path):
     assert judge.prompt(QUESTIONS[0]).endswith("<|im_start|>assistant\nVerdict: [[")
     (v,) = judge.ask(QUESTIONS[:1], lambda c: c.text)
     assert v.value.startswith("Verdict: [[")
+
+
+def test_chat_api_judge_over_real_http(openai_server, embedded_path, monkeypatch, tmp_path):
+    """A hosted chat-only judge (engine.chat): messages go to /v1/chat/completions, logprobs come back."""
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-123")
+    engine = EngineConfig(backend="openai", chat=True, base_urls=[openai_server], api_key_env="JUDGE_KEY")
+    judge = Judge(
+        JudgeConfig(model="gpt-judge", engine=engine, max_tokens=3, logprobs=5, retries=0), tmp_path / "c"
+    )
+    remote = judge.ask(QUESTIONS[:2], first_word)
+    local = Judge(JudgeConfig(model=embedded_path, max_tokens=3, logprobs=5, retries=0), tmp_path / "c2")
+    expected = local.ask(QUESTIONS[:2], first_word)
+    # The server renders the same chat template: the same greedy reply and first-token distribution.
+    assert [v.completion.text for v in remote] == [v.completion.text for v in expected]
+    assert list(remote[0].completion.top_logprobs) == list(expected[0].completion.top_logprobs)
+    assert judge.stats.calls == 2
