@@ -25,6 +25,8 @@ from core.config import ConfigError, cli, load_config, prepare_output_dir, resol
 from core.engines import Completion, EngineConfig, Sampling, make_engine
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.models import resolve_model
+from eval.judging import Judge, JudgeConfig
+from eval.scores import score_row, write_scores
 
 DEMO_INSTRUCTIONS = str(Path(__file__).parent / "data" / "demo_instructions.jsonl")
 
@@ -51,10 +53,7 @@ class PairwiseConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # answers
     max_tokens: int = 256
     repetition_penalty: float = 1.0
-    judge: str = "embedded"
-    judge_engine: EngineConfig = field(default_factory=EngineConfig)
-    judge_logprobs: int = 20
-    judge_max_tokens: int = 8
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=8, logprobs=20))
     n_bootstrap: int = 1000
     seed: int = 0
     output_dir: str = "runs/demo/eval"
@@ -133,54 +132,24 @@ def preference_a(c: Completion) -> float | None:
 
 
 def judge_pairs(answers: dict[str, list[dict]], cfg: PairwiseConfig, out: Path) -> list[dict]:
-    """Every pair of models on every instruction, in both orders; resumable (`judgments.jsonl`)."""
-    path = out / "judgments.jsonl"
-    rows = read_jsonl(path) if path.exists() else []
-    key = lambda r: (r["id"], r["model_a"], r["model_b"])  # noqa: E731
-    done = {key(r): r for r in rows if r.get("judge") == cfg.judge}
-    n = len(next(iter(answers.values())))
-    todo = []
-    for a, b in itertools.permutations(answers, 2):
-        for i in range(n):
-            row = {"id": answers[a][i]["id"], "model_a": a, "model_b": b}
-            if key(row) not in done:
-                todo.append((row, answers[a][i], answers[b][i]))
-    if todo:
-        engine = make_engine(cfg.judge, cfg.judge_engine)
-        sampling = Sampling(temperature=0.0, max_tokens=cfg.judge_max_tokens, logprobs=cfg.judge_logprobs)
-        bar = tqdm(total=len(done) + len(todo), initial=len(done), desc="judging", unit="pair")
-        chunk = max(1, cfg.judge_engine.batch_size)
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            prompts = [
-                render_prompt(
-                    engine.tokenizer,
-                    [
-                        {
-                            "role": "user",
-                            "content": JUDGE_PROMPT.format(
-                                instruction=qa["instruction"], a=qa["output"], b=qb["output"]
-                            ),
-                        }
-                    ],
-                )
-                for _, qa, qb in batch
-            ]
-            for (row, _, _), c in zip(batch, engine.complete(prompts, sampling), strict=True):
-                p = preference_a(c)
-                done[key(row)] = {
-                    **row,
-                    "judge": cfg.judge,
-                    "preference_a": p,
-                    "raw": c.text,
-                    "failed": p is None,
-                }
-            write_jsonl(path, list(done.values()))
-            bar.update(len(batch))
-        bar.close()
-        del engine
-        gc.collect()
-    return list(done.values())
+    """Every pair of models on every instruction, in both orders (`judgments.jsonl`); the judge's cache
+    makes a re-run free."""
+    pairs = [(a, b, i) for a, b in itertools.permutations(answers, 2) for i in range(len(answers[a]))]
+    conversations = [
+        [{"role": "user", "content": JUDGE_PROMPT.format(
+            instruction=answers[a][i]["instruction"], a=answers[a][i]["output"], b=answers[b][i]["output"])}]
+        for a, b, i in pairs
+    ]  # fmt: skip
+    judge = Judge(cfg.judge, out / "judge_cache.sqlite")
+    verdicts = judge.ask(conversations, preference_a, desc="judging")
+    judge.close()
+    rows = [
+        {"id": answers[a][i]["id"], "model_a": a, "model_b": b, "judge": cfg.judge.model, "preference_a": v.value,
+         "raw": v.completion.text if v.completion else None, "failed": v.value is None, "error": v.error}
+        for (a, b, i), v in zip(pairs, verdicts, strict=True)
+    ]  # fmt: skip
+    write_jsonl(out / "judgments.jsonl", rows)
+    return rows
 
 
 def win_matrix(judgments: list[dict], models: list[str], ids: list[str]) -> np.ndarray:
@@ -256,6 +225,8 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     rows = leaderboard(judgments, answers, cfg.n_bootstrap, cfg.seed)
     atomic_write_text(out / "leaderboard.csv", to_csv(rows))
     atomic_write_text(out / "leaderboard.md", to_markdown(rows))
+    write_scores(out, [score_row(r["model"], "pairwise", "win_rate", r["win_rate"], r["ci_low"], r["ci_high"])
+                       for r in rows])  # fmt: skip
     return rows
 
 
@@ -266,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(model).exists() and resolve_model(model) == model and "/" not in model:
             raise ConfigError(f"models.{name}: '{model}' is neither a local path, 'embedded', nor a Hub id")
     rows = run(cfg)
-    print(f"\nLeaderboard ({len(rows)} models, judge: {cfg.judge}) -> {cfg.output_dir}/leaderboard.md\n")
+    print(
+        f"\nLeaderboard ({len(rows)} models, judge: {cfg.judge.model}) -> {cfg.output_dir}/leaderboard.md\n"
+    )
     print(to_markdown(rows))
 
 

@@ -70,8 +70,16 @@ def test_real_judging_of_identical_models_is_exactly_even_and_resumes(tmp_path, 
     def no_engine(*a, **k):
         raise AssertionError("a finished evaluation must not load a model again")
 
-    monkeypatch.setattr(pw, "make_engine", no_engine)
+    import eval.judging
+
+    monkeypatch.setattr(pw, "make_engine", no_engine)  # answers come from answers/*.jsonl
+    monkeypatch.setattr(eval.judging, "make_engine", no_engine)  # judgments from the judge's cache
     assert pw.run(cfg) == rows
+    scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert {(s["model"], s["metric"], s["value"]) for s in scores} == {
+        ("one", "win_rate", 50.0),
+        ("two", "win_rate", 50.0),
+    }
 
 
 def test_bad_instruction_file_names_the_line(tmp_path):
