@@ -83,12 +83,15 @@ def _question(bench: str, row: dict[str, Any], i: int, source: str) -> dict[str,
             "category": row.get("dataset"),
             "extra": {"dataset": row.get("dataset", "")},
         }
-    qid = row.get("question_id", row.get("prompt_id"))
+    qid = row.get("question_id", row.get("prompt_id", row.get("id")))
     turns = row.get("turns", row.get("prompt"))
+    if turns is None and isinstance(row.get("instruction"), str):  # a plain {id, instruction} file: one turn
+        turns = [row["instruction"]]
     if qid is None or not isinstance(turns, list) or not turns:
         raise ConfigError(
             f"{where}: expected 'question_id' and a non-empty 'turns' list "
-            f"(arena-hard-auto / FastChat format) or 'prompt_id' and 'prompt' (HuggingFaceH4/mt_bench_prompts)"
+            "(arena-hard-auto / FastChat), 'prompt_id' and 'prompt' (HuggingFaceH4/mt_bench_prompts), "
+            "or 'id' and 'instruction'"
         )
     texts = [t["content"] if isinstance(t, dict) else t for t in turns]
     if not all(isinstance(t, str) for t in texts):
