@@ -39,6 +39,7 @@ demo: setup
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	  train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft
 	$(PY) -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
+	$(PY) -m eval.leaderboard runs=runs/demo/eval output_dir=runs/demo/leaderboard
 
 test: setup
 	$(PY) -m pytest
