@@ -20,25 +20,20 @@ def test_one_row_per_model_and_a_column_per_metric(tmp_path, capsys):
     ])  # fmt: skip
     write_scores(tmp_path / "sharegpt", [
         score_row("sharegpt", "alpaca_eval", "lc_win_rate", 9.73, 8.5, 11.0),
-        score_row("sharegpt", "lm_eval", "mmlu/acc", 63.1),  # no interval
+        score_row("sharegpt", "mmlu", "acc", 63.1),  # no interval
         score_row("gpt-4-0314", "arena_hard", "score", 50.0, 50.0, 50.0),  # the same baseline twice is fine
     ])  # fmt: skip
     out = tmp_path / "board"
     main([f"runs={tmp_path / 'magpie'},{tmp_path / 'sharegpt'}", f"output_dir={out}"])
 
     md = (out / "leaderboard.md").read_text().splitlines()
-    assert (
-        md[0]
-        == "| model | alpaca_eval/lc_win_rate | alpaca_eval/win_rate | arena_hard/score | lm_eval/mmlu/acc |"
-    )
+    assert md[0] == "| model | alpaca_eval/lc_win_rate | alpaca_eval/win_rate | arena_hard/score | mmlu/acc |"
     assert md[2] == "| magpie | 22.7 [21.0, 24.3] | 23.1 [21.5, 24.7] | 15.0 [13.2, 16.9] | - |"
     assert md[3] == "| sharegpt | 9.7 [8.5, 11.0] | - | - | 63.1 |"
     assert md[4].startswith("| gpt-4-0314 | - | - | 50.0 [50.0, 50.0] |")
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert [r["model"] for r in rows] == ["magpie", "sharegpt", "gpt-4-0314"]
-    assert (
-        float(rows[0]["alpaca_eval/lc_win_rate_ci_low"]) == 21.0 and rows[1]["lm_eval/mmlu/acc_ci_low"] == ""
-    )
+    assert float(rows[0]["alpaca_eval/lc_win_rate_ci_low"]) == 21.0 and rows[1]["mmlu/acc_ci_low"] == ""
     assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "magpie" in capsys.readouterr().out
 
