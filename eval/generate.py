@@ -151,7 +151,9 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], out: Path) ->
             ]
             for start in range(0, len(need), max(1, cfg.engine.batch_size)):
                 batch = need[start : start + max(1, cfg.engine.batch_size)]
-                prompts = [render_prompt(engine.tokenizer, system + _history(q, done, turn)) for q in batch]
+                chats = [system + _history(q, done, turn) for q in batch]
+                # A chat API (engine.chat, e.g. a hosted baseline model) takes the messages; the rest get text.
+                prompts = chats if cfg.engine.chat else [render_prompt(engine.tokenizer, m) for m in chats]
                 for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
                     row = done.setdefault(q["id"], {"id": q["id"], "answers": [], "n_tokens": []})
                     row["answers"].append(c.text.strip())

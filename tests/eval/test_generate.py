@@ -106,3 +106,17 @@ def test_embedded_model_answers_each_benchmark_in_its_format(embedded_path, tmp_
     (out,) = json.loads((tmp_path / "ae" / "model_outputs.json").read_text())
     assert out["instruction"] == "Name a fruit." and out["generator"] == "smol" and out["dataset"] == "demo"
     assert out["output"] == answers["x1"]["text"]  # same model, same prompt, greedy
+
+
+def test_a_chat_api_model_answers_over_real_http(openai_server, embedded_path, tmp_path, monkeypatch):
+    """engine.chat: a hosted model (a baseline such as gpt-4-0314) gets messages, not rendered text."""
+    monkeypatch.setenv("HOSTED_KEY", "sk-test-123")
+    arena = write(tmp_path / "ah.jsonl", [{"question_id": "x1", "turns": [{"content": "Name a fruit."}]}])
+    hosted = ["model=hosted", "engine.backend=openai", "engine.chat=true", f"engine.base_urls={openai_server}",
+              "engine.api_key_env=HOSTED_KEY"]  # fmt: skip
+    for name, args in (("hosted", hosted), ("local", [f"model={embedded_path}"])):
+        main([*args, f"name={name}", "bench=arena_hard", "max_tokens=8", f"questions={arena}",
+              f"output_dir={tmp_path / name}"])  # fmt: skip
+    remote = read_answers(tmp_path / "hosted" / "model_answer" / "hosted.jsonl")
+    local = read_answers(tmp_path / "local" / "model_answer" / "local.jsonl")
+    assert remote["x1"]["text"] == local["x1"]["text"]  # the server applied the same chat template
