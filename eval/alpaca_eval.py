@@ -27,7 +27,7 @@ from core.config import ConfigError, cli, load_config, prepare_output_dir, resol
 from core.engines import Completion
 from core.io import atomic_write_json, atomic_write_text
 from eval.generate import check_same_questions
-from eval.judging import Judge, JudgeConfig
+from eval.judging import Judge, JudgeConfig, first_token_share
 from eval.scores import score_row, write_scores
 
 BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs
@@ -69,13 +69,9 @@ def reference_path(cfg: AlpacaEvalConfig) -> str:
 
 def preference(c: Completion) -> float | None:
     """In prompt order: 1 = output_1 ("m") is better, 2 = output_2 ("M"); weighted when logprobs exist."""
-    if c.top_logprobs:
-        p = {"m": 0.0, "M": 0.0}
-        for token, logprob in c.top_logprobs.items():
-            if token.strip() in p:
-                p[token.strip()] += math.exp(logprob)
-        if p["m"] + p["M"] > 0:
-            return 2.0 - p["m"] / (p["m"] + p["M"])
+    share = first_token_share(c, "m", "M")
+    if share is not None:
+        return 2.0 - share  # alpaca_eval's logprob_parser
     text = c.text.strip()
     if text[:1] in ("m", "M") and (len(text) == 1 or not text[1].isalnum()):
         return 1.0 if text[0] == "m" else 2.0

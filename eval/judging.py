@@ -14,6 +14,7 @@ import functools
 import gc
 import hashlib
 import json
+import math
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,18 @@ class JudgeCache:
 
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+
+def first_token_share(c: Completion, first: str, second: str) -> float | None:
+    """P(first) / (P(first) + P(second)) over the reply's first-token top logprobs (surrounding spaces ignored,
+    as tokenizers spell " A" and "A" apart): the weighted verdict of AlpacaEval-style judges. None when neither
+    token is among the top logprobs."""
+    p = {first: 0.0, second: 0.0}
+    for token, logprob in (c.top_logprobs or {}).items():
+        if token.strip() in p:
+            p[token.strip()] += math.exp(logprob)
+    total = p[first] + p[second]
+    return p[first] / total if total > 0 else None
 
 
 @dataclass

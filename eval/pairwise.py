@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from core.config import ConfigError, cli, load_config, prepare_output_dir, resol
 from core.engines import Completion, EngineConfig, Sampling, make_engine
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.models import resolve_model
-from eval.judging import Judge, JudgeConfig
+from eval.judging import Judge, JudgeConfig, first_token_share
 from eval.scores import score_row, write_scores
 
 DEMO_INSTRUCTIONS = str(Path(__file__).parent / "data" / "demo_instructions.jsonl")
@@ -117,14 +116,9 @@ def generate_answers(
 
 def preference_a(c: Completion) -> float | None:
     """P(A is better) from the first token's logprobs (weighted, AlpacaEval-style); else the parsed letter."""
-    if c.top_logprobs:
-        p = {"A": 0.0, "B": 0.0}
-        for tok, lp in c.top_logprobs.items():
-            key = tok.strip()
-            if key in p:
-                p[key] += math.exp(lp)
-        if p["A"] + p["B"] > 0:
-            return p["A"] / (p["A"] + p["B"])
+    share = first_token_share(c, "A", "B")
+    if share is not None:
+        return share
     match = re.search(r"\b([AB])\b", c.text)
     if match:
         return 1.0 if match.group(1) == "A" else 0.0
