@@ -1,10 +1,10 @@
 """Arena-Hard v0.1 (MAGPIE_REFERENCE.md section 5) with any judge, in arena-hard-auto's file formats.
 
-    python -m eval.arena_hard answers=DIR/model_answer [baseline=gpt-4-0314] [judge.model=...] [style_control=true]
+    python -m eval.arena_hard answers=DIR[,DIR...] [baseline=gpt-4-0314] [judge.model=...] [style_control=true]
     python -m eval.arena_hard judgments=DIR/model_judgment/JUDGE [answers=...] [n_bootstrap=100] [output_dir=DIR]
 
-`answers` holds one arena-hard-auto answer file per model (eval.generate bench=arena_hard writes them), the
-baseline's included. Every question is judged twice with arena-hard-auto's judge prompt: game 1 shows the
+`answers` are model_answer directories holding one arena-hard-auto answer file per model (eval.generate
+bench=arena_hard writes them), the baseline's included. Every question is judged twice with arena-hard-auto's judge prompt: game 1 shows the
 baseline as A, game 2 as B. Verdicts become battles (">>" counts as 3), a Bradley-Terry model anchors the
 baseline at 1000, and each model's score is its expected win rate against the baseline (%) with a 95%
 bootstrap interval; `style_control=true` adds arena-hard-auto's length and markdown-density features to the
@@ -228,7 +228,8 @@ def style_controlled_leaderboard(
 
 @dataclass
 class ArenaHardConfig:
-    answers: str | None = None  # model_answer dir: one <model>.jsonl per model, the baseline's included
+    # model_answer dirs (one <model>.jsonl per model, the baseline's included); several dirs may share the job
+    answers: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # answer files to judge; default: all but the baseline
     questions: str | None = None  # default: lmarena-ai/arena-hard-auto-v0.1 (500 questions)
     max_questions: int | None = None
@@ -238,7 +239,9 @@ class ArenaHardConfig:
     style_control: bool = False  # add length and markdown-density features to the Bradley-Terry fit
     n_bootstrap: int = 100
     seed: int = 0
-    output_dir: str | None = None  # default: <answers>/.. (arena-hard-auto's data/<bench>/ layout)
+    output_dir: str | None = (
+        None  # default with one answers dir: its parent (arena-hard-auto's data/<bench>/)
+    )
 
 
 def read_answers(path: Path) -> dict[str, dict[str, Any]]:
@@ -259,6 +262,20 @@ def read_answers(path: Path) -> dict[str, dict[str, Any]]:
         meta = row.get("conv_metadata") or (style_metadata(text, token_len) if token_len else None)
         answers[qid] = {"text": text, "token_len": token_len, "meta": meta}
     return answers
+
+
+def answer_files(dirs: list[str]) -> dict[str, Path]:
+    """{model: its answer file} over every directory; one model answering in two places is ambiguous."""
+    files: dict[str, Path] = {}
+    for d in dirs:
+        found = sorted(Path(d).glob("*.jsonl"))
+        if not found:
+            raise ConfigError(f"answers: no .jsonl answer files in '{d}'")
+        for p in found:
+            if p.stem in files:
+                raise ConfigError(f"answers: {p.stem} has two answer files, {files[p.stem]} and {p}")
+            files[p.stem] = p
+    return files
 
 
 def judge_model(
@@ -293,18 +310,21 @@ def judge_model(
 
 def run(cfg: ArenaHardConfig) -> dict[str, Any]:
     """Judge every model's answers against the baseline's, then score them."""
-    answers_dir = Path(cfg.answers)
-    out = Path(cfg.output_dir or answers_dir.parent)
+    if not cfg.output_dir and len(cfg.answers) > 1:
+        raise ConfigError("output_dir is required when answers lists several directories")
+    out = Path(cfg.output_dir or Path(cfg.answers[0]).parent)
     prepare_output_dir(
         out / "arena_hard", resolved(cfg), may_differ=("n_bootstrap", "style_control", "models")
     )
     all_questions = load_questions("arena_hard", cfg.questions)
     questions = all_questions[: cfg.max_questions] if cfg.max_questions else all_questions
-    files = {p.stem: p for p in sorted(answers_dir.glob("*.jsonl"))}
+    files = answer_files(cfg.answers)
     models = cfg.models or [m for m in files if m != cfg.baseline]
     for name in [cfg.baseline, *models]:
         if name not in files:
-            raise ConfigError(f"answers: no {name}.jsonl in {answers_dir} (found: {sorted(files)})")
+            raise ConfigError(
+                f"answers: no {name}.jsonl in {', '.join(cfg.answers)} (found: {sorted(files)})"
+            )
     answers = {name: read_answers(files[name]) for name in [cfg.baseline, *models]}
     wanted, known = {q["id"] for q in questions}, {q["id"] for q in all_questions}
     for name, by_id in answers.items():  # keyed by question_id, so order is free (arena-hard-auto sorts them)
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for f in files for r in read_jsonl(f)]
         answers = None
         if cfg.answers:
-            answers = {p.stem: read_answers(p) for p in sorted(Path(cfg.answers).glob("*.jsonl"))}
+            answers = {name: read_answers(p) for name, p in answer_files(cfg.answers).items()}
         result = score_judgments(rows, cfg, answers)
         if cfg.output_dir:
             write_outputs(result, Path(cfg.output_dir))

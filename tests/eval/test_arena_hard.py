@@ -160,3 +160,15 @@ def test_embedded_judge_in_both_orders_and_a_cached_rerun(embedded_path, tmp_pat
         from eval.arena_hard import ArenaHardConfig, load_config, run
 
         run(load_config("eval", args, ArenaHardConfig)[0])
+
+
+def test_answers_from_several_directories_and_one_model_twice_is_an_error(tmp_path):
+    from eval.arena_hard import answer_files
+
+    for d, models in (("a", ["m1", "gpt-4-0314"]), ("b", ["m2"]), ("c", ["m1"])):
+        (tmp_path / d).mkdir()
+        for m in models:
+            (tmp_path / d / f"{m}.jsonl").write_text("")
+    assert sorted(answer_files([str(tmp_path / "a"), str(tmp_path / "b")])) == ["gpt-4-0314", "m1", "m2"]
+    with pytest.raises(ConfigError, match=r"answers: m1 has two answer files, .*a/m1.jsonl and .*c/m1.jsonl"):
+        answer_files([str(tmp_path / "a"), str(tmp_path / "c")])
