@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint format clean-venv
+.PHONY: setup demo demo-eval test lint format clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,21 @@ demo: setup
 	  train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft
 	$(PY) -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
 	$(PY) -m eval.leaderboard runs=runs/demo/eval output_dir=runs/demo/leaderboard
+
+# After `make demo`: the paper's benchmarks in miniature on the demo instructions, tuned vs base (~6 min on CPU):
+# AlpacaEval 2 (weighted judge, alpaca_eval's metrics), Arena-Hard (both orders, Bradley-Terry), lm-eval, one table.
+demo-eval: setup
+	$(PY) -m eval.generate recipe=generate_demo model=embedded name=base bench=alpaca_eval output_dir=runs/demo/alpaca_eval/base
+	$(PY) -m eval.generate recipe=generate_demo model=runs/demo/sft/merged name=tuned bench=alpaca_eval output_dir=runs/demo/alpaca_eval/tuned
+	$(PY) -m eval.alpaca_eval recipe=alpaca_eval_demo model_outputs=runs/demo/alpaca_eval/tuned/model_outputs.json \
+	  reference_outputs=runs/demo/alpaca_eval/base/model_outputs.json
+	$(PY) -m eval.generate recipe=generate_demo model=embedded name=base bench=arena_hard output_dir=runs/demo/arena_hard/base
+	$(PY) -m eval.generate recipe=generate_demo model=runs/demo/sft/merged name=tuned bench=arena_hard output_dir=runs/demo/arena_hard/tuned
+	$(PY) -m eval.arena_hard recipe=arena_hard_demo output_dir=runs/demo/arena_hard \
+	  answers=runs/demo/arena_hard/base/model_answer,runs/demo/arena_hard/tuned/model_answer
+	$(PY) -m eval.lm_eval recipe=lm_eval_demo name=base output_dir=runs/demo/lm_eval/base
+	$(PY) -m eval.lm_eval recipe=lm_eval_demo model=runs/demo/sft/merged name=tuned output_dir=runs/demo/lm_eval/tuned
+	$(PY) -m eval.leaderboard runs=runs/demo output_dir=runs/demo/leaderboard
 
 test: setup
 	$(PY) -m pytest

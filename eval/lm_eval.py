@@ -88,6 +88,8 @@ def score_rows(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
             scale = 1 if metric in OWN_SCALE else 100
             se = metrics.get(f"{metric}_stderr,{filt}")
             ci = [scale * (value + z * se) for z in (-1.96, 1.96)] if isinstance(se, (int, float)) else []
+            if ci and scale == 100:  # a normal interval around a proportion can leave [0, 100]; clip it
+                ci = [max(0.0, ci[0]), min(100.0, ci[1])]
             rows.append(score_row(name, task, metric if filt == "none" else key, scale * value, *ci))
     return rows
 

@@ -77,14 +77,16 @@ def test_score_rows_from_lm_eval_results():
             "mmlu_anatomy": {"acc,none": 0.4, "acc_stderr,none": 0.02},
             "wikitext": {"word_perplexity,none": 20.5, "word_perplexity_stderr,none": "N/A"},
             "gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05},
+            "tiny": {"acc,none": 0.05, "acc_stderr,none": 0.05},
         },
-        "group_subtasks": {"mmlu": ["mmlu_anatomy"], "wikitext": [], "gsm8k": []},
+        "group_subtasks": {"mmlu": ["mmlu_anatomy"], "wikitext": [], "gsm8k": [], "tiny": []},
     }
     rows = {(r["benchmark"], r["metric"]): r for r in le.score_rows("m", results)}
     assert set(rows) == {
         ("mmlu", "acc"),
         ("wikitext", "word_perplexity"),
         ("gsm8k", "exact_match,strict-match"),
+        ("tiny", "acc"),
     }
     values = {k: (r["value"], r["ci_low"], r["ci_high"]) for k, r in rows.items()}
     assert values["mmlu", "acc"] == pytest.approx((50.0, 48.04, 51.96))  # in %, the group's subtask left out
@@ -94,3 +96,4 @@ def test_score_rows_from_lm_eval_results():
         None,
     )  # its own scale; no stderr, no interval
     assert values["gsm8k", "exact_match,strict-match"] == pytest.approx((25.0, 15.2, 34.8))
+    assert values["tiny", "acc"] == pytest.approx((5.0, 0.0, 14.8))  # a percentage interval stays in [0, 100]
