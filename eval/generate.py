@@ -128,10 +128,12 @@ def check_same_questions(
     raise ConfigError(f"{where} does not match the benchmark's questions: " + "; ".join(problems))
 
 
-def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Answer every turn of every question, greedy; resumable through `answers.jsonl`."""
-    path = out / "answers.jsonl"
+def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Answer every turn of every question, greedy; resumable through the progress file `path`."""
     done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
+    done = {
+        k: v for k, v in done.items() if v.get("model") == cfg.model
+    }  # another model's answers are not ours
     todo = [q for q in questions if len(done.get(q["id"], {}).get("answers", [])) < len(q["turns"])]
     if todo:
         engine = make_engine(cfg.model, cfg.engine)
@@ -141,7 +143,10 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], out: Path) ->
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         total = sum(len(q["turns"]) for q in questions)
         bar = tqdm(
-            total=total, initial=total - sum(len(q["turns"]) for q in todo), desc="answers", unit="turn"
+            total=total,
+            initial=total - sum(len(q["turns"]) for q in todo),
+            desc=f"answers {model_name(cfg)}",
+            unit="turn",
         )
         for turn in range(max(len(q["turns"]) for q in todo)):  # turn by turn: turn 2 needs answer 1
             need = [
@@ -155,7 +160,9 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], out: Path) ->
                 # A chat API (engine.chat, e.g. a hosted baseline model) takes the messages; the rest get text.
                 prompts = chats if cfg.engine.chat else [render_prompt(engine.tokenizer, m) for m in chats]
                 for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
-                    row = done.setdefault(q["id"], {"id": q["id"], "answers": [], "n_tokens": []})
+                    row = done.setdefault(
+                        q["id"], {"id": q["id"], "model": cfg.model, "answers": [], "n_tokens": []}
+                    )
                     row["answers"].append(c.text.strip())
                     row["n_tokens"].append(c.n_tokens)
                 write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
@@ -231,7 +238,7 @@ def run(cfg: GenerateConfig) -> Path:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), may_differ=("max_questions",), overwrite=cfg.overwrite)
     questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
-    answered = generate(cfg, questions, out)
+    answered = generate(cfg, questions, out / "answers.jsonl")
     return export(cfg.bench, model_name(cfg), answered, out)
 
 

@@ -9,7 +9,6 @@ judgments already on disk are reused.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -17,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.engines import Completion, EngineConfig
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.models import resolve_model
+from eval.generate import GenerateConfig, generate
 from eval.judging import Judge, JudgeConfig, first_token_share
 from eval.scores import score_row, write_scores
 
@@ -79,39 +77,21 @@ def load_instructions(path: str, limit: int | None = None) -> list[dict[str, str
 def generate_answers(
     name: str, model: str, questions: list[dict], cfg: PairwiseConfig, out: Path
 ) -> list[dict]:
-    """Answers of one model, greedy, resumable per chunk (`answers/<name>.jsonl`)."""
-    path = out / "answers" / f"{name}.jsonl"
-    done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
-    done = {k: v for k, v in done.items() if v.get("model") == model}  # a changed path means new answers
-    todo = [q for q in questions if q["id"] not in done]
-    if todo:
-        engine = make_engine(model, cfg.engine)
-        sampling = Sampling(
-            temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty
-        )
-        bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=f"answers {name}", unit="q")
-        chunk = max(1, cfg.engine.batch_size)
-        for start in range(0, len(todo), chunk):
-            batch = todo[start : start + chunk]
-            prompts = [
-                render_prompt(engine.tokenizer, [{"role": "user", "content": q["instruction"]}])
-                for q in batch
-            ]
-            for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
-                done[q["id"]] = {
-                    "id": q["id"],
-                    "instruction": q["instruction"],
-                    "output": c.text.strip(),
-                    "generator": name,
-                    "model": model,
-                    "n_tokens": c.n_tokens,
-                }
-            write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
-            bar.update(len(batch))
-        bar.close()
-        del engine
-        gc.collect()
-    return [done[q["id"]] for q in questions]
+    """Answers of one model through eval.generate (greedy, resumable per chunk in `answers/<name>.jsonl`)."""
+    gen = GenerateConfig(
+        model=model,
+        name=name,
+        engine=cfg.engine,
+        max_tokens=cfg.max_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+    )
+    single_turn = [{"id": q["id"], "turns": [q["instruction"]]} for q in questions]
+    answered = generate(gen, single_turn, out / "answers" / f"{name}.jsonl")
+    return [
+        {"id": q["id"], "instruction": q["instruction"], "output": a["answers"][0], "generator": name,
+         "model": model, "n_tokens": a["n_tokens"][0]}
+        for q, a in zip(questions, answered, strict=True)
+    ]  # fmt: skip
 
 
 def preference_a(c: Completion) -> float | None:
