@@ -93,6 +93,15 @@ def make_engine(model: str, cfg: EngineConfig) -> Engine:
     return TransformersEngine(path, cfg)
 
 
+def load_tokenizer(model: str, cfg: EngineConfig) -> Any:
+    """The tokenizer that renders `model`'s chat prompts: `engine.tokenizer` if set, else the model's own."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        resolve_model(cfg.tokenizer or model), trust_remote_code=cfg.trust_remote_code
+    )
+
+
 def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:
     """Cut `text` at its earliest stop string (which is not kept)."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
@@ -115,7 +124,7 @@ class TransformersEngine:
 
     def __init__(self, model_path: str, cfg: EngineConfig | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         cfg = cfg or EngineConfig()
         self.cfg = cfg
@@ -125,9 +134,7 @@ class TransformersEngine:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         else:
             dtype = getattr(torch, cfg.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model(cfg.tokenizer or model_path), trust_remote_code=cfg.trust_remote_code
-        )
+        self.tokenizer = load_tokenizer(model_path, cfg)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -252,11 +259,7 @@ class OpenAIEngine:
     @functools.cached_property
     def tokenizer(self):
         """Only for rendering chat prompts client-side; the server tokenizes itself."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(
-            resolve_model(self.cfg.tokenizer or self.model_name), trust_remote_code=self.cfg.trust_remote_code
-        )
+        return load_tokenizer(self.model_name, self.cfg)
 
     def complete(self, prompts: list, sampling: Sampling | list[Sampling]) -> list[Completion]:
         """Rendered prompts, or chat messages when `engine.chat` is set."""

@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError
-from core.engines import Completion, EngineConfig, EngineError, Sampling, make_engine
-from core.models import resolve_model
+from core.engines import Completion, EngineConfig, EngineError, Sampling, load_tokenizer, make_engine
 
 T = TypeVar("T")
 
@@ -134,10 +133,7 @@ class Judge:
     @functools.cached_property
     def tokenizer(self) -> Any:
         """The judge's tokenizer alone: a fully cached run renders prompts without loading any weights."""
-        from transformers import AutoTokenizer
-
-        name = resolve_model(self.cfg.engine.tokenizer or self.cfg.model)
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=self.cfg.engine.trust_remote_code)
+        return load_tokenizer(self.cfg.model, self.cfg.engine)
 
     def prompt(self, messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
         """What the engine is sent: rendered text, or the messages themselves for a chat API (engine.chat)."""
