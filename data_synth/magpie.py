@@ -8,6 +8,7 @@ Writes Parquet shards (`messages` plus metadata) into `output_dir`; re-running t
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.engines import Completion, EngineConfig, Sampling, load_tokenizer, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json
 from data_synth.templates import PreQuery, pre_query
 
@@ -64,7 +65,7 @@ SYSTEM_PROMPTS = {
     ),
 }
 
-MAX_BARREN_CHUNKS = 10
+MAX_BARREN_ROUNDS = 10
 
 # Magpie-MT: later user turns are sampled after the history rendered with this system prompt.
 MT_SYSTEM_PROMPT = (
@@ -90,7 +91,9 @@ class MagpieConfig:
     mt_system_prompt: str = MT_SYSTEM_PROMPT
     instruction: InstructionSampling = field(default_factory=InstructionSampling)
     response: ResponseSampling = field(default_factory=ResponseSampling)
-    chunk_size: int = 64  # conversations per engine call: the unit of progress and of resumption
+    # Conversations per round of engine calls: the unit of progress and of resumption, not a batch size (the
+    # engine batches on its own). Thousands on vLLM; keep it when resuming, or later chunks draw other seeds.
+    chunk_size: int = 64
     rows_per_shard: int = 1000
     overwrite: bool = False
 
@@ -181,16 +184,13 @@ class _Stats:
         self.dropped: dict[str, int] = {}
         self.user_tokens = 0
         self.assistant_tokens = 0
+        self.sampled = 0
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
 def run(cfg: MagpieConfig) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from core.models import resolve_model
-
     out = Path(cfg.output_dir)
     prepare_output_dir(
         out,
@@ -198,118 +198,33 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         may_differ=("n_conversations", "chunk_size", "output_dir"),
         overwrite=cfg.overwrite,
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(cfg.engine.tokenizer or cfg.model), trust_remote_code=cfg.engine.trust_remote_code
-    )
+    tokenizer = load_tokenizer(cfg.model, cfg.engine)
     choices = cfg.steering()
     # Every template is built before any model loads: a model without a usable chat template fails here.
     templates: dict[str, PreQuery] = {key: pre_query(tokenizer, text) for key, text, _ in choices}
-    stops = tuple(next(iter(templates.values())).stop)
-    stop_ids = tuple(next(iter(templates.values())).stop_token_ids)
-    newline = ("\n",) if cfg.instruction.stop_at_newline else ()
     engine = make_engine(cfg.model, cfg.engine)
 
     writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard)
     seen = {_normalize(row["messages"][0]["content"]) for row in writer.rows()}  # dedup survives resumes
     stats = _Stats()
-    r = cfg.response
-    start, done_at_start, calls, barren = time.time(), writer.n_rows, 0, 0
+    synth = _Synthesizer(cfg, engine, tokenizer, templates, choices, seen, stats)
+    start, done_at_start = time.time(), writer.n_rows
     bar = tqdm(total=cfg.n_conversations, initial=writer.n_rows, desc="magpie", unit="conv")
     while writer.n_rows < cfg.n_conversations:
+        # A chunk is a run of conversation slots; it always ends with one row per slot, so a resumed run starts
+        # at a chunk boundary and continues the same sequence of seeds.
         first = writer.n_rows
-        n = min(cfg.chunk_size, cfg.n_conversations - first)
-        # Sample ~12% more instructions than needed: some are dropped, and a second round for the last
-        # few rows of a chunk would run at a tiny batch size. Only `n` are answered.
-        n_sample = n + max(1, n // 8)
-        # A fresh seed per call, so a resumed run samples new instructions instead of repeating old ones.
-        seed = cfg.seed * 1_000_003 + first * 7919 + calls
-        calls += 1
-        points = [grid_point(first + j, cfg.n_conversations, cfg.instruction.grid) for j in range(n_sample)]
-        steer = [steering_choice(first + j, choices) for j in range(n_sample)]
-        samplings = [
-            Sampling(p.temperature, p.top_p, cfg.instruction.max_tokens, stops + newline, stop_ids, seed=seed)
-            for p in points
-        ]
-        instructions = engine.complete([templates[k].prompt_prefix for k, _, _ in steer], samplings)
-        convs, meta = [], []
-        for c, p, (key, text, _) in zip(instructions, points, steer, strict=True):
-            if len(convs) == n:  # enough for this chunk; the surplus is neither counted nor marked seen
-                break
-            instruction, reason = clean_instruction(c)
-            if instruction is None:
-                stats.drop(reason)
-            elif _normalize(instruction) in seen:
-                stats.duplicates += 1
-            else:
-                seen.add(_normalize(instruction))
-                convs.append([{"role": "user", "content": instruction}])
-                meta.append(
-                    {"point": p, "key": key, "text": text, "user_tokens": c.n_tokens, "assistant_tokens": 0}
-                )
-
-        answer = Sampling(
-            r.temperature, r.top_p, r.max_tokens, stops, stop_ids, r.repetition_penalty, seed=seed
-        )
-        follow_up = Sampling(1.0, 1.0, cfg.instruction.max_tokens, stops + newline, stop_ids, seed=seed + 1)
-        for turn in range(cfg.n_turns):
-            if turn > 0:  # Magpie-MT: the next user turn, sampled after the history with the MT system prompt
-                prompts = [pre_query(tokenizer, cfg.mt_system_prompt, conv).prompt_prefix for conv in convs]
-                users = engine.complete(prompts, follow_up)
-                keep = []
-                for i, c in enumerate(users):
-                    text, reason = clean_instruction(c)
-                    if text is None:
-                        stats.drop(f"follow_up_{reason}")
-                        continue
-                    convs[i].append({"role": "user", "content": text})
-                    meta[i]["user_tokens"] += c.n_tokens
-                    keep.append(i)
-                convs, meta = [convs[i] for i in keep], [meta[i] for i in keep]
-            # Assistant turns are answered with the normal template and no steering/MT system prompt.
-            replies = engine.complete([render_prompt(tokenizer, conv) for conv in convs], answer)
-            keep = []
-            for i, c in enumerate(replies):
-                if not c.text.strip():
-                    stats.drop("empty_response")
-                    continue
-                convs[i].append({"role": "assistant", "content": c.text.strip()})
-                meta[i]["assistant_tokens"] += c.n_tokens
-                meta[i]["finish_reason"] = c.finish_reason
-                keep.append(i)
-            convs, meta = [convs[i] for i in keep], [meta[i] for i in keep]
-
-        rows = [
-            {
-                "messages": conv,
-                "generator": cfg.model,
-                "pre_query_template": templates[m["key"]].pre_query_template,
-                "system_prompt_key": m["key"],
-                "system_prompt": m["text"] or "",
-                "instruction_temperature": m["point"].temperature,
-                "instruction_top_p": m["point"].top_p,
-                "response_temperature": r.temperature,
-                "seed": seed,
-                "n_turns": cfg.n_turns,
-                "instruction_tokens": m["user_tokens"],
-                "response_tokens": m["assistant_tokens"],
-                "response_finish_reason": m["finish_reason"],
-            }
-            for conv, m in zip(convs, meta, strict=True)
-        ][: cfg.n_conversations - writer.n_rows]
+        slots = list(range(first, min(first + cfg.chunk_size, cfg.n_conversations)))
+        try:
+            rows = synth.chunk(slots)
+        except BaseException:
+            writer.flush()  # keep the finished chunks of this run
+            raise
         for row in rows:
             stats.user_tokens += row["instruction_tokens"]
             stats.assistant_tokens += row["response_tokens"]
         writer.add(rows)
         bar.update(len(rows))
-        barren = 0 if rows else barren + 1
-        if (
-            barren == MAX_BARREN_CHUNKS
-        ):  # a model or setting that never yields a valid row must not spin forever
-            writer.flush()
-            raise ConfigError(
-                f"no valid conversation in the last {MAX_BARREN_CHUNKS} chunks (dropped so far: {stats.dropped}, "
-                f"duplicates: {stats.duplicates}); check instruction.max_tokens, the stops and the model"
-            )
         elapsed = max(time.time() - start, 1e-9)
         bar.set_postfix(
             conv_s=f"{(writer.n_rows - done_at_start) / elapsed:.2f}",
@@ -326,6 +241,7 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     summary = {
         "rows": writer.n_rows,
         "new_rows_this_run": writer.n_rows - done_at_start,
+        "instructions_sampled": before.get("instructions_sampled", 0) + stats.sampled,
         "duplicates_dropped": before.get("duplicates_dropped", 0) + stats.duplicates,
         "invalid_dropped": dropped,
         "instruction_tokens": before.get("instruction_tokens", 0) + stats.user_tokens,
@@ -334,10 +250,174 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         "shards": [s.name for s in writer.shards],
         "generator": cfg.model,
         "pre_query_templates": {k: t.pre_query_template for k, t in templates.items()},
-        "stop": list(stops),
+        "stop": list(next(iter(templates.values())).stop),
     }
     atomic_write_json(out / "manifest.json", summary)
     return summary
+
+
+class _Synthesizer:
+    """Fills a chunk of conversation slots with valid, unique conversations. Every request carries its own seed,
+    `request_seed(seed, stage, slot, turn, attempt)`, so no two requests share one and the rows depend on the
+    command alone, not on the engine, its batching or the number of servers."""
+
+    def __init__(self, cfg, engine, tokenizer, templates, choices, seen: set[str], stats: _Stats):
+        self.cfg, self.engine, self.tok, self.templates, self.choices = (
+            cfg,
+            engine,
+            tokenizer,
+            templates,
+            choices,
+        )
+        self.seen, self.stats = seen, stats
+        t = next(iter(templates.values()))
+        self.stops, self.stop_ids = tuple(t.stop), tuple(t.stop_token_ids)
+        self.newline = ("\n",) if cfg.instruction.stop_at_newline else ()
+
+    def chunk(self, slots: list[int]) -> list[dict[str, Any]]:
+        """One row per slot. Slots with the same grid point and steering key form a group; a group draws
+        candidates #0, #1, ... (candidate #c is attempt c // size of slot c % size: that names its seed) and
+        its accepted conversations fill its slots in order. Each round draws with a margin for the drop
+        rate, so a chunk usually takes one round of instructions and one of responses."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for s in slots:
+            groups.setdefault(self._group(s), []).append(s)
+        drawn = dict.fromkeys(groups, 0)
+        filled: dict[tuple[int, str], list[dict[str, Any]]] = {g: [] for g in groups}
+        n_drawn = n_kept = barren = 0
+        while any(len(filled[g]) < len(members) for g, members in groups.items()):
+            keep_rate = (
+                n_kept / n_drawn if n_kept else 0.8
+            )  # expected share of candidates that end up as rows
+            requests = []
+            for g, members in groups.items():
+                need = len(members) - len(filled[g])
+                if need:
+                    k = min(8 * need, math.ceil(need / max(keep_rate, 0.05) * 1.1))
+                    requests += [
+                        (g, members[c % len(members)], c // len(members))
+                        for c in range(drawn[g], drawn[g] + k)
+                    ]
+                    drawn[g] += k
+            drafts = self._instructions(requests, {g: len(m) - len(filled[g]) for g, m in groups.items()})
+            rows = self._converse(drafts)
+            n_drawn += len(requests)
+            n_kept += len(rows)
+            for g, row in rows:
+                filled[g].append(row)
+            barren = 0 if rows else barren + 1
+            if barren == MAX_BARREN_ROUNDS:  # a model or setting that never yields a valid row must not spin
+                raise ConfigError(
+                    f"no valid conversation in the last {MAX_BARREN_ROUNDS} rounds of sampling (dropped so far: "
+                    f"{self.stats.dropped}, duplicates: {self.stats.duplicates}); check instruction.max_tokens, "
+                    "the stops and the model"
+                )
+        position = {g: iter(rows) for g, rows in filled.items()}
+        return [next(position[self._group(s)]) for s in slots]
+
+    def _group(self, slot: int) -> tuple[int, str]:
+        point = grid_point(slot, self.cfg.n_conversations, self.cfg.instruction.grid)
+        return self.cfg.instruction.grid.index(point), steering_choice(slot, self.choices)[0]
+
+    def _instructions(self, requests: list[tuple], need: dict) -> list[dict[str, Any]]:
+        """Sample the requested candidates; keep, per group and in candidate order, up to `need` valid,
+        unseen instructions, as drafts of conversations."""
+        cfg = self.cfg
+        samplings = []
+        for g, slot, attempt in requests:
+            point = cfg.instruction.grid[g[0]]
+            samplings.append(
+                Sampling(point.temperature, point.top_p, cfg.instruction.max_tokens, self.stops + self.newline,
+                         self.stop_ids, seed=request_seed(cfg.seed, "instruction", slot, 0, attempt))
+            )  # fmt: skip
+        prompts = [self.templates[g[1]].prompt_prefix for g, _, _ in requests]
+        outs = self.engine.complete(prompts, samplings)
+        self.stats.sampled += len(outs)
+        drafts: list[dict[str, Any]] = []
+        taken = dict.fromkeys(need, 0)
+        text_of = {key: text for key, text, _ in self.choices}
+        for (g, slot, attempt), c, sp in zip(requests, outs, samplings, strict=True):
+            if taken[g] == need[g]:
+                continue  # the group is full: the rest of its candidates are surplus, neither counted nor seen
+            instruction, reason = clean_instruction(c)
+            if instruction is None:
+                self.stats.drop(reason)
+            elif _normalize(instruction) in self.seen:
+                self.stats.duplicates += 1
+            else:
+                self.seen.add(_normalize(instruction))
+                taken[g] += 1
+                drafts.append({"group": g, "slot": slot, "attempt": attempt, "seed": sp.seed,
+                               "messages": [{"role": "user", "content": instruction}],
+                               "point": cfg.instruction.grid[g[0]], "key": g[1], "text": text_of[g[1]],
+                               "user_tokens": c.n_tokens, "assistant_tokens": 0})  # fmt: skip
+        return drafts
+
+    def _converse(self, drafts: list[dict[str, Any]]) -> list[tuple[tuple[int, str], dict[str, Any]]]:
+        """Answer the drafts turn by turn (Magpie-MT samples the next user turn first); a draft that fails is
+        dropped and frees its instruction. Every request's seed is named by its candidate (slot, attempt)."""
+        cfg, r = self.cfg, self.cfg.response
+        live = list(drafts)
+        for turn in range(cfg.n_turns):
+            if turn > 0:  # the next user turn, sampled after the history with the MT system prompt
+                prompts = [
+                    pre_query(self.tok, cfg.mt_system_prompt, d["messages"]).prompt_prefix for d in live
+                ]
+                samplings = [
+                    Sampling(1.0, 1.0, cfg.instruction.max_tokens, self.stops + self.newline, self.stop_ids,
+                             seed=request_seed(cfg.seed, "follow_up", d["slot"], turn, d["attempt"]))
+                    for d in live
+                ]  # fmt: skip
+                kept = []
+                for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):
+                    text, reason = clean_instruction(c)
+                    if text is None:
+                        self._fail(d, f"follow_up_{reason}")
+                        continue
+                    d["messages"].append({"role": "user", "content": text})
+                    d["user_tokens"] += c.n_tokens
+                    kept.append(d)
+                live = kept
+            # Assistant turns are answered with the normal template and no steering/MT system prompt.
+            samplings = [
+                Sampling(r.temperature, r.top_p, r.max_tokens, self.stops, self.stop_ids, r.repetition_penalty,
+                         seed=request_seed(cfg.seed, "response", d["slot"], turn, d["attempt"]))
+                for d in live
+            ]  # fmt: skip
+            prompts = [render_prompt(self.tok, d["messages"]) for d in live]
+            kept = []
+            for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):
+                if not c.text.strip():
+                    self._fail(d, "empty_response")
+                    continue
+                d["messages"].append({"role": "assistant", "content": c.text.strip()})
+                d["assistant_tokens"] += c.n_tokens
+                d["finish_reason"] = c.finish_reason
+                kept.append(d)
+            live = kept
+        return [(d["group"], self._row(d)) for d in live]
+
+    def _fail(self, draft: dict[str, Any], reason: str) -> None:
+        self.stats.drop(reason)
+        self.seen.discard(_normalize(draft["messages"][0]["content"]))
+
+    def _row(self, d: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "messages": d["messages"],
+            "generator": cfg.model,
+            "pre_query_template": self.templates[d["key"]].pre_query_template,
+            "system_prompt_key": d["key"],
+            "system_prompt": d["text"] or "",
+            "instruction_temperature": d["point"].temperature,
+            "instruction_top_p": d["point"].top_p,
+            "response_temperature": cfg.response.temperature,
+            "seed": d["seed"],  # the instruction request's own seed
+            "n_turns": cfg.n_turns,
+            "instruction_tokens": d["user_tokens"],
+            "response_tokens": d["assistant_tokens"],
+            "response_finish_reason": d["finish_reason"],
+        }
 
 
 @cli

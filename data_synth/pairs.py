@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine
+from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, load_rows
 from data_synth.tag import Taggers, first_turn, judge_score_source
 
@@ -47,7 +47,7 @@ class PairsConfig:
     judge_retry_temperature: float = 0.7
     test_size: float = 0.02
     seed: int = 42
-    chunk_size: int = 64
+    chunk_size: int = 64  # prompts per resumable unit (x n_samples requests), not a batch size
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -90,8 +90,15 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         engine = engine or make_engine(cfg.model, cfg.engine)
         questions = [first_turn(rows[i])[0] for i in idx]
         prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
-        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=cfg.seed + start)
-        outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], sampling)
+        # n_samples of one prompt must differ: each request its own seed, named by (row, sample).
+        samplings = [
+            Sampling(
+                cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", i, 0, k)
+            )
+            for i in idx
+            for k in range(cfg.n_samples)
+        ]
+        outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], samplings)
         responses = [
             [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]
             for k in range(len(idx))

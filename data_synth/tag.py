@@ -10,6 +10,7 @@ standing in for one on CPU) is recorded in the Parquet field metadata and in `ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt, with_bos
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine
+from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
 from core.models import resolve_model
 
@@ -501,10 +502,15 @@ class Judge:
             if not todo:
                 break
             temperature = 0.0 if attempt == 0 else self.retry_temperature
-            sampling = Sampling(
-                temperature=temperature, max_tokens=self.max_tokens, stop=("}",), seed=attempt
-            )
-            outs = self.engine.complete([texts[i] for i in todo], sampling)
+            # A retry's seed is its own, named by the prompt and the attempt: one seed shared by every retry
+            # would make a serving engine repeat each failure.
+            samplings = [
+                Sampling(temperature=temperature, max_tokens=self.max_tokens, stop=("}",),
+                         seed=request_seed(hashlib.sha256(texts[i].encode()).hexdigest(), "judge", attempt)
+                         if attempt else None)
+                for i in todo
+            ]  # fmt: skip
+            outs = self.engine.complete([texts[i] for i in todo], samplings)
             failed = []
             for i, c in zip(todo, outs, strict=True):
                 try:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine
+from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import atomic_write_json, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
 
@@ -47,6 +47,10 @@ class GenerateConfig:
     system_prompt: str | None = None
     max_tokens: int = 2048
     repetition_penalty: float = 1.0
+    temperature: float = 0.0  # greedy, as the benchmarks' protocols; above 0 every answer gets its own seed
+    top_p: float = 1.0
+    seed: int = 0
+    chunk_size: int = 256  # questions per engine call and progress write (a resume unit, not a batch size)
     output_dir: str = "runs/eval/generate"
     overwrite: bool = False
 
@@ -137,9 +141,6 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
     todo = [q for q in questions if len(done.get(q["id"], {}).get("answers", [])) < len(q["turns"])]
     if todo:
         engine = make_engine(cfg.model, cfg.engine)
-        sampling = Sampling(
-            temperature=0.0, max_tokens=cfg.max_tokens, repetition_penalty=cfg.repetition_penalty
-        )
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         total = sum(len(q["turns"]) for q in questions)
         bar = tqdm(
@@ -154,12 +155,13 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
                 for q in todo
                 if len(q["turns"]) > turn and len(done.get(q["id"], {}).get("answers", [])) == turn
             ]
-            for start in range(0, len(need), max(1, cfg.engine.batch_size)):
-                batch = need[start : start + max(1, cfg.engine.batch_size)]
+            for start in range(0, len(need), max(1, cfg.chunk_size)):
+                batch = need[start : start + max(1, cfg.chunk_size)]
                 chats = [system + _history(q, done, turn) for q in batch]
                 # A chat API (engine.chat, e.g. a hosted baseline model) takes the messages; the rest get text.
                 prompts = chats if cfg.engine.chat else [render_prompt(engine.tokenizer, m) for m in chats]
-                for q, c in zip(batch, engine.complete(prompts, sampling), strict=True):
+                samplings = [answer_sampling(cfg, q["id"], turn) for q in batch]
+                for q, c in zip(batch, engine.complete(prompts, samplings), strict=True):
                     row = done.setdefault(
                         q["id"], {"id": q["id"], "model": cfg.model, "answers": [], "n_tokens": []}
                     )
@@ -171,6 +173,18 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
         del engine
         gc.collect()
     return [{**q, **done[q["id"]]} for q in questions]
+
+
+def answer_sampling(cfg: GenerateConfig, question_id: str, turn: int) -> Sampling:
+    """Greedy by default; sampled answers get a seed of their own, named by (seed, question, turn)."""
+    seed = request_seed(cfg.seed, "answer", question_id, turn) if cfg.temperature > 0 else None
+    return Sampling(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+        seed=seed,
+    )
 
 
 def _history(q: dict[str, Any], done: dict[str, dict], turn: int) -> list[dict[str, str]]:
@@ -236,7 +250,9 @@ def style_metadata(text: str, token_len: int) -> dict[str, Any]:
 
 def run(cfg: GenerateConfig) -> Path:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("max_questions",), overwrite=cfg.overwrite)
+    prepare_output_dir(
+        out, resolved(cfg), may_differ=("max_questions", "chunk_size"), overwrite=cfg.overwrite
+    )
     questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
     answered = generate(cfg, questions, out / "answers.jsonl")
     return export(cfg.bench, model_name(cfg), answered, out)

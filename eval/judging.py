@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError
-from core.engines import Completion, EngineConfig, EngineError, Sampling, load_tokenizer, make_engine
+from core.engines import (
+    Completion,
+    EngineConfig,
+    EngineError,
+    Sampling,
+    load_tokenizer,
+    make_engine,
+    request_seed,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +50,9 @@ class JudgeConfig:
     retries: int = 2  # extra attempts for a reply with no verdict (at retry_temperature, new seed each)
     retry_temperature: float = 0.7
     cache: str | None = None  # SQLite file; default <output_dir>/judge_cache.sqlite
+    chunk_size: int = (
+        1024  # prompts per engine call and cache commit (a resume unit; the engine batches itself)
+    )
     # Text that starts the judge's reply (e.g. "My final verdict is [[" for small local judges that wander);
     # parsers see it in front of the reply. Empty = the benchmark's protocol.
     prefill: str = ""
@@ -158,20 +169,17 @@ class Judge:
         base = self.cfg.sampling()
         bar = tqdm(total=len(conversations), desc=desc, unit="q")
         for attempt in range(self.cfg.retries + 1):
-            retry = dict(temperature=self.cfg.retry_temperature, seed=attempt)
-            sampling = dataclasses.replace(base, **retry) if attempt else base
-            keys, misses = {}, []
+            keys, misses, samplings = {}, [], {}
             for i in pending:
-                keys[i] = JudgeCache.key(
-                    self.cfg.model, self._prompt_text(i, conversations, prompts), sampling
-                )
+                samplings[i] = self._sampling(base, self._prompt_text(i, conversations, prompts), attempt)
+                keys[i] = JudgeCache.key(self.cfg.model, prompts[i], samplings[i])
                 cached = self.cache.get(keys[i])
                 if cached is None:
                     misses.append(i)
                 else:
                     self.stats.cached += 1
                     verdicts[i] = self._verdict(parse, cached, attempt)
-            errors = self._generate(misses, prompts, keys, sampling, parse, verdicts, attempt)
+            errors = self._generate(misses, prompts, keys, samplings, parse, verdicts, attempt)
             pending = [i for i in pending if verdicts[i] is None or verdicts[i].value is None]
             for i in pending:
                 last = verdicts[i].completion if verdicts[i] else None
@@ -196,13 +204,24 @@ class Judge:
         value = parse(c)
         return Verdict(value, c, attempt + 1, None if value is not None else "no verdict in the reply")
 
-    def _generate(self, misses, prompts, keys, sampling, parse, verdicts, attempt) -> dict[int, str]:
+    def _sampling(self, base: Sampling, prompt: str | list, attempt: int) -> Sampling:
+        """Attempt 0 is the protocol's sampling, a retry samples at retry_temperature. A sampled request gets a
+        seed of its own, derived from the prompt and the attempt: a seed shared by all retries would make a
+        serving engine repeat the same failure. Greedy requests carry none (so their cache keys stay put)."""
+        s = dataclasses.replace(base, temperature=self.cfg.retry_temperature) if attempt else base
+        if s.temperature == 0:
+            return s
+        digest = hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
+        return dataclasses.replace(s, seed=request_seed(digest, "judge", attempt))
+
+    def _generate(self, misses, prompts, keys, samplings, parse, verdicts, attempt) -> dict[int, str]:
         errors: dict[int, str] = {}
-        chunk = max(1, self.cfg.engine.batch_size)
+        # Chunks are units of caching (a killed run keeps what was judged), not batches: the engine batches.
+        chunk = max(1, self.cfg.chunk_size)
         for start in range(0, len(misses), chunk):
             batch = misses[start : start + chunk]
             try:
-                outs = self.engine.complete([prompts[i] for i in batch], sampling)
+                outs = self.engine.complete([prompts[i] for i in batch], [samplings[i] for i in batch])
             except EngineError as e:  # the engine already retried; count these as failures, keep going
                 errors.update({i: f"engine error: {e}" for i in batch})
                 continue

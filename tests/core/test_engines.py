@@ -2,7 +2,16 @@ import socket
 
 import pytest
 
-from core.engines import EngineConfig, EngineError, OpenAIEngine, Sampling, VLLMEngine
+from core.engines import (
+    EngineConfig,
+    EngineError,
+    OpenAIEngine,
+    Sampling,
+    VLLMEngine,
+    completion_from_vllm,
+    request_seed,
+    vllm_sampling_kwargs,
+)
 
 PRE_QUERY = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
 
@@ -115,9 +124,47 @@ def test_vllm_is_optional():
         pytest.skip("vLLM installed: exercised on GPU machines")
 
 
-def test_identical_prompts_across_batches_are_not_repeats(embedded_engine):
-    # 8 per batch: a seed re-applied per batch would make prompts 9-16 copy prompts 1-8.
-    outs = embedded_engine.complete(
-        [PRE_QUERY] * 16, Sampling(temperature=1.0, max_tokens=24, stop=("\n",), seed=5)
-    )
+def test_each_request_is_seeded_on_its_own_as_on_vllm(embedded_engine):
+    # vLLM semantics: the same prompt, settings and seed give the same text; distinct seeds give distinct texts,
+    # and a request's text does not depend on what else shares its batch.
+    s = [Sampling(temperature=1.0, max_tokens=24, stop=("\n",), seed=request_seed(0, "t", i)) for i in range(16)]
+    outs = embedded_engine.complete([PRE_QUERY] * 16, s)
     assert len({o.text for o in outs}) >= 14
+    again = embedded_engine.complete([PRE_QUERY] * 4, s[4:8])
+    assert [o.text for o in again] == [o.text for o in outs[4:8]]
+    shared = embedded_engine.complete([PRE_QUERY] * 4, Sampling(temperature=1.0, max_tokens=24, seed=7))
+    assert len({o.text for o in shared}) == 1
+
+
+def test_request_seed_is_stable_distinct_and_in_range():
+    seeds = {request_seed(0, "instruction", slot, 0, attempt) for slot in range(1000) for attempt in range(3)}
+    assert len(seeds) >= 2999  # 31 bits: a collision among thousands is possible but rare
+    assert all(0 <= x < 2**31 for x in seeds)
+    assert request_seed(0, "instruction", 5, 0, 1) == request_seed(0, "instruction", 5, 0, 1)
+    assert request_seed(0, "instruction", 5, 0, 1) != request_seed(1, "instruction", 5, 0, 1)
+    assert request_seed(12, "x") == 156012842  # pinned: a changed derivation would silently change every run
+
+
+def test_vllm_translation_without_vllm():
+    from types import SimpleNamespace as NS
+
+    s = Sampling(temperature=0.8, top_p=0.95, max_tokens=64, stop=("\n",), stop_token_ids=(2,),
+                 repetition_penalty=1.2, seed=123, logprobs=2)  # fmt: skip
+    kw = vllm_sampling_kwargs(s)
+    assert kw == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "stop": ["\n"], "stop_token_ids": [2],
+                  "repetition_penalty": 1.2, "seed": 123, "logprobs": 2, "skip_special_tokens": False}  # fmt: skip
+    assert vllm_sampling_kwargs(Sampling())["stop"] is None  # vLLM wants None, not []
+    # A RequestOutput as vLLM builds it: outputs[0] is a CompletionOutput; logprobs a list of {id: Logprob}.
+    lp = {7: NS(logprob=-0.1, rank=1, decoded_token=" A"), 9: NS(logprob=-2.5, rank=2, decoded_token=" B")}
+    out = NS(outputs=[NS(text="A is first", token_ids=[7, 8, 5], finish_reason="stop", logprobs=[lp, {}])])
+    c = completion_from_vllm(out, s)
+    assert (c.text, c.n_tokens, c.finish_reason) == ("A is first", 3, "stop")
+    assert c.top_logprobs == {" A": -0.1, " B": -2.5}
+    out.outputs[0].finish_reason = "length"
+    assert completion_from_vllm(out, Sampling()).finish_reason == "length"
+    assert completion_from_vllm(out, Sampling()).top_logprobs is None
+    try:
+        from vllm import SamplingParams
+    except ImportError:
+        return
+    SamplingParams(**kw)  # where vLLM is installed, the kwargs are its own

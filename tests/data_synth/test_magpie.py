@@ -131,5 +131,5 @@ def test_a_setting_that_never_yields_a_row_fails_instead_of_spinning(tmp_path):
         text=True,
         timeout=300,
     )
-    assert out.returncode == 2 and "no valid conversation in the last 10 chunks" in out.stderr
+    assert out.returncode == 2 and "no valid conversation in the last 10 rounds" in out.stderr
     assert "'truncated'" in out.stderr  # says why rows were dropped
