@@ -127,7 +127,10 @@ def test_vllm_is_optional():
 def test_each_request_is_seeded_on_its_own_as_on_vllm(embedded_engine):
     # vLLM semantics: the same prompt, settings and seed give the same text; distinct seeds give distinct texts,
     # and a request's text does not depend on what else shares its batch.
-    s = [Sampling(temperature=1.0, max_tokens=24, stop=("\n",), seed=request_seed(0, "t", i)) for i in range(16)]
+    s = [
+        Sampling(temperature=1.0, max_tokens=24, stop=("\n",), seed=request_seed(0, "t", i))
+        for i in range(16)
+    ]
     outs = embedded_engine.complete([PRE_QUERY] * 16, s)
     assert len({o.text for o in outs}) >= 14
     again = embedded_engine.complete([PRE_QUERY] * 4, s[4:8])
