@@ -728,7 +728,8 @@ def merge(rows: list[dict], cfg: TagConfig, out: Path) -> dict[str, Any]:
         shards = sorted(tag_dir.glob("part-*.parquet"))
         if not shards:
             continue
-        tags = pa.concat_tables([pq.read_table(s) for s in shards]).to_pylist()
+        # promote: a chunk where every judgment failed has all-null (type null) columns
+        tags = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default").to_pylist()
         by_row = {t["row_index"]: t for t in tags}
         columns = [c for c in tags[0] if c != "row_index"]
         missing = len(rows) - len(by_row)
