@@ -19,13 +19,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from core.errors import ConfigError
 from core.io import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
-class ConfigError(ValueError):
-    """Bad user input (a recipe, an override, a file): the message says what was expected."""
 
 
 def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list[str] | None], Any]:
@@ -305,6 +302,56 @@ def config_yaml(config: dict[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(config))
 
 
+# Settings that change how a run executes, not what it produces: they may change when a run resumes (a dead
+# server dropped from base_urls, a larger batch). Matched on the last part of a dotted key, in any group.
+EXECUTION_ONLY = {"batch_size", "concurrency", "timeout", "base_urls", "max_retries", "rows_per_shard", "chunk_size",
+                  "overwrite", "output_dir", "device", "reward_batch_size", "embed_batch_size"}  # fmt: skip
+
+_LOCKS: dict[str, int] = {}  # output directories this process holds: path -> open lock file descriptor
+
+
+def lock_output_dir(out: Path) -> None:
+    """Hold `out/.lock` (flock) for the rest of this process, so two runs never write one directory; a second
+    run fails at once naming the holder's PID. The kernel drops the lock when the process ends, however it ends."""
+    import fcntl
+    import os
+
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"output_dir {out} is in use by another run (PID {holder}); wait for it to finish or choose "
+            "another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_output_dir(out: str | Path) -> None:
+    """Let go of a directory this process holds (tests and notebooks that run a stage, then another process)."""
+    import os
+
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
 def prepare_output_dir(
     output_dir: str | Path,
     config: dict[str, Any],
@@ -312,26 +359,38 @@ def prepare_output_dir(
     may_differ: tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> bool:
-    """Claim `output_dir` for a run and write its `config.yaml`; return True when resuming a run.
+    """Claim `output_dir` for a run (an exclusive lock) and write its `config.yaml`; return True when resuming.
 
-    A directory that holds another run's data (a different config, or files and no config) is an error,
-    never silently overwritten. Keys in `may_differ` (e.g. a larger `n_conversations`) may change on resume.
+    A directory that holds another run's results (a different config, or files and no config) is an error,
+    never silently overwritten. Settings that only change execution (`EXECUTION_ONLY`) and keys in
+    `may_differ` (e.g. a larger `n_conversations`) may change on resume. A directory with a config but no
+    results yet (a run that failed before writing anything) takes the new config.
     """
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)
+    except PermissionError as e:
+        raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
     cfg_file = out / "config.yaml"
+    results = [p for p in out.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
     resuming = False
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if results and not overwrite:
         if not cfg_file.is_file():
             raise ConfigError(
                 f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. "
                 "Choose a new output_dir (or pass overwrite=true to replace it)."
             )
-        previous = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
-        current = to_plain(config)
-        ignore = set(may_differ) | {"overwrite"}
+        previous = _flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
+        current = _flatten(to_plain(config))
         diff = sorted(
-            k for k in set(previous) | set(current) if k not in ignore and previous.get(k) != current.get(k)
-        )
+            k
+            for k in set(previous) | set(current)
+            if k.split(".")[-1] not in EXECUTION_ONLY and k.split(".")[0] not in may_differ
+            and previous.get(k) != current.get(k)
+        )  # fmt: skip
         if diff:
             shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise ConfigError(
@@ -339,12 +398,15 @@ def prepare_output_dir(
                 "Use a new output_dir, re-run with the same settings to resume, or pass overwrite=true."
             )
         resuming = True
-    elif out.exists() and overwrite:
+    elif results and overwrite:
         import shutil
 
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_file, config_yaml(to_plain(config)))
+        for p in results:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        atomic_write_text(cfg_file, config_yaml(to_plain(config)))
+    except PermissionError as e:
+        raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
     return resuming
 
 

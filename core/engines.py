@@ -13,9 +13,11 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from core.models import resolve_model
@@ -84,6 +86,16 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # Never echo the value: a common slip is passing the key itself ($OPENAI_API_KEY).
+            raise ValueError(
+                "engine.api_key_env must be the NAME of an environment variable (letters, digits, _), such as "
+                "OPENAI_API_KEY, not the key itself; the value given is not shown"
+            )
+        if self.backend == "openai" and not self.base_urls:
+            raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
+
 
 def make_engine(model: str, cfg: EngineConfig) -> Engine:
     """`model` is a local path, a Hub id, `embedded`, or (openai backend) the server's model name."""
@@ -99,9 +111,17 @@ def load_tokenizer(model: str, cfg: EngineConfig) -> Any:
     """The tokenizer that renders `model`'s chat prompts: `engine.tokenizer` if set, else the model's own."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        resolve_model(cfg.tokenizer or model), trust_remote_code=cfg.trust_remote_code
-    )
+    name = resolve_model(cfg.tokenizer or model)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (
+        OSError,
+        ValueError,
+    ) as e:  # a missing path reads as a bad Hub id ("Repo id must be in the form ...")
+        where = "no such local directory, and" if not Path(name).exists() else "a local path, but"
+        raise EngineError(
+            f"model '{name}': {where} its tokenizer could not be loaded ({str(e).strip().splitlines()[0][:160]})"
+        ) from None
 
 
 def request_seed(*parts: int | str) -> int:
@@ -204,7 +224,7 @@ class OpenAIEngine:
         import httpx
 
         if not cfg.base_urls:
-            raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
+            raise EngineError("engine.base_urls is empty: the openai backend needs at least one server URL")
         self.model_name = model
         self.cfg = cfg
         self.urls = [

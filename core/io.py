@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -12,6 +13,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from core.errors import ConfigError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -87,7 +90,15 @@ class ShardWriter:
         for tmp in self.out_dir.glob(f".{split}-*.tmp"):  # torn writes of a killed run
             tmp.unlink()
         self.shards = sorted(self.out_dir.glob(f"{split}-*.parquet"))
+        # Rows are counted on disk, and a new shard is numbered past the highest existing one, so a deleted
+        # shard never makes a resumed run overwrite another.
         self.n_written = sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards)
+        self._next = 1 + max((int(s.stem.rsplit("-", 1)[1]) for s in self.shards), default=-1)
+
+    @staticmethod
+    def count(out_dir: str | Path, split: str = "train") -> int:
+        """Rows in the complete shards of `out_dir` (from the Parquet footers; nothing is read)."""
+        return sum(pq.ParquetFile(s).metadata.num_rows for s in Path(out_dir).glob(f"{split}-*.parquet"))
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
@@ -109,7 +120,8 @@ class ShardWriter:
         self._last_flush = time.monotonic()
         if not self._buffer:
             return
-        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.parquet"
+        path = self.out_dir / f"{self.split}-{self._next:05d}.parquet"
+        self._next += 1
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(self._buffer), sink)
         atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -118,20 +130,92 @@ class ShardWriter:
         self._buffer = []
 
 
+SPLIT_FILE = re.compile(r"^(train|test|validation|dev)([-.]|$)")
+
+
+def data_files(directory: Path, split: str = "train") -> list[Path]:
+    """The files of one split in a directory, named as `datasets` names them (`train-00000.parquet`, `test.jsonl`);
+    a directory without split names is one split."""
+    for ext in ("parquet", "jsonl", "json"):
+        files = sorted(directory.glob(f"*.{ext}"))
+        named = [f for f in files if SPLIT_FILE.match(f.name)]
+        if not named:
+            if files:
+                return files
+            continue
+        mine = [f for f in named if SPLIT_FILE.match(f.name).group(1) == split]
+        if not mine:
+            found = sorted({SPLIT_FILE.match(f.name).group(1) for f in named})
+            raise ConfigError(f"{directory}: no '{split}' split (found: {', '.join(found)})")
+        return mine
+    raise ConfigError(f"{directory}: no .parquet, .jsonl or .json files in this directory")
+
+
 def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local Parquet/JSONL file or directory, or a Hub dataset id (users have internet)."""
+    """Rows of one split of a local Parquet/JSONL file or directory, or of a Hub dataset (users have internet).
+
+    Bad input fails with one line naming the file (and line, for JSONL); an empty input is an error too, so a
+    stage never runs on nothing."""
     import datasets
 
     path = Path(source)
     if path.is_dir():
-        files = sorted(path.glob("*.parquet")) or sorted(path.glob("*.jsonl")) or sorted(path.glob("*.json"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no .parquet, .jsonl or .json files in this directory")
-        kind = "parquet" if files[0].suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        files = data_files(path, split)
     elif path.is_file():
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        files = [path]
+    elif path.suffix in (".parquet", ".jsonl", ".json") or str(source).startswith((".", "/", "~")):
+        raise ConfigError(f"{source}: no such file or directory")
     else:
-        ds = datasets.load_dataset(str(source), split=split)
+        try:
+            ds = datasets.load_dataset(str(source), split=split)
+        except Exception as e:  # offline, unknown id, gated: datasets raises many types
+            raise ConfigError(f"{source}: could not load split '{split}' from the Hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None  # fmt: skip
+        return _nonempty(ds, source)
+    kind = "parquet" if files[0].suffix == ".parquet" else "json"
+    if kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+        raise ConfigError(f"{source}: 0 rows")  # datasets cannot even open an empty Parquet file
+    try:
+        # to_list inside: Arrow's JSON reader accepts bytes that are not UTF-8, which fail only when decoded
+        return _nonempty(
+            datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train"), source
+        )
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets buries the cause: find the file and line ourselves
+        raise ConfigError(_diagnose(files, e)) from None
+
+
+def _nonempty(ds: Any, source: str | Path) -> list[dict[str, Any]]:
+    if len(ds) == 0:
+        raise ConfigError(f"{source}: 0 rows")
     return ds.to_list()
+
+
+def _diagnose(files: list[Path], error: Exception) -> str:
+    for f in files:
+        if f.stat().st_size == 0:
+            return f"{f}: the file is empty (0 bytes)"
+        if f.suffix == ".parquet":
+            try:
+                pq.ParquetFile(f)
+            except Exception as e:
+                return f"{f}: not a readable Parquet file ({e})"
+            continue
+        data = f.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            return f"{f}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+        if f.suffix == ".jsonl":
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"{f}:{lineno}: not valid JSON ({e.msg})"
+                    if not isinstance(row, dict):
+                        return f"{f}:{lineno}: expected a JSON object, got {type(row).__name__}"
+    cause = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{', '.join(map(str, files[:3]))}: could not be read ({type(error).__name__}: {cause})"

@@ -192,6 +192,13 @@ class _Stats:
 
 def run(cfg: MagpieConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
+    on_disk = ShardWriter.count(out) if out.is_dir() else 0
+    if on_disk > cfg.n_conversations:  # checked before config.yaml is rewritten, so it stays true
+        raise ConfigError(
+            f"output_dir {out} already holds {on_disk} conversations, more than n_conversations="
+            f"{cfg.n_conversations}; pass n_conversations={on_disk} or more to extend it, or read the first "
+            f"{cfg.n_conversations} rows of it"
+        )
     prepare_output_dir(
         out,
         resolved(cfg),

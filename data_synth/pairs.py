@@ -131,11 +131,17 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         "test": [pairs[j] for j in sorted(order[:n_test])],
         "train": [pairs[j] for j in sorted(order[n_test:])],
     }
+    # A split with no pairs gets no file (an empty, schema-less Parquet breaks load_dataset and trl).
     for split, split_rows in splits.items():
+        path = out / f"{split}-00000.parquet"
+        if not split_rows:
+            path.unlink(missing_ok=True)
+            continue
         sink = pa.BufferOutputStream()
-        clean = [{k: v for k, v in r.items() if k != "status"} for r in split_rows]
-        pq.write_table(pa.Table.from_pylist(clean) if clean else pa.table({}), sink)
-        atomic_write_bytes(out / f"{split}-00000.parquet", sink.getvalue().to_pybytes())
+        pq.write_table(
+            pa.Table.from_pylist([{k: v for k, v in r.items() if k != "status"} for r in split_rows]), sink
+        )
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
     summary = {
         "prompts": len(results),
         "pairs": len(pairs),

@@ -154,12 +154,14 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
     rows = load_rows(cfg.input)
-    if rows and "messages" not in rows[0]:
+    if "messages" not in rows[0]:
         raise ConfigError(f"{cfg.input}: no 'messages' column (columns: {sorted(rows[0])})")
     source = pd.DataFrame(rows)
     chosen, steps = select(source, cfg)
-    # Write the original columns of the chosen rows (not the derived instruction/response).
-    table = pa.Table.from_pylist(source.loc[chosen.index].to_dict("records"))
+    # The chosen rows as they were read (pandas turns a missing label into float NaN, which Arrow rejects in a
+    # string column), under the input's schema, which an empty selection keeps too.
+    schema = pa.Table.from_pylist(rows).schema
+    table = pa.Table.from_pylist([rows[i] for i in chosen.index], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())

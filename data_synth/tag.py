@@ -356,7 +356,9 @@ SCORE_TAGGERS: dict[str, tuple[str, str, int, int]] = {
 def first_turn(row: dict) -> tuple[str, str]:
     """(instruction, response): the first user turn and the assistant turn after it."""
     messages = row["messages"]
-    user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if user is None:
+        raise ConfigError(f"a conversation has no user turn (roles: {[m.get('role') for m in messages]})")
     reply = next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), "")
     return messages[user]["content"], reply
 
@@ -552,6 +554,19 @@ def yes_probability(engine: Any, prompts: list[str]) -> list[float | None]:
     return out
 
 
+def row_key(row: dict) -> str:
+    """What a tag was computed from: a hash of the conversation. Resume and merge key tags to it, so tags never
+    land on other rows when the input file changes under the same path."""
+    return hashlib.sha1(json.dumps(row["messages"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _current(tag_row: dict, keys: list[str]) -> bool:
+    i = tag_row["row_index"]
+    return 0 <= i < len(keys) and tag_row.get("row_key") == keys[i]
+
+
 def run_chunked(
     name: str,
     rows: list[dict],
@@ -563,14 +578,22 @@ def run_chunked(
     """Tag rows chunk by chunk, one shard per chunk (the unit a killed run redoes). `tag_chunk` maps
     (instruction, response) pairs to tag dicts, None where it failed; its models load on first use, so a
     finished tagger loads nothing."""
-    done = {r["row_index"] for r in writer.rows()}
+    keys = [row_key(r) for r in rows]
+    done = {r["row_index"] for r in writer.rows() if _current(r, keys)}
     todo = [i for i in range(len(rows)) if i not in done]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"tag {name}", unit="row")
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
         for i, res in zip(idx, tag_chunk([first_turn(rows[i]) for i in idx]), strict=True):
             writer.add(
-                [{"row_index": i, f"{name}_failed": res is None, **{c: (res or {}).get(c) for c in columns}}]
+                [
+                    {
+                        "row_index": i,
+                        "row_key": keys[i],
+                        f"{name}_failed": res is None,
+                        **{c: (res or {}).get(c) for c in columns},
+                    }
+                ]  # fmt: skip
             )
         writer.flush()
         bar.update(len(idx))
@@ -709,8 +732,14 @@ def run(cfg: TagConfig) -> dict[str, Any]:
             run_chunked(
                 name, rows, cfg, lambda pairs, n=name: taggers(n, pairs), taggers.columns(name), writer
             )
-        elif writer.n_rows < len(rows):  # fast whole-table taggers: one atomic shard, recomputed if missing
-            writer.add({"row_index": i, **tags} for i, tags in enumerate(whole_table[name](rows, cfg)))
+        else:  # fast whole-table taggers: one atomic shard, recomputed unless it matches every row
+            keys = [row_key(r) for r in rows]
+            if sum(_current(r, keys) for r in writer.rows()) != len(rows):
+                for shard in writer.shards:
+                    shard.unlink()
+                writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
+                writer.add({"row_index": i, "row_key": keys[i], **tags}
+                           for i, tags in enumerate(whole_table[name](rows, cfg)))  # fmt: skip
             writer.flush()
         timings[name] = round(time.time() - t0, 2)
     summary = merge(rows, cfg, out)
@@ -724,14 +753,17 @@ def merge(rows: list[dict], cfg: TagConfig, out: Path) -> dict[str, Any]:
     """Join the input rows with every tag table present under tags/ into train-*.parquet (one atomic write)."""
     table = pa.Table.from_pylist(rows)
     sources, failures = {}, {}
+    keys = [row_key(r) for r in rows]
     for tag_dir in sorted((out / "tags").iterdir()):
         shards = sorted(tag_dir.glob("part-*.parquet"))
         if not shards:
             continue
         # promote: a chunk where every judgment failed has all-null (type null) columns
         tags = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default").to_pylist()
-        by_row = {t["row_index"]: t for t in tags}
-        columns = [c for c in tags[0] if c != "row_index"]
+        by_row = {
+            t["row_index"]: t for t in tags if _current(t, keys)
+        }  # a later shard overrides an earlier one
+        columns = [c for c in tags[0] if c not in ("row_index", "row_key")]
         missing = len(rows) - len(by_row)
         source = tagger_source(tag_dir.name, cfg)
         for c in columns:
@@ -739,7 +771,7 @@ def merge(rows: list[dict], cfg: TagConfig, out: Path) -> dict[str, Any]:
             arr = pa.array(values)
             table = table.append_column(pa.field(c, arr.type, metadata={"source": source}), arr)
         sources[tag_dir.name] = source
-        failed = sum(1 for t in tags if t.get(f"{tag_dir.name}_failed"))
+        failed = sum(1 for t in by_row.values() if t.get(f"{tag_dir.name}_failed"))
         failures[tag_dir.name] = {"failed": failed, "untagged": missing}
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -158,6 +158,12 @@ def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, A
     ) as e:  # offline without df_gamed, or instructions it does not cover
         result["length_controlled_winrate_unavailable"] = f"{type(e).__name__}: {e}"[:300]
     result["n_failed"] = int(annotations["preference"].isna().sum())
+    result["coverage"] = round(1 - result["n_failed"] / max(1, len(annotations)), 4)  # share actually judged
+    if result["n_failed"] == len(annotations):
+        raise ConfigError(
+            f"no judgment succeeded ({len(annotations)} failed): no win rate to report; see the 'error' field of "
+            "the annotations (an unreachable judge, a wrong key, or replies with no verdict)"
+        )
     return result
 
 

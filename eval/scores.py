@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.errors import ConfigError
 from core.io import read_jsonl, write_jsonl
 
 SCORES_FILE = "scores.jsonl"
@@ -27,10 +28,18 @@ def score_row(
         "model": model,
         "benchmark": benchmark,
         "metric": metric,
-        "value": float(value),
+        "value": _finite(value, f"{model} {benchmark}/{metric}"),
         "ci_low": None if ci_low is None else float(ci_low),
         "ci_high": None if ci_high is None else float(ci_high),
     }
+
+
+def _finite(value: Any, what: str) -> float:
+    import math
+
+    if value is None or not math.isfinite(float(value)):
+        raise ConfigError(f"{what}: the score is {value!r}, not a finite number")
+    return float(value)
 
 
 def write_scores(output_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
@@ -47,9 +56,20 @@ def write_scores(output_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
+    try:
+        rows = read_jsonl(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not rows:
+        raise ConfigError(f"{path}: no score rows (an empty file)")
     for i, row in enumerate(rows, 1):
         missing = [f for f in FIELDS if f not in row]
         if missing:
-            raise ValueError(f"{path}:{i}: missing fields {missing} (expected {list(FIELDS)})")
+            raise ConfigError(f"{path}:{i}: missing fields {missing} (expected {list(FIELDS)})")
+        for key in ("value", "ci_low", "ci_high"):
+            v = row[key]
+            if (v is not None or key == "value") and not (
+                isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+            ):
+                raise ConfigError(f"{path}:{i}: '{key}' is {v!r}, not a finite number")
     return rows

@@ -120,10 +120,28 @@ def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], g
             "logits": logits, "trainable_params": trainable, "total_params": p["total"]}  # fmt: skip
 
 
+SHIPPED_CONFIGS = Path(__file__).with_name("model_configs.json")
+
+
+def model_config(name: str) -> Any:
+    """The model's config from the Hub or a local checkpoint; offline, the copy shipped for the recipes' models."""
+    from transformers import AutoConfig, LlamaConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        shipped = {k: v for k, v in json.loads(SHIPPED_CONFIGS.read_text()).items() if not k.startswith("_")}
+        if name in shipped:
+            return LlamaConfig(**{k: v for k, v in shipped[name].items() if k != "model_type"})
+        cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model '{name}': its config could not be read ({cause}). Offline the planner knows "
+            f"{', '.join(sorted(shipped))}; pass model=ONE_OF_THEM or a local checkpoint directory"
+        ) from None
+
+
 def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """`overrides` change recipe keys, as on a training command line (peft=qlora, max_length=4096, ...)."""
-    from transformers import AutoConfig
-
     from core.models import resolve_model
 
     recipe = {**load_recipe(cfg.stage, cfg.recipe), **(overrides or {})}
@@ -131,10 +149,7 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
     if not acc_path.is_file():
         raise ConfigError(f"accelerate_config '{cfg.accelerate_config}': no {acc_path}")
     shard = sharding(yaml.safe_load(acc_path.read_text()))
-    model_cfg = AutoConfig.from_pretrained(
-        resolve_model(cfg.model or recipe.get("model_name_or_path", "embedded"))
-    )
-    p = count_params(model_cfg)
+    p = count_params(model_config(resolve_model(cfg.model or recipe.get("model_name_or_path", "embedded"))))
     est = estimate(p, recipe, shard, cfg.gpus)
     parts = {k: est[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "logits")}
     total = sum(parts.values()) + cfg.overhead_gb
