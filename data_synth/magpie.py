@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,14 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     engine = make_engine(cfg.model, cfg.engine)
 
     writer = ShardWriter(out, rows_per_shard=cfg.rows_per_shard)
+    recorded = (
+        json.loads((out / "manifest.json").read_text()).get("rows")
+        if (out / "manifest.json").is_file()
+        else None
+    )
+    if recorded is not None and recorded != writer.n_rows:  # a shard deleted or added by hand
+        print(f"note: {out}/manifest.json records {recorded} rows but the shards hold {writer.n_rows}; counting "
+              "from the shards, and the manifest is rebuilt from them at the end", file=sys.stderr)  # fmt: skip
     seen = {_normalize(row["messages"][0]["content"]) for row in writer.rows()}  # dedup survives resumes
     stats = _Stats()
     synth = _Synthesizer(cfg, engine, tokenizer, templates, choices, seen, stats)

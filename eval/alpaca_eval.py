@@ -48,11 +48,18 @@ class AlpacaEvalConfig:
 
 
 def load_outputs(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(rows, list):
         raise ConfigError(f"{path}: expected a JSON list of {{instruction, output, generator}} objects")
     for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}: entry {i}: expected an object, got {type(row).__name__}")
         missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
         if missing:
             raise ConfigError(f"{path}: entry {i}: missing string field(s) {missing}")
@@ -103,15 +110,28 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ou
         _switch_column="is_switched_outputs",
     )
     shown = swap.preprocess(df)
-    prompts, _ = utils.make_prompts(shown, template)
+    # alpaca_eval's rule: a pair with identical outputs is a draw (1.5), and the judge is never asked.
+    same = (shown["output_1"] == shown["output_2"]).tolist()
+    asked = [i for i, s in enumerate(same) if not s]
+    prompts, _ = utils.make_prompts(shown.iloc[asked], template)
     judge = Judge(cfg.judge, out / "judge_cache.sqlite")
-    verdicts = judge.ask([utils.prompt_to_chatml(p) for p in prompts], preference, desc="alpaca_eval judge")
+    verdicts: list[Any] = [None] * len(shown)
+    for i, v in zip(
+        asked,
+        judge.ask([utils.prompt_to_chatml(p) for p in prompts], preference, desc="alpaca_eval judge"),
+        strict=True,
+    ):
+        verdicts[i] = v
     judge.close()
-    shown["preference"] = [v.value if v.value is not None else math.nan for v in verdicts]
+    shown["preference"] = [
+        1.5 if s else (v.value if v.value is not None else math.nan)
+        for s, v in zip(same, verdicts, strict=True)
+    ]
     df = swap.postprocess(shown)
     df["annotator"] = f"{ANNOTATOR}/{cfg.judge.model}"
-    df["raw_completion"] = [_raw(v.completion) for v in verdicts]
-    df["error"] = [v.error for v in verdicts]
+    df["raw_completion"] = [None if v is None else _raw(v.completion) for v in verdicts]
+    df["error"] = [None if v is None else v.error for v in verdicts]
+    df.attrs["identical_outputs"] = sum(same)
     df.attrs["judge_stats"] = judge.stats.as_dict()
     return df
 
@@ -172,10 +192,22 @@ def _plain(v: Any) -> Any:
 
 
 def read_annotations(path: str) -> pd.DataFrame:
-    df = pd.read_json(path)  # how alpaca_eval itself reads annotations.json (is_recompute_metrics_only)
+    try:
+        df = pd.read_json(path)  # how alpaca_eval itself reads annotations.json (is_recompute_metrics_only)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path}: not a JSON list of annotations ({str(e).splitlines()[0][:160]})"
+        ) from None
     missing = [c for c in ("preference", "output_1", "output_2", "generator_1", "generator_2") if c not in df]
     if missing:
         raise ConfigError(f"{path}: not an alpaca_eval annotations.json (missing columns {missing})")
+    for i, p in enumerate(df["preference"]):  # 1 (output_1 wins) .. 2 (output_2 wins), or null (failed)
+        if p is not None and not (
+            isinstance(p, (int, float)) and not isinstance(p, bool) and (p != p or 0 <= p <= 2)
+        ):
+            raise ConfigError(
+                f"{path}: entry {i}: 'preference' is {p!r}; expected a number in [1, 2] or null"
+            )
     return df
 
 
@@ -202,7 +234,8 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
     )  # alpaca_eval's layout
     # Score the file as written, so this result and `annotations=PATH` (and alpaca_eval) agree to the last digit.
     scored = score(read_annotations(str(out / "annotations.json")), cfg.df_gamed)
-    result = {"model": model[0].get("generator", "model"), **scored, "judge_calls": stats}
+    result = {"model": model[0].get("generator", "model"), **scored,
+              "n_identical_outputs": df.attrs["identical_outputs"], "judge_calls": stats}  # fmt: skip
     atomic_write_json(out / "results.json", result)
     rows = [
         score_row(

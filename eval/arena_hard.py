@@ -69,6 +69,24 @@ def parse_verdict(text: str) -> str | None:
     return None
 
 
+def read_judgments(path: Path) -> list[dict[str, Any]]:
+    """arena-hard-auto `model_judgment/<judge>/<model>.jsonl`: each row a question_id, a model and two games."""
+    try:
+        rows = read_jsonl(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    for i, row in enumerate(rows, 1):
+        games = row.get("games")
+        if "question_id" not in row or "model" not in row or not isinstance(games, list) or not games:
+            raise ConfigError(
+                f"{path}:{i}: expected 'question_id', 'model' and a non-empty 'games' list (arena-hard-auto's "
+                f"judgment layout); got keys {sorted(row)}"
+            )
+        if not all(isinstance(g, dict) for g in games):
+            raise ConfigError(f"{path}:{i}: every game must be an object with a 'score'")
+    return rows
+
+
 def battles_from_judgments(
     rows: list[dict[str, Any]], baseline: str, with_question: bool = False
 ) -> list[tuple]:
@@ -404,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         files = sorted(Path(cfg.judgments).glob("*.jsonl"))
         if not files:
             raise ConfigError(f"judgments: no .jsonl files in '{cfg.judgments}'")
-        rows = [r for f in files for r in read_jsonl(f)]
+        rows = [r for f in files for r in read_judgments(f)]
         answers = None
         if cfg.answers:
             answers = {name: read_answers(p) for name, p in answer_files(cfg.answers).items()}

@@ -65,7 +65,13 @@ def load_questions(bench: str, source: str | None = None, limit: int | None = No
     if bench == "alpaca_eval" and source == HUB_QUESTIONS["alpaca_eval"]:
         from huggingface_hub import hf_hub_download  # the Hub repo's loading script is gone; read the file
 
-        source = hf_hub_download(source, "alpaca_eval.json", repo_type="dataset")
+        try:
+            source = hf_hub_download(source, "alpaca_eval.json", repo_type="dataset")
+        except Exception as e:  # offline, proxy, rate limit: huggingface_hub raises many types
+            raise ConfigError(
+                f"{source}: could not download alpaca_eval.json from the Hub ({type(e).__name__}); "
+                "pass questions=PATH to a local copy"
+            ) from None
     split = "train"
     rows = load_rows(source, split=split)
     questions = [_question(bench, row, i, source) for i, row in enumerate(rows)]

@@ -298,3 +298,31 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     out = cli("eval.generate", "model=runs/no/such/checkpoint", "questions=eval/data/demo_instructions.jsonl",
               "bench=arena_hard", f"output_dir={tmp_path / 'g'}")  # fmt: skip
     assert out.returncode == 2 and "model 'runs/no/such/checkpoint': no such local directory" in out.stderr
+
+
+def test_malformed_evaluation_files_are_named(tmp_path):
+    import eval.alpaca_eval as ae
+    from eval.arena_hard import read_judgments
+
+    (tmp_path / "outputs.json").write_text('[{"instruction": "q", "output": "a"},')
+    with pytest.raises(ConfigError, match="outputs.json: not valid JSON"):
+        ae.load_outputs(str(tmp_path / "outputs.json"))
+    rows = [{"instruction": "q", "output_1": "a", "output_2": "b", "generator_1": "x", "generator_2": "y",
+             "preference": "m"}]  # fmt: skip
+    (tmp_path / "annotations.json").write_text(json.dumps(rows))
+    with pytest.raises(ConfigError, match="annotations.json: entry 0: 'preference' is 'm'"):
+        ae.read_annotations(str(tmp_path / "annotations.json"))
+    (tmp_path / "j.jsonl").write_text(json.dumps({"question_id": "1", "model": "m"}) + "\n")
+    with pytest.raises(
+        ConfigError, match="j.jsonl:1: expected 'question_id', 'model' and a non-empty 'games'"
+    ):
+        read_judgments(tmp_path / "j.jsonl")
+
+
+@pytest.mark.parametrize("bench", ["alpaca_eval", "arena_hard"])
+def test_hub_questions_offline_fail_in_one_line(bench, monkeypatch):
+    from eval.generate import load_questions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="from the Hub"):
+        load_questions(bench)

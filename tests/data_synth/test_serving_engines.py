@@ -85,3 +85,4 @@ def test_pairs_over_a_serving_engine_samples_distinct_responses(openai_server, t
     for row in work:  # four samples at T=0.8 of one prompt, each with its own seed: not four copies
         assert len(set(row["all_scores"])) >= 3, row
     assert summary["pairs"] == 3 and summary["ties_dropped"] == 0
+    assert not (tmp_path / "pairs" / "test-00000.parquet").exists()  # no empty, schema-less test split

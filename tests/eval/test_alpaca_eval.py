@@ -106,3 +106,24 @@ def test_embedded_judge_on_embedded_answers_and_a_cached_rerun(embedded_path, tm
     (tmp_path / "ref.json").write_text(json.dumps(reference[::-1]))  # the model's outputs no longer line up
     with pytest.raises(ConfigError, match=r"model_outputs.json does not match .*instructions out of order"):
         ae.run(cfg)
+
+
+def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp_path):
+    # alpaca_eval's PairwiseAnnotator sets preference 1.5 where output_1 == output_2 and never judges them.
+    instructions = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a color."]
+    outputs = ["Apple.", "4", "Bonjour!", "Blue."]
+    reference = [{"instruction": i, "output": o if k < 2 else "I do not know.", "generator": "ref", "dataset": "d"}
+                 for k, (i, o) in enumerate(zip(instructions, outputs, strict=True))]  # fmt: skip
+    model = [
+        {"instruction": i, "output": o, "generator": "m", "dataset": "d"}
+        for i, o in zip(instructions, outputs, strict=True)
+    ]
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    args = [f"model_outputs={tmp_path / 'model.json'}", f"reference_outputs={tmp_path / 'ref.json'}",
+            f"judge.model={embedded_path}", f"output_dir={tmp_path / 'ae'}"]  # fmt: skip
+    result = ae.run(ae.load_config("eval", args, ae.AlpacaEvalConfig)[0])
+    assert result["judge_calls"]["calls"] == 2 and result["n_identical_outputs"] == 2
+    saved = json.loads((tmp_path / "ae" / "annotations.json").read_text())
+    assert [a["preference"] for a in saved[:2]] == [1.5, 1.5]
+    assert result["n_draws"] >= 2 and result["n_total"] == 4
