@@ -4,19 +4,19 @@
 
 Runs `lm_eval.simple_evaluate` on a Hugging Face checkpoint (a directory, a Hub id or `embedded`). Tasks are
 lm-eval's own (`mmlu`, `gsm8k`, ... need the Hub) plus the YAMLs in `include_path`, by default the two offline
-tasks in `eval/lm_eval_tasks/`. Writes `results.json` (lm-eval's) and `scores.jsonl` (eval.scores, in %).
+tasks in `eval/lm_eval_tasks/`. Writes lm-eval's own `<model>/results_<datetime>.json` (and `samples_<task>_<datetime>.jsonl` with
+log_samples) and `scores.jsonl` (eval.scores, in %).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, write_jsonl
 from core.models import resolve_model
 from eval.scores import score_row, write_scores
 
@@ -36,7 +36,7 @@ class LmEvalConfig:
     include_path: str = TASKS_DIR  # a folder of extra task YAMLs
     apply_chat_template: bool = True
     trust_remote_code: bool = False
-    log_samples: bool = False  # also write every prompt and reply to samples_<task>.jsonl
+    log_samples: bool = False  # also write every prompt and reply to <model>/samples_<task>_<datetime>.jsonl
     output_dir: str = "runs/demo/lm_eval"
     overwrite: bool = False
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, setup_logging
+    from lm_eval.utils import setup_logging
 
     setup_logging("WARNING")  # lm-eval's format; LMEVAL_LOG_LEVEL=INFO shows more
     model_args = {"pretrained": model, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
@@ -113,10 +113,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     out = Path(cfg.output_dir)
     resuming = prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
-    if resuming and (out / "results.json").is_file():
-        results = json.loads((out / "results.json").read_text())
+    previous = results_files(out)
+    if resuming and previous:
+        results = json.loads(previous[-1].read_text())
     else:
-        tracker = EvaluationTracker()  # records the chat template and its hash
+        # lm-eval's own tracker writes lm-eval's own files: <model>/results_<datetime>.json (with task_hashes,
+        # the chat template and its hash) and <model>/samples_<task>_<datetime>.jsonl, as its CLI does, so
+        # lm-eval's utilities (get_results_filenames, get_file_task_name) and its Hub uploads read them.
+        tracker = EvaluationTracker(output_path=str(out))
         raw = lm_eval.simple_evaluate(
             model="hf",
             model_args=model_args,
@@ -131,12 +135,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             evaluation_tracker=tracker,
             task_manager=task_manager,
         )
-        tracker.general_config_tracker.log_end_time()
-        raw = {**raw, **asdict(tracker.general_config_tracker)}
-        results = json.loads(json.dumps(raw, default=handle_non_serializable))  # numpy values, dtypes, ...
-        for task, samples in (results.pop("samples", None) or {}).items():
-            write_jsonl(out / f"samples_{task}.jsonl", samples)
-        atomic_write_json(out / "results.json", results)
+        samples = raw.pop("samples", None)
+        tracker.save_results_aggregated(results=raw, samples=samples)
+        for task, task_samples in (samples or {}).items():
+            tracker.save_results_samples(task_name=task, samples=task_samples)
+        results = json.loads(results_files(out)[-1].read_text())
 
     rows = score_rows(name, results)
     write_scores(out, rows)
@@ -145,6 +148,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         numbers = ("" if r[k] is None else f"{r[k]:.2f}" for k in ("value", "ci_low", "ci_high"))
         print("| " + " | ".join([r["model"], r["benchmark"], r["metric"], *numbers]) + " |")
     return rows
+
+
+def results_files(out: Path) -> list[Path]:
+    """lm-eval's aggregated results files under `out`, oldest first (their names carry the datetime)."""
+    from lm_eval.utils import get_results_filenames
+
+    return sorted(Path(f) for f in get_results_filenames([str(p) for p in out.glob("*/results_*.json")]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,14 +23,27 @@ def test_embedded_model_on_both_shipped_tasks_with_its_chat_template(
     tasks = "tasks=magpie_mini_mc,magpie_mini_gen"
     argv = ["model=embedded", tasks, "limit=8", "log_samples=true", f"output_dir={out}"]
     le.main(argv)
-    results = json.loads((out / "results.json").read_text())
+    # lm-eval's own layout, found by lm-eval's own utilities
+    from lm_eval.utils import get_file_task_name, get_results_filenames
+
+    files = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
+    (found,) = get_results_filenames([str(p) for p in out.rglob("*.json")])
+    results = json.loads(Path(found).read_text())
+    assert set(results["task_hashes"]) == {"magpie_mini_mc", "magpie_mini_gen"}
+    sample_files = [f for f in files if "/samples_" in f]
+    assert sorted(get_file_task_name(f.split("/")[-1]) for f in sample_files) == [
+        "magpie_mini_gen",
+        "magpie_mini_mc",
+    ]
     assert set(results["results"]) == {"magpie_mini_mc", "magpie_mini_gen"}
     assert all(n["effective"] == 8 for n in results["n-samples"].values())
     assert "<|im_start|>" in results["chat_template"] and results["chat_template_sha"]
     assert "samples" not in results
     for task in ("magpie_mini_mc", "magpie_mini_gen"):  # every prompt went through the chat template
-        samples = read_jsonl(out / f"samples_{task}.jsonl")  # one per document and filter
-        prompts = {s["doc_id"]: s["arguments"][0][0] for s in samples}.values()
+        (path,) = out.glob(f"*/samples_{task}_*.jsonl")
+        samples = read_jsonl(path)  # one per document and filter
+        # lm-eval's sample files spell each request's arguments {"gen_args_0": {"arg_0": prompt, ...}}
+        prompts = {s["doc_id"]: s["arguments"]["gen_args_0"]["arg_0"] for s in samples}.values()
         assert len(prompts) == 8 and all(p.startswith("<|im_start|>system") for p in prompts)
         assert all(p.endswith("<|im_start|>assistant\n") for p in prompts)
 
@@ -44,7 +58,7 @@ def test_embedded_model_on_both_shipped_tasks_with_its_chat_template(
         assert r["ci_low"] <= r["value"] <= r["ci_high"]
     assert "| SmolLM2-135M-Instruct | magpie_mini_mc | acc |" in capsys.readouterr().out
 
-    # The same command again reuses results.json instead of evaluating again.
+    # The same command again reuses lm-eval's results file instead of evaluating again.
     monkeypatch.setattr("lm_eval.simple_evaluate", lambda **_: pytest.fail("evaluated again"))
     assert {(r["benchmark"], r["metric"]) for r in le.main(argv)} == set(rows)
 
@@ -53,7 +67,8 @@ def test_embedded_model_on_both_shipped_tasks_with_its_chat_template(
 def test_few_shot_examples_become_chat_turns(embedded_path, tmp_path):
     out = tmp_path / "fewshot"
     le.main(["tasks=magpie_mini_mc", "limit=2", "num_fewshot=2", "log_samples=true", f"output_dir={out}"])
-    prompt = json.loads((out / "samples_magpie_mini_mc.jsonl").read_text().splitlines()[0])["arguments"][0][0]
+    (path,) = out.glob("*/samples_magpie_mini_mc_*.jsonl")
+    prompt = json.loads(path.read_text().splitlines()[0])["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.count("<|im_start|>user") == 3 and prompt.count("<|im_start|>assistant") == 3
 
 
