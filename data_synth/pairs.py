@@ -58,23 +58,64 @@ class PairsConfig:
 
 
 def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
-    """Indices of the highest and lowest score; None for a tie or fewer than two scored responses."""
+    """Indices of the highest and lowest score, the first of equals (as the Magpie authors' notebook, with
+    np.argmax/argmin); None for a tie or fewer than two scored responses."""
     scored = [(s, i) for i, s in enumerate(scores) if s is not None]
     if len(scored) < 2:
         return None
-    best, worst = max(scored), min(scored)
+    best = max(scored, key=lambda x: (x[0], -x[1]))
+    worst = min(scored, key=lambda x: (x[0], x[1]))
     return None if best[0] == worst[0] else (best[1], worst[1])
 
 
+def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[float | None]] | None:
+    """(instruction, responses, scores) of a row that already holds scored responses: the Magpie authors' DPO
+    layout (`instruction`, `responses`, `rewards_armorm: [{score}]`) or a plain `responses` + `scores`; None
+    for a row that holds none (its responses are sampled and scored here)."""
+    if "responses" not in row:
+        return None
+    responses = row["responses"]
+    raw = row.get("rewards_armorm", row.get("scores"))
+    if raw is None:
+        raise ConfigError(f"{where}: 'responses' without 'scores' or 'rewards_armorm'")
+    scores = [r.get("score") if isinstance(r, dict) else r for r in raw]
+    if not isinstance(responses, list) or len(responses) != len(scores):
+        raise ConfigError(
+            f"{where}: {len(scores)} scores for {len(responses) if isinstance(responses, list) else 0} responses"
+        )
+    if isinstance(row.get("instruction"), str):
+        instruction = row["instruction"]
+    elif "messages" in row:
+        instruction = first_turn(row)[0]
+    else:
+        raise ConfigError(f"{where}: no 'instruction' (or 'messages') beside 'responses'")
+    return instruction, [str(r) for r in responses], [None if x is None else float(x) for x in scores]
+
+
+def pair_row(
+    index: int, instruction: str, responses: list[str], scores: list[float | None]
+) -> dict[str, Any]:
+    """trl's conversational preference row; empty replies never win; status says pair or tie."""
+    pick = best_and_worst([sc if responses[n] else None for n, sc in enumerate(scores)])
+    row = {"source_index": index, "status": "pair" if pick else "tie", "prompt": [{"role": "user", "content": instruction}],
+           "chosen": None, "rejected": None, "score_chosen": None, "score_rejected": None, "all_scores": scores}  # fmt: skip
+    if pick:
+        b, w = pick
+        row.update(chosen=[{"role": "assistant", "content": responses[b]}],
+                   rejected=[{"role": "assistant", "content": responses[w]}],
+                   score_chosen=scores[b], score_rejected=scores[w])  # fmt: skip
+    return row
+
+
 def run(cfg: PairsConfig) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from core.io import atomic_write_bytes
-
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), may_differ=("chunk_size",), overwrite=cfg.overwrite)
     rows = load_rows(cfg.input)
+    if "responses" in rows[0]:  # responses already sampled and scored: pick the pairs, as the authors did
+        results = [pair_row(i, *prescored(r, f"{cfg.input}: row {i}")) for i, r in enumerate(rows)]
+        return write_pairs(
+            cfg, out, results, "scores given in the input (responses + scores / rewards_armorm)"
+        )
     for i, row in enumerate(rows):
         if "messages" not in row:
             raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
@@ -106,24 +147,22 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         flat = [(q, r) for q, rs in zip(questions, responses, strict=True) for r in rs]
         flat_scores = scorer.rewards(flat)  # the reward model, or the judge's labelled score
         for k, (i, q, rs) in enumerate(zip(idx, questions, responses, strict=True)):
-            scores = flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples]
-            pick = best_and_worst(
-                [s if rs[n] else None for n, s in enumerate(scores)]
-            )  # empty replies never win
-            row = {"source_index": i, "status": "pair" if pick else "tie", "prompt": [{"role": "user", "content": q}],
-                   "chosen": None, "rejected": None, "score_chosen": None, "score_rejected": None,
-                   "all_scores": scores}  # fmt: skip
-            if pick:
-                b, w = pick
-                row.update(chosen=[{"role": "assistant", "content": rs[b]}],
-                           rejected=[{"role": "assistant", "content": rs[w]}],
-                           score_chosen=scores[b], score_rejected=scores[w])  # fmt: skip
-            work.add([row])
+            work.add([pair_row(i, q, rs, flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples])])
         work.flush()
         bar.update(len(idx))
     bar.close()
 
-    results = list(work.rows())
+    source = f"reward model {cfg.reward_model}" if cfg.reward_model else judge_score_source(cfg.judge, 1, 10)
+    return write_pairs(cfg, out, list(work.rows()), source)
+
+
+def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
+    """Split the pairs (ties are dropped and counted) into train/test Parquet files and a manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from core.io import atomic_write_bytes
+
     pairs = [r for r in results if r["status"] == "pair"]
     order = np.random.default_rng(cfg.seed).permutation(len(pairs))
     n_test = int(round(len(pairs) * cfg.test_size))
@@ -148,9 +187,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         "ties_dropped": len(results) - len(pairs),
         "train": len(splits["train"]),
         "test": len(splits["test"]),
-        "scorer": f"reward model {cfg.reward_model}"
-        if cfg.reward_model
-        else judge_score_source(cfg.judge, 1, 10),
+        "scorer": scorer,
     }
     atomic_write_json(out / "manifest.json", summary)
     return summary

@@ -50,3 +50,36 @@ def test_pairs_on_the_embedded_model_in_trl_format(tmp_path):
 def test_bad_settings():
     with pytest.raises(ValueError, match="n_samples must be >= 2"):
         PairsConfig(n_samples=1)
+
+
+def test_ties_for_best_or_worst_go_to_the_first_index():
+    # the Magpie authors' notebook: chosen = np.argmax (first highest), rejected = np.argmin (first lowest)
+    assert best_and_worst([1.0, 5.0, 5.0, 1.0]) == (1, 0)
+
+
+def test_pairs_from_responses_the_input_already_scored(tmp_path):
+    # The authors' released DPO layout (instruction, 5 responses at T=0.8, rewards_armorm [{score}]) ...
+    authors = [
+        {"instruction": "Why is the sky blue?", "responses": ["a", "b", "c", "d", "e"],
+         "rewards_armorm": [{"score": 0.1}, {"score": 0.9}, {"score": 0.9}, {"score": -0.3}, {"score": -0.3}]},
+        {"instruction": "Say hi.", "responses": ["x", "y", "z", "w", "v"],
+         "rewards_armorm": [{"score": 0.5}] * 5},  # all equal: dropped and counted
+    ]  # fmt: skip
+    (tmp_path / "authors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in authors))
+    summary = run(
+        PairsConfig(input=str(tmp_path / "authors.jsonl"), output_dir=str(tmp_path / "p1"), test_size=0.0)
+    )
+    assert (
+        summary["pairs"] == 1 and summary["ties_dropped"] == 1 and "given in the input" in summary["scorer"]
+    )
+    (row,) = datasets.load_dataset("parquet", data_dir=str(tmp_path / "p1"), split="train")
+    assert row["prompt"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert row["chosen"][0]["content"] == "b" and row["rejected"][0]["content"] == "d"  # first of equals
+    assert (row["score_chosen"], row["score_rejected"]) == (0.9, -0.3)
+    # ... and a plain responses + scores layout
+    plain = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "-"}],
+              "responses": ["r0", "r1", "r2"], "scores": [2.0, 3.0, 1.0]}]  # fmt: skip
+    (tmp_path / "plain.jsonl").write_text(json.dumps(plain[0]) + "\n")
+    run(PairsConfig(input=str(tmp_path / "plain.jsonl"), output_dir=str(tmp_path / "p2"), test_size=0.0))
+    (row,) = datasets.load_dataset("parquet", data_dir=str(tmp_path / "p2"), split="train")
+    assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == ("r1", "r2")
