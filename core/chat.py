@@ -64,6 +64,40 @@ def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]
     return messages
 
 
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A row's conversation as chat messages, from any layout the harness reads: `messages`; `conversation`
+    (WildChat: role/content turns with metadata); `conversations` (ShareGPT and the Magpie authors' releases,
+    from/value); `instruction` + `response` (the Magpie authors' releases); `instruction` (+ `input`) + `output`
+    (Alpaca). ConfigError when it has none."""
+    # `get`, not `in`: a file mixing schemas loads with every column, missing ones as None.
+    if row.get("messages") is not None:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if row.get("conversation") is not None:
+        return [{"role": t["role"], "content": t["content"]} for t in row["conversation"]]
+    if row.get("conversations") is not None:
+        return sharegpt_to_messages(row["conversations"], where)
+    reply = row.get("response", row.get("output"))
+    if isinstance(row.get("instruction"), str) and isinstance(reply, str):
+        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    raise ConversationError(
+        f"{where}: no conversation (expected messages, conversation, conversations, instruction/response or "
+        f"instruction/output; columns: {sorted(row)})"
+    )
+
+
+def first_turn(row: dict[str, Any], where: str = "a row") -> tuple[str, str]:
+    """(instruction, response): the first user turn and the assistant turn after it, in any layout."""
+    messages = to_messages(row, where)
+    user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+    if user is None:
+        raise ConversationError(
+            f"{where}: the conversation has no user turn (roles: {[m.get('role') for m in messages]})"
+        )
+    reply = next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), "")
+    return messages[user]["content"], reply
+
+
 def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Whether encoding text adds a BOS token (Llama-2, Phi-3 style) rather than the template rendering it."""
     bos = tokenizer.bos_token_id

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.chat import check_messages, sharegpt_to_messages
+from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_bytes, atomic_write_json, load_rows
 
@@ -61,22 +61,9 @@ class BaselineConfig:
             raise ValueError(f"name: unknown baseline '{self.name}'; choose from {sorted(SOURCES)}")
 
 
-def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    """The row's conversation in `messages` form, whatever the schema; ConfigError if it has none or it is broken."""
-    # `get`, not `in`: a file mixing schemas loads with every column, missing ones as None.
-    if row.get("messages") is not None:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    elif row.get("conversation") is not None:  # WildChat: role/content turns with per-turn metadata
-        messages = [{"role": t["role"], "content": t["content"]} for t in row["conversation"]]
-    elif row.get("conversations") is not None:
-        messages = sharegpt_to_messages(row["conversations"], where)
-    elif row.get("instruction") is not None and row.get("output") is not None:
-        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    else:
-        raise ConfigError(
-            f"{where}: no conversation (expected messages, conversation, conversations or instruction/output)"
-        )
+def baseline_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The row's conversation (core.chat.to_messages), cut to its last complete exchange and checked."""
+    messages = to_messages(row, where)
     # ShareGPT dumps often end on an unanswered user turn: the last complete exchange is what can be trained on.
     while messages and messages[-1]["role"] == "user":
         messages = messages[:-1]
@@ -97,7 +84,7 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"
         try:
-            messages = to_messages(row, where)
+            messages = baseline_messages(row, where)
         except (ConfigError, KeyError, TypeError) as e:
             # Counted by kind ("roles out of order", "assistant turn 1 is empty", ...), not per row.
             reason = (

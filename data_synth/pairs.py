@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from core.chat import render_prompt
+from core.chat import first_turn, render_prompt, to_messages
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, load_rows
-from data_synth.tag import Taggers, first_turn, judge_score_source
+from data_synth.tag import Taggers, judge_score_source
 
 
 @dataclass
@@ -85,8 +85,8 @@ def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[flo
         )
     if isinstance(row.get("instruction"), str):
         instruction = row["instruction"]
-    elif "messages" in row:
-        instruction = first_turn(row)[0]
+    elif "messages" in row or "conversations" in row:
+        instruction = first_turn(row, where)[0]
     else:
         raise ConfigError(f"{where}: no 'instruction' (or 'messages') beside 'responses'")
     return instruction, [str(r) for r in responses], [None if x is None else float(x) for x in scores]
@@ -117,8 +117,7 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
             cfg, out, results, "scores given in the input (responses + scores / rewards_armorm)"
         )
     for i, row in enumerate(rows):
-        if "messages" not in row:
-            raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
+        to_messages(row, f"{cfg.input}: row {i}")  # any layout with a conversation; none fails naming the row
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
     done = {r["source_index"] for r in work.rows()}

@@ -22,9 +22,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved  # noqa: E402
+from core.chat import first_turn  # noqa: E402
+from core.config import cli, load_config, prepare_output_dir, resolved  # noqa: E402
 from core.io import atomic_write_text, load_rows  # noqa: E402
-from data_synth.tag import DIFFICULTY, QUALITY, TASK_CATEGORIES, embed, first_turn  # noqa: E402
+from data_synth.tag import DIFFICULTY, QUALITY, TASK_CATEGORIES, embed  # noqa: E402
 
 
 @dataclass
@@ -41,10 +42,8 @@ class ReportConfig:
 
 def _frame(path: str) -> pd.DataFrame:
     rows = load_rows(path)
-    if not rows or "messages" not in rows[0]:
-        raise ConfigError(f"{path}: no rows with a 'messages' column")
+    turns = [first_turn(r, f"{path}: row {i}") for i, r in enumerate(rows)]  # any conversation layout
     df = pd.DataFrame(rows)
-    turns = [first_turn({"messages": m}) for m in df["messages"]]
     df["instruction"] = [t[0] for t in turns]
     df["response"] = [t[1] for t in turns]
     return df

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from core.chat import first_turn
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_bytes, atomic_write_json, load_rows
-from data_synth.tag import DIFFICULTY, QUALITY, first_turn
+from data_synth.tag import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
 ORDINAL = {"input_quality": QUALITY, "difficulty": DIFFICULTY}
@@ -47,13 +48,15 @@ class SelectConfig:
 
 
 def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """`instruction` and `response` (first user turn and its answer) so rules can name them."""
-    turns = [first_turn({"messages": m}) for m in df["messages"]]
-    df = df.copy()
-    if "instruction" not in df:
-        df["instruction"] = [t[0] for t in turns]
-    if "response" not in df:
-        df["response"] = [t[1] for t in turns]
+    """`instruction` and `response` (first user turn and its answer) and, where the input lacks them (the Magpie
+    authors' releases do), `instruction_length` and `response_length` in characters, so rules can name them."""
+    turns = df["__turns__"] if "__turns__" in df else [first_turn(r) for r in df.to_dict("records")]
+    df = df.drop(columns=["__turns__"], errors="ignore")
+    for i, column in enumerate(("instruction", "response")):
+        if column not in df:
+            df[column] = [t[i] for t in turns]
+        if f"{column}_length" not in df:
+            df[f"{column}_length"] = [len(t[i]) for t in turns]
     return df
 
 
@@ -120,9 +123,14 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
     df = with_derived_columns(df)
     for i, f in enumerate(cfg.filters):
         check_filter(f, df, f"filters[{i}]")
-    for key, column in (("dedup_clusters", "cluster_id"), ("sort_by", cfg.sort_by)):
-        if column and getattr(cfg, key) and column not in df.columns:
-            raise ConfigError(f"{key}: column '{column}' does not exist; run the tagger that adds it first")
+    authors = {"min_similar_conversation_id", "conversation_id"} <= set(df.columns)
+    if cfg.dedup_clusters and "cluster_id" not in df.columns and not authors:
+        raise ConfigError("dedup_clusters: needs 'cluster_id' (the neighbors tagger) or the Magpie authors' "
+                          "'min_similar_conversation_id' and 'conversation_id'; run the neighbors tagger first")  # fmt: skip
+    if cfg.sort_by and cfg.sort_by not in df.columns:
+        raise ConfigError(
+            f"sort_by: column '{cfg.sort_by}' does not exist; run the tagger that adds it first"
+        )
     steps = [{"step": "input", "removed": 0, "remaining": len(df)}]
     for f in cfg.filters:
         keep = mask(f, df)
@@ -131,8 +139,12 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
         df = df[keep]
     if cfg.dedup_clusters:
         before = len(df)
-        # The first row of each cluster is its id (data_synth.tag); keep the earliest survivor of each cluster.
-        df = df.sort_index().drop_duplicates("cluster_id", keep="first")
+        if "cluster_id" in df:
+            # The first row of each cluster is its id (data_synth.tag); keep the earliest survivor of each cluster.
+            df = df.sort_index().drop_duplicates("cluster_id", keep="first")
+        else:  # the Magpie authors' rule: keep a row whose nearest similar conversation is itself (or none)
+            similar = df["min_similar_conversation_id"]
+            df = df[similar.isna() | (similar == df["conversation_id"])]
         steps.append({"step": "dedup_clusters", "removed": before - len(df), "remaining": len(df)})
     if cfg.sort_by:
         df = df.sort_values(cfg.sort_by, ascending=not cfg.descending, kind="stable")
@@ -154,9 +166,8 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
     rows = load_rows(cfg.input)
-    if "messages" not in rows[0]:
-        raise ConfigError(f"{cfg.input}: no 'messages' column (columns: {sorted(rows[0])})")
     source = pd.DataFrame(rows)
+    source["__turns__"] = [first_turn(r, f"{cfg.input}: row {i}") for i, r in enumerate(rows)]
     chosen, steps = select(source, cfg)
     # The chosen rows as they were read (pandas turns a missing label into float NaN, which Arrow rejects in a
     # string column), under the input's schema, which an empty selection keeps too.

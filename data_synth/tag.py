@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from core.chat import render_prompt, with_bos
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.chat import first_turn, render_prompt, to_messages, with_bos
+from core.config import cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
 from core.models import resolve_model
@@ -353,16 +353,6 @@ SCORE_TAGGERS: dict[str, tuple[str, str, int, int]] = {
 }  # fmt: skip
 
 
-def first_turn(row: dict) -> tuple[str, str]:
-    """(instruction, response): the first user turn and the assistant turn after it."""
-    messages = row["messages"]
-    user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-    if user is None:
-        raise ConfigError(f"a conversation has no user turn (roles: {[m.get('role') for m in messages]})")
-    reply = next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), "")
-    return messages[user]["content"], reply
-
-
 # ------------------------------------------------------------------------------------------------ taggers
 
 
@@ -557,9 +547,8 @@ def yes_probability(engine: Any, prompts: list[str]) -> list[float | None]:
 def row_key(row: dict) -> str:
     """What a tag was computed from: a hash of the conversation. Resume and merge key tags to it, so tags never
     land on other rows when the input file changes under the same path."""
-    return hashlib.sha1(json.dumps(row["messages"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[
-        :16
-    ]
+    blob = json.dumps(to_messages(row, "a row"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def _current(tag_row: dict, keys: list[str]) -> bool:
@@ -719,8 +708,7 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     prepare_output_dir(out, resolved(cfg), may_differ=("taggers", "chunk_size"), overwrite=cfg.overwrite)
     rows = load_rows(cfg.input)
     for i, row in enumerate(rows):
-        if "messages" not in row:
-            raise ConfigError(f"{cfg.input}: row {i} has no 'messages' column (columns: {sorted(row)})")
+        to_messages(row, f"{cfg.input}: row {i}")  # any layout with a conversation; none fails naming the row
     start = time.time()
     timings: dict[str, float] = {}
     taggers = Taggers(cfg)

@@ -14,7 +14,7 @@ import sys
 import datasets
 from trl import SFTConfig, SFTTrainer
 
-from core.chat import check_messages, sharegpt_to_messages
+from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli
 from core.io import load_rows
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
@@ -49,12 +49,7 @@ def load_conversations(script: ScriptArgs) -> datasets.Dataset:
     for source, i, row in rows:
         where = f"{source}: row {i}"
         try:
-            if row.get("messages") is not None:
-                messages = row["messages"]
-            elif row.get("conversations") is not None:
-                messages = sharegpt_to_messages(row["conversations"], where)
-            else:
-                raise ConfigError(f"{where} has no 'messages' column (columns: {sorted(row)})")
+            messages = to_messages(row, where)  # messages, ShareGPT conversations, instruction/response, ...
             check_messages(messages, where)
         except ConfigError:
             if not script.drop_invalid:

@@ -216,7 +216,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path, name, content, expected):
 
 
 def test_a_conversation_without_a_user_turn_is_named_not_a_stop_iteration():
-    from data_synth.tag import first_turn
+    from core.chat import first_turn
 
     with pytest.raises(ConfigError, match="no user turn"):
         first_turn({"messages": [{"role": "assistant", "content": "hi"}]})

@@ -132,7 +132,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
 def test_bad_input_fails_before_work(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"instruction": "hi"}) + "\n")
-    with pytest.raises(ConfigError, match=r"row 0 has no 'messages' column"):
+    with pytest.raises(ConfigError, match=r"row 0: no conversation \(expected messages"):
         tag.run(tag.TagConfig(input=str(path), output_dir=str(tmp_path / "o"), taggers=["lengths"]))
     with pytest.raises(ValueError, match=r"taggers: unknown \['qualty'\]"):
         tag.TagConfig(taggers=["qualty"])

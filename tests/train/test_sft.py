@@ -92,7 +92,7 @@ def test_bad_rows_fail_naming_the_row(tmp_path):
     with pytest.raises(ConversationError, match=r"bad.jsonl: row 1: roles out of order"):
         load_conversations(ScriptArgs(dataset=str(path)))
     path.write_text(json.dumps({"text": "no messages"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 0 has no 'messages' column"):
+    with pytest.raises(ValueError, match=r"row 0: no conversation \(expected messages"):
         load_conversations(ScriptArgs(dataset=str(path)))
 
 
