@@ -39,9 +39,9 @@ class AlpacaEvalConfig:
     model_outputs: str | None = None  # model_outputs.json (eval.generate writes one)
     reference_outputs: str | None = None  # the baseline's outputs; default gpt4_1106_preview from the Hub
     annotations: str | None = None  # only score this annotations.json (no judging)
-    max_instances: int | None = (
-        None  # compare on the first N instructions (model_outputs made with max_questions)
-    )
+    # As alpaca_eval's max_instances: with full outputs (as many as the reference), both are shuffled with seed 123
+    # and the first N compared; with fewer (answers made with max_questions=N), the first N of each.
+    max_instances: int | None = None
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=1, logprobs=20))
     df_gamed: str | None = None  # local df_gamed.csv for the LC win rate; default: the Hub's (needs internet)
     output_dir: str | None = None  # default: <model_outputs dir>/weighted_alpaca_eval
@@ -64,6 +64,16 @@ def load_outputs(path: str) -> list[dict[str, Any]]:
         if missing:
             raise ConfigError(f"{path}: entry {i}: missing string field(s) {missing}")
     return rows
+
+
+def first_instances(model: list[dict], reference: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """What alpaca_eval's `evaluate(max_instances=n)` compares: when both lists have the same length it shuffles
+    both with `DataFrame.sample(frac=1, random_state=123)` (one permutation, as the lengths match) and takes the
+    first n; otherwise it takes the first n of each (our answers made with max_questions=n)."""
+    if len(model) == len(reference):
+        order = pd.DataFrame(model).sample(frac=1, random_state=123).index.tolist()
+        model, reference = [model[i] for i in order], [reference[i] for i in order]
+    return model[:n], reference[:n]
 
 
 def reference_path(cfg: AlpacaEvalConfig) -> str:
@@ -219,8 +229,9 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir or Path(cfg.model_outputs).parent / ANNOTATOR)
     prepare_output_dir(out, resolved(cfg))
     model = load_outputs(cfg.model_outputs)
-    ref_path = reference_path(cfg)
-    reference = load_outputs(ref_path)[: cfg.max_instances]
+    reference = load_outputs(reference_path(cfg))
+    if cfg.max_instances is not None:
+        model, reference = first_instances(model, reference, cfg.max_instances)
     check_same_questions(
         [r["instruction"] for r in reference],
         [r["instruction"] for r in model],

@@ -127,3 +127,18 @@ def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp
     saved = json.loads((tmp_path / "ae" / "annotations.json").read_text())
     assert [a["preference"] for a in saved[:2]] == [1.5, 1.5]
     assert result["n_draws"] >= 2 and result["n_total"] == 4
+
+
+def test_max_instances_picks_what_alpaca_eval_picks():
+    # alpaca_eval.main.evaluate: equal lengths -> both .sample(frac=1, random_state=123), then [:max_instances]
+    model = [{"instruction": f"q{i}", "output": f"m{i}"} for i in range(20)]
+    reference = [{"instruction": f"q{i}", "output": f"r{i}"} for i in range(20)]
+    theirs_m = pd.DataFrame(model).sample(frac=1, random_state=123)[:5]
+    theirs_r = pd.DataFrame(reference).sample(frac=1, random_state=123)[:5]
+    ours_m, ours_r = ae.first_instances(model, reference, 5)
+    assert [r["output"] for r in ours_m] == theirs_m["output"].tolist()
+    assert [r["output"] for r in ours_r] == theirs_r["output"].tolist()
+    assert [r["instruction"] for r in ours_m] != [f"q{i}" for i in range(5)]  # shuffled, not the first five
+    # fewer model outputs (made with max_questions=5): alpaca_eval takes the first five of each
+    ours_m, ours_r = ae.first_instances(model[:5], reference, 5)
+    assert [r["instruction"] for r in ours_r] == [f"q{i}" for i in range(5)]
