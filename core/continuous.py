@@ -69,7 +69,6 @@ class ContinuousBatcher:
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.vocab = None
 
     # ------------------------------------------------------------------------------------------ entry point
 
