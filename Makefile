@@ -57,7 +57,7 @@ demo-eval: setup
 	$(PY) -m eval.leaderboard runs=runs/demo output_dir=runs/demo/leaderboard
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .
