@@ -332,6 +332,4 @@ def _common_prefix(prompts: list[tuple[int, ...]]) -> int:
 
 
 def _cache_layers(kv: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(kv, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in kv.layers]
-    return list(zip(kv.key_cache, kv.value_cache, strict=True))
+    return [(layer.keys, layer.values) for layer in kv.layers]

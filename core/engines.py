@@ -11,6 +11,7 @@ import concurrent.futures
 import functools
 import hashlib
 import itertools
+import json
 import os
 import random
 import re
@@ -135,6 +136,12 @@ def request_seed(*parts: int | str) -> int:
     """
     blob = "/".join(str(p) for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") & 0x7FFFFFFF
+
+
+def prompt_seed(prompt: str | list[dict[str, str]], *parts: int | str) -> int:
+    """A seed named by a prompt's content and `parts` (the attempt): for judges, whose requests have no row."""
+    digest = hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
+    return request_seed(digest, *parts)
 
 
 def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:

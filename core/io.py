@@ -62,6 +62,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _rows_in(shards: Iterable[Path]) -> int:
+    """Rows in Parquet files, read from their footers (no data is read)."""
+    return sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+
+
 class ShardWriter:
     """Append rows to `out_dir/train-NNNNN.parquet`, one atomic file per flush.
 
@@ -92,13 +97,13 @@ class ShardWriter:
         self.shards = sorted(self.out_dir.glob(f"{split}-*.parquet"))
         # Rows are counted on disk, and a new shard is numbered past the highest existing one, so a deleted
         # shard never makes a resumed run overwrite another.
-        self.n_written = sum(pq.ParquetFile(s).metadata.num_rows for s in self.shards)
+        self.n_written = _rows_in(self.shards)
         self._next = 1 + max((int(s.stem.rsplit("-", 1)[1]) for s in self.shards), default=-1)
 
     @staticmethod
     def count(out_dir: str | Path, split: str = "train") -> int:
         """Rows in the complete shards of `out_dir` (from the Parquet footers; nothing is read)."""
-        return sum(pq.ParquetFile(s).metadata.num_rows for s in Path(out_dir).glob(f"{split}-*.parquet"))
+        return _rows_in(Path(out_dir).glob(f"{split}-*.parquet"))
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
@@ -173,7 +178,7 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None  # fmt: skip
         return _nonempty(ds, source)
     kind = "parquet" if files[0].suffix == ".parquet" else "json"
-    if kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+    if kind == "parquet" and _rows_in(files) == 0:
         raise ConfigError(f"{source}: 0 rows")  # datasets cannot even open an empty Parquet file
     try:
         # to_list inside: Arrow's JSON reader accepts bytes that are not UTF-8, which fail only when decoded
@@ -204,18 +209,14 @@ def _diagnose(files: list[Path], error: Exception) -> str:
             continue
         data = f.read_bytes()
         try:
-            text = data.decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError as e:
             line = data[: e.start].count(b"\n") + 1
             return f"{f}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
         if f.suffix == ".jsonl":
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        return f"{f}:{lineno}: not valid JSON ({e.msg})"
-                    if not isinstance(row, dict):
-                        return f"{f}:{lineno}: expected a JSON object, got {type(row).__name__}"
+            try:
+                read_jsonl(f)  # names the file and line of a bad row
+            except ValueError as e:
+                return str(e)
     cause = str(error).splitlines()[0][:300] if str(error) else ""
     return f"{', '.join(map(str, files[:3]))}: could not be read ({type(error).__name__}: {cause})"

@@ -68,12 +68,9 @@ def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
     return None if best[0] == worst[0] else (best[1], worst[1])
 
 
-def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[float | None]] | None:
+def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[float | None]]:
     """(instruction, responses, scores) of a row that already holds scored responses: the Magpie authors' DPO
-    layout (`instruction`, `responses`, `rewards_armorm: [{score}]`) or a plain `responses` + `scores`; None
-    for a row that holds none (its responses are sampled and scored here)."""
-    if "responses" not in row:
-        return None
+    layout (`instruction`, `responses`, `rewards_armorm: [{score}]`) or a plain `responses` + `scores`."""
     responses = row["responses"]
     raw = row.get("rewards_armorm", row.get("scores"))
     if raw is None:
@@ -83,12 +80,8 @@ def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[flo
         raise ConfigError(
             f"{where}: {len(scores)} scores for {len(responses) if isinstance(responses, list) else 0} responses"
         )
-    if isinstance(row.get("instruction"), str):
-        instruction = row["instruction"]
-    elif "messages" in row or "conversations" in row:
-        instruction = first_turn(row, where)[0]
-    else:
-        raise ConfigError(f"{where}: no 'instruction' (or 'messages') beside 'responses'")
+    # The authors' rows hold an instruction and no response; other rows a conversation in any layout.
+    instruction = row["instruction"] if isinstance(row.get("instruction"), str) else first_turn(row, where)[0]
     return instruction, [str(r) for r in responses], [None if x is None else float(x) for x in scores]
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
 from core.config import cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine, request_seed
+from core.engines import EngineConfig, Sampling, make_engine, prompt_seed
 from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
 from core.models import resolve_model
 
@@ -498,7 +498,7 @@ class Judge:
             # would make a serving engine repeat each failure.
             samplings = [
                 Sampling(temperature=temperature, max_tokens=self.max_tokens, stop=("}",),
-                         seed=request_seed(hashlib.sha256(texts[i].encode()).hexdigest(), "judge", attempt)
+                         seed=prompt_seed(texts[i], "judge", attempt)
                          if attempt else None)
                 for i in todo
             ]  # fmt: skip
@@ -544,10 +544,11 @@ def yes_probability(engine: Any, prompts: list[str]) -> list[float | None]:
     return out
 
 
-def row_key(row: dict) -> str:
+def row_key(row: dict, where: str = "a row") -> str:
     """What a tag was computed from: a hash of the conversation. Resume and merge key tags to it, so tags never
-    land on other rows when the input file changes under the same path."""
-    blob = json.dumps(to_messages(row, "a row"), sort_keys=True, ensure_ascii=False)
+    land on other rows when the input file changes under the same path. A row with no conversation fails here,
+    naming `where`."""
+    blob = json.dumps(to_messages(row, where), sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -559,15 +560,15 @@ def _current(tag_row: dict, keys: list[str]) -> bool:
 def run_chunked(
     name: str,
     rows: list[dict],
+    keys: list[str],
     cfg: TagConfig,
     tag_chunk: ChunkTagger,
     columns: list[str],
     writer: ShardWriter,
 ) -> None:
-    """Tag rows chunk by chunk, one shard per chunk (the unit a killed run redoes). `tag_chunk` maps
-    (instruction, response) pairs to tag dicts, None where it failed; its models load on first use, so a
-    finished tagger loads nothing."""
-    keys = [row_key(r) for r in rows]
+    """Tag rows chunk by chunk, one shard per chunk (the unit a killed run redoes). `keys` are the rows'
+    `row_key`s. `tag_chunk` maps (instruction, response) pairs to tag dicts, None where it failed; its models
+    load on first use, so a finished tagger loads nothing."""
     done = {r["row_index"] for r in writer.rows() if _current(r, keys)}
     todo = [i for i in range(len(rows)) if i not in done]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"tag {name}", unit="row")
@@ -707,8 +708,8 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), may_differ=("taggers", "chunk_size"), overwrite=cfg.overwrite)
     rows = load_rows(cfg.input)
-    for i, row in enumerate(rows):
-        to_messages(row, f"{cfg.input}: row {i}")  # any layout with a conversation; none fails naming the row
+    # Any layout with a conversation; a row with none fails here, naming it, before any work.
+    keys = [row_key(r, f"{cfg.input}: row {i}") for i, r in enumerate(rows)]
     start = time.time()
     timings: dict[str, float] = {}
     taggers = Taggers(cfg)
@@ -718,10 +719,9 @@ def run(cfg: TagConfig) -> dict[str, Any]:
         writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
         if name not in whole_table:
             run_chunked(
-                name, rows, cfg, lambda pairs, n=name: taggers(n, pairs), taggers.columns(name), writer
+                name, rows, keys, cfg, lambda pairs, n=name: taggers(n, pairs), taggers.columns(name), writer
             )
         else:  # fast whole-table taggers: one atomic shard, recomputed unless it matches every row
-            keys = [row_key(r) for r in rows]
             if sum(_current(r, keys) for r in writer.rows()) != len(rows):
                 for shard in writer.shards:
                     shard.unlink()
@@ -730,18 +730,18 @@ def run(cfg: TagConfig) -> dict[str, Any]:
                            for i, tags in enumerate(whole_table[name](rows, cfg)))  # fmt: skip
             writer.flush()
         timings[name] = round(time.time() - t0, 2)
-    summary = merge(rows, cfg, out)
+    summary = merge(rows, keys, cfg, out)
     summary["seconds_per_tagger"] = timings
     summary["wall_seconds"] = round(time.time() - start, 2)
     atomic_write_json(out / "manifest.json", summary)
     return summary
 
 
-def merge(rows: list[dict], cfg: TagConfig, out: Path) -> dict[str, Any]:
-    """Join the input rows with every tag table present under tags/ into train-*.parquet (one atomic write)."""
+def merge(rows: list[dict], keys: list[str], cfg: TagConfig, out: Path) -> dict[str, Any]:
+    """Join the input rows with every tag table present under tags/ whose `row_key` matches its row into
+    train-*.parquet (one atomic write)."""
     table = pa.Table.from_pylist(rows)
     sources, failures = {}, {}
-    keys = [row_key(r) for r in rows]
     for tag_dir in sorted((out / "tags").iterdir()):
         shards = sorted(tag_dir.glob("part-*.parquet"))
         if not shards:

@@ -32,7 +32,7 @@ from core.engines import (
     Sampling,
     load_tokenizer,
     make_engine,
-    request_seed,
+    prompt_seed,
 )
 
 T = TypeVar("T")
@@ -211,8 +211,7 @@ class Judge:
         s = dataclasses.replace(base, temperature=self.cfg.retry_temperature) if attempt else base
         if s.temperature == 0:
             return s
-        digest = hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
-        return dataclasses.replace(s, seed=request_seed(digest, "judge", attempt))
+        return dataclasses.replace(s, seed=prompt_seed(prompt, "judge", attempt))
 
     def _generate(self, misses, prompts, keys, samplings, parse, verdicts, attempt) -> dict[int, str]:
         errors: dict[int, str] = {}

@@ -6,6 +6,8 @@ null when the benchmark has none). Writers replace their own rows; the leaderboa
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,16 @@ def score_row(
         "model": model,
         "benchmark": benchmark,
         "metric": metric,
-        "value": _finite(value, f"{model} {benchmark}/{metric}"),
+        "value": finite(value, f"{model} {benchmark}/{metric}: the score"),
         "ci_low": None if ci_low is None else float(ci_low),
         "ci_high": None if ci_high is None else float(ci_high),
     }
 
 
-def _finite(value: Any, what: str) -> float:
-    import math
-
-    if value is None or not math.isfinite(float(value)):
-        raise ConfigError(f"{what}: the score is {value!r}, not a finite number")
+def finite(value: Any, what: str) -> float:
+    """`value` as a float; ConfigError naming `what` for anything but a finite number (NaN, inf, None, text)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{what} is {value!r}, not a finite number")
     return float(value)
 
 
@@ -67,9 +68,6 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
         if missing:
             raise ConfigError(f"{path}:{i}: missing fields {missing} (expected {list(FIELDS)})")
         for key in ("value", "ci_low", "ci_high"):
-            v = row[key]
-            if (v is not None or key == "value") and not (
-                isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
-            ):
-                raise ConfigError(f"{path}:{i}: '{key}' is {v!r}, not a finite number")
+            if row[key] is not None or key == "value":
+                finite(row[key], f"{path}:{i}: '{key}'")
     return rows

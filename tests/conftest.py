@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,16 @@ def embedded_engine(embedded_path):
     from core.engines import EngineConfig, TransformersEngine
 
     return TransformersEngine(embedded_path, EngineConfig(batch_size=8))
+
+
+def write_questions(path: Path, questions: list[str]) -> Path:
+    """A JSONL file of one-exchange conversations, one per question (the assistant turn a placeholder)."""
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]}
+        for q in questions
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def free_port() -> int:

@@ -161,26 +161,18 @@ def test_select_keeps_rows_with_failed_labels_and_an_empty_selection_keeps_its_s
     rows = [{**conversation(f"q{i}"), "input_quality": q, "quality_failed": q is None}
             for i, q in enumerate(["good", None, "excellent", None, "poor"])]  # fmt: skip
     write_parquet(tmp_path / "tagged" / "train-00000.parquet", rows)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("filters:\n  - {column: input_quality, op: '!=', value: poor}\n")
-    out = cli(
-        "data_synth.select",
-        f"recipe={recipe}",
-        f"input={tmp_path / 'tagged'}",
-        f"output_dir={tmp_path / 's'}",
-    )
-    assert out.returncode == 0, out.stderr[-800:]
-    kept = pq.read_table(tmp_path / "s" / "train-00000.parquet").to_pylist()
+
+    def select(name: str, op: str, value: str) -> pa.Table:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(f"filters:\n  - {{column: input_quality, op: '{op}', value: {value}}}\n")
+        out = cli("data_synth.select", f"recipe={recipe}", f"input={tmp_path / 'tagged'}",
+                  f"output_dir={tmp_path / name}")  # fmt: skip
+        assert out.returncode == 0, out.stderr[-800:]
+        return pq.read_table(tmp_path / name / "train-00000.parquet")
+
+    kept = select("s", "!=", "poor").to_pylist()
     assert [r["input_quality"] for r in kept] == ["good", "excellent"]  # a failed label never passes
-    recipe.write_text("filters:\n  - {column: input_quality, op: '==', value: very poor}\n")
-    out = cli(
-        "data_synth.select",
-        f"recipe={recipe}",
-        f"input={tmp_path / 'tagged'}",
-        f"output_dir={tmp_path / 'e'}",
-    )
-    assert out.returncode == 0, out.stderr[-800:]
-    empty = pq.read_table(tmp_path / "e" / "train-00000.parquet")
+    empty = select("e", "==", "very poor")
     assert empty.num_rows == 0 and "messages" in empty.column_names and "input_quality" in empty.column_names
     down = cli(
         "data_synth.pairs", "recipe=demo_pairs", f"input={tmp_path / 'e'}", f"output_dir={tmp_path / 'p'}"

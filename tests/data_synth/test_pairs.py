@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 from data_synth.pairs import PairsConfig, best_and_worst, run
+from tests.conftest import write_questions
 
 
 def test_best_and_worst_drops_ties_and_unscored():
@@ -14,15 +15,8 @@ def test_best_and_worst_drops_ties_and_unscored():
 
 
 def test_pairs_on_the_embedded_model_in_trl_format(tmp_path):
-    data = tmp_path / "rows.jsonl"
     questions = ["Give me a tip for learning a new language.", "Describe the color blue.", "Why do we sleep?"]
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]})
-            + "\n"
-            for q in questions
-        )
-    )
+    data = write_questions(tmp_path / "rows.jsonl", questions)
     cfg = PairsConfig(
         input=str(data),
         output_dir=str(tmp_path / "pairs"),

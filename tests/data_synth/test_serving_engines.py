@@ -2,8 +2,6 @@
 vLLM, SGLang and `vllm serve` do (tests/openai_server.py): realistic chunk sizes, no repeats, and the same rows
 however many servers answer."""
 
-import json
-
 import datasets
 import pytest
 
@@ -11,7 +9,7 @@ from data_synth.magpie import MagpieConfig
 from data_synth.magpie import run as magpie
 from data_synth.pairs import PairsConfig
 from data_synth.pairs import run as pairs
-from tests.conftest import start_server
+from tests.conftest import start_server, write_questions
 
 pytestmark = pytest.mark.slow
 
@@ -65,15 +63,8 @@ def test_magpie_over_a_serving_engine_does_not_repeat_and_ignores_the_server_cou
 
 def test_pairs_over_a_serving_engine_samples_distinct_responses(openai_server, tmp_path, monkeypatch):
     monkeypatch.setenv("SERVER_KEY", "sk-test-123")
-    data = tmp_path / "rows.jsonl"
     questions = ["Give me a tip for learning a new language.", "Describe the color blue.", "Why do we sleep?"]
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "-"}]})
-            + "\n"
-            for q in questions
-        )  # fmt: skip
-    )
+    data = write_questions(tmp_path / "rows.jsonl", questions)
     cfg = PairsConfig(input=str(data), output_dir=str(tmp_path / "pairs"), model="smollm2", n_samples=4,
                       max_tokens=16, test_size=0.0, judge_max_tokens=48)  # fmt: skip
     cfg.engine.backend, cfg.engine.base_urls, cfg.engine.api_key_env = "openai", [openai_server], "SERVER_KEY"
