@@ -32,6 +32,9 @@ from eval.scores import score_row, write_scores
 
 BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs
 ANNOTATOR = "weighted_alpaca_eval"
+TEMPLATE = (
+    "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"  # the prompt of every weighted_alpaca_eval_* config
+)
 
 
 @dataclass
@@ -44,6 +47,9 @@ class AlpacaEvalConfig:
     max_instances: int | None = None
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=1, logprobs=20))
     df_gamed: str | None = None  # local df_gamed.csv for the LC win rate; default: the Hub's (needs internet)
+    # The `annotator` column: alpaca_eval's config whose judge this is (weighted_alpaca_eval_gpt4_turbo for
+    # gpt-4-1106-preview), so `alpaca_eval evaluate` takes our annotations as its cache; else weighted_alpaca_eval/<judge>
+    annotator: str | None = None
     output_dir: str | None = None  # default: <model_outputs dir>/weighted_alpaca_eval
 
 
@@ -76,6 +82,25 @@ def first_instances(model: list[dict], reference: list[dict], n: int) -> tuple[l
     return model[:n], reference[:n]
 
 
+def annotator_name(cfg: AlpacaEvalConfig) -> str:
+    """alpaca_eval's own name for this judge: the weighted_alpaca_eval_* config that asks `judge.model` with our
+    prompt and logprob parser (its cache is keyed by this name), else weighted_alpaca_eval/<judge>."""
+    if cfg.annotator:
+        return cfg.annotator
+    import yaml
+    from alpaca_eval import utils
+
+    for path in sorted((Path(utils.__file__).parent / "evaluators_configs").glob("weighted_*/configs.yaml")):
+        for name, conf in yaml.safe_load(path.read_text()).items():
+            if (
+                conf.get("prompt_template") == TEMPLATE
+                and conf.get("fn_completion_parser") == "logprob_parser"
+                and conf.get("completions_kwargs", {}).get("model_name") == cfg.judge.model
+            ):
+                return name
+    return f"{ANNOTATOR}/{cfg.judge.model}"
+
+
 def reference_path(cfg: AlpacaEvalConfig) -> str:
     if cfg.reference_outputs:
         return cfg.reference_outputs
@@ -99,9 +124,7 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ou
     """Judge model (output_2) against reference (output_1), as alpaca_eval's pairwise annotator does."""
     from alpaca_eval import processors, utils
 
-    template = (
-        Path(utils.__file__).parent / "evaluators_configs/alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
-    ).read_text()
+    template = (Path(utils.__file__).parent / "evaluators_configs" / TEMPLATE).read_text()
     df = pd.DataFrame(
         {
             "instruction": [r["instruction"] for r in reference],
@@ -138,7 +161,7 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ou
         for s, v in zip(same, verdicts, strict=True)
     ]
     df = swap.postprocess(shown)
-    df["annotator"] = f"{ANNOTATOR}/{cfg.judge.model}"
+    df["annotator"] = annotator_name(cfg)
     df["raw_completion"] = [None if v is None else _raw(v.completion) for v in verdicts]
     df["error"] = [None if v is None else v.error for v in verdicts]
     df.attrs["identical_outputs"] = sum(same)

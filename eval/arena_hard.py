@@ -1,15 +1,19 @@
-"""Arena-Hard v0.1 (MAGPIE_REFERENCE.md section 5) with any judge, in arena-hard-auto's file formats.
+"""Arena-Hard (v0.1, the paper's, and v2.0) with any judge, in arena-hard-auto's file formats.
 
     python -m eval.arena_hard answers=DIR[,DIR...] [baseline=gpt-4-0314] [judge.model=...] [style_control=true]
+    python -m eval.arena_hard recipe=arena_hard_v2 answers=DIR[,DIR...]
     python -m eval.arena_hard judgments=DIR/model_judgment/JUDGE [answers=...] [n_bootstrap=100] [output_dir=DIR]
 
 `answers` are model_answer directories holding one arena-hard-auto answer file per model (eval.generate
-bench=arena_hard writes them), the baseline's included. Every question is judged twice with arena-hard-auto's judge prompt: game 1 shows the
-baseline as A, game 2 as B. Verdicts become battles (">>" counts as 3), a Bradley-Terry model anchors the
-baseline at 1000, and each model's score is its expected win rate against the baseline (%) with a 95%
-bootstrap interval; `style_control=true` adds arena-hard-auto's length and markdown-density features to the
-fit, so the score is what remains at equal style. Writes `model_judgment/<judge>/<model>.jsonl` and
-`arena_hard/leaderboard.csv` (model, score, rating_q025, rating_q975, CI, avg_tokens).
+bench=arena_hard writes them), the baselines' included; both of arena-hard-auto's layouts are read (v2:
+uid/messages, since April 2025; v0.1: question_id/choices). Every question is judged twice with arena-hard-auto's
+judge prompt for its category: game 1 shows the baseline as A, game 2 as B. Verdicts become battles (">>" counts
+as 3), a Bradley-Terry model anchors the baseline at 1000, and each model's score is its expected win rate against
+the baseline (%) with a 95% bootstrap interval; `style_control=true` adds arena-hard-auto's length and
+markdown-density features to the fit, so the score is what remains at equal style. Questions of several categories
+(v2.0: hard_prompt, creative_writing) are scored per category, each against its own baseline
+(`category_baselines`). Writes `model_judgment/<judge>/<model>.jsonl` (`layout=v2`, the default, or `v0.1`) and
+`arena_hard/leaderboard.csv` as arena-hard-auto's pre-v2.0 show_result.py --output wrote it (v2.0 writes no CSV).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,6 +54,12 @@ JUDGE_SYSTEM = (
     "3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n"
     '5. Assistant B is significantly better: [[B>>A]]\n\nExample output: "My final verdict is tie: [[A=B]]".'
 )
+# Creative writing (Arena-Hard v2.0) is judged without the judge's own answer (utils/judge_utils.py, verbatim).
+CREATIVE_SYSTEM = JUDGE_SYSTEM.replace(
+    "Begin your evaluation by generating your own answer to the prompt. You must provide your answers before "
+    "judging any answers.\n\n",
+    "",
+).replace("compare both assistants' answers with your answer.", "compare both assistants' answers.")
 JUDGE_TEMPLATE = (
     "<|User Prompt|>\n{question_1}\n\n<|The Start of Assistant A's Answer|>\n{answer_1}\n"
     "<|The End of Assistant A's Answer|>\n\n<|The Start of Assistant B's Answer|>\n{answer_2}\n"
@@ -70,31 +81,47 @@ def parse_verdict(text: str) -> str | None:
 
 
 def read_judgments(path: Path) -> list[dict[str, Any]]:
-    """arena-hard-auto `model_judgment/<judge>/<model>.jsonl`: each row a question_id, a model and two games."""
+    """arena-hard-auto `model_judgment/<judge>/<model>.jsonl` in either layout, as {question_id, model, category,
+    baseline, games}: v2 rows carry uid/category/baseline (a failed game is null), v0.1 rows question_id."""
     try:
         rows = read_jsonl(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    out = []
     for i, row in enumerate(rows, 1):
         games = row.get("games")
-        if "question_id" not in row or "model" not in row or not isinstance(games, list) or not games:
+        qid = row.get("uid", row.get("question_id"))
+        if qid is None or "model" not in row or not isinstance(games, list) or not games:
             raise ConfigError(
-                f"{path}:{i}: expected 'question_id', 'model' and a non-empty 'games' list (arena-hard-auto's "
-                f"judgment layout); got keys {sorted(row)}"
+                f"{path}:{i}: expected 'uid' (or v0.1's 'question_id'), 'model' and a non-empty 'games' list "
+                f"(arena-hard-auto's judgment layout); got keys {sorted(row)}"
             )
-        if not all(isinstance(g, dict) for g in games):
-            raise ConfigError(f"{path}:{i}: every game must be an object with a 'score'")
-    return rows
+        if not all(g is None or isinstance(g, dict) for g in games):
+            raise ConfigError(f"{path}:{i}: every game must be an object with a 'score' (or null)")
+        out.append(normalized(row))
+    return out
+
+
+def normalized(row: dict[str, Any]) -> dict[str, Any]:
+    """One judgment row, either layout, as scoring reads it."""
+    return {
+        "question_id": str(row.get("uid", row.get("question_id"))),
+        "model": row["model"],
+        "category": row.get("category"),
+        "baseline": row.get("baseline"),
+        "games": [g if isinstance(g, dict) else {"score": None} for g in row["games"]],
+    }
 
 
 def battles_from_judgments(
     rows: list[dict[str, Any]], baseline: str, with_question: bool = False
 ) -> list[tuple]:
     """(model_a, model_b, winner) battles, winner in {model_a, model_b, tie}; game 2 has the positions swapped.
-    `with_question` appends the question_id (style control needs each battle's two answers)."""
+    A row's own baseline (v2 judgments name it) wins over `baseline`. `with_question` appends the question_id
+    (style control needs each battle's two answers)."""
     out = []
     for row in rows:
-        model = row["model"]
+        model, base = row["model"], row.get("baseline") or baseline
         for game_index, game in enumerate(row["games"][:2]):
             label = game.get("score")
             if label not in LABELS:
@@ -108,9 +135,7 @@ def battles_from_judgments(
             else:  # A is the model
                 winner = "model_b" if a_won else "model_a"
             battle = (
-                (baseline, model, winner, str(row["question_id"]))
-                if with_question
-                else (baseline, model, winner)
+                (base, model, winner, str(row["question_id"])) if with_question else (base, model, winner)
             )
             out += [battle] * weight
     return out
@@ -164,11 +189,12 @@ def score(rating: float, baseline_rating: float = 1000.0) -> float:
 
 
 def _row(model: str, rating: float, low: float, high: float) -> dict[str, Any]:
-    """One leaderboard row: ratings (baseline = 1000) and the score (% vs the baseline) with its interval."""
+    """One leaderboard row as arena-hard-auto's pre-v2.0 show_result.py writes it: score and its 95% interval as
+    win rates against the baseline (%), 2 decimals, under its names; the Elo ratings (baseline = 1000) apart."""
     sc, lo, hi = score(rating), score(low), score(high)
-    return {"model": model, "score": round(sc, 1), "rating": round(rating, 1), "rating_q025": round(low, 1),
-            "rating_q975": round(high, 1), "score_q025": round(lo, 1), "score_q975": round(hi, 1),
-            "CI": f"(-{round(sc - lo, 1)}, +{round(hi - sc, 1)})"}  # fmt: skip
+    return {"model": model, "score": round(sc, 2), "rating_q025": round(lo, 2), "rating_q975": round(hi, 2),
+            "CI": f"(-{sc - lo:.2f}, +{hi - sc:.2f})", "elo": round(rating, 1), "elo_q025": round(low, 1),
+            "elo_q975": round(high, 1)}  # fmt: skip
 
 
 def leaderboard(
@@ -246,13 +272,18 @@ def style_controlled_leaderboard(
 
 @dataclass
 class ArenaHardConfig:
-    # model_answer dirs (one <model>.jsonl per model, the baseline's included); several dirs may share the job
+    # model_answer dirs (one <model>.jsonl per model, the baselines' included); several dirs may share the job
     answers: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=list)  # answer files to judge; default: all but the baseline
-    questions: str | None = None  # default: lmarena-ai/arena-hard-auto-v0.1 (500 questions)
+    models: list[str] = field(default_factory=list)  # answer files to judge; default: all but the baselines
+    bench: Literal["arena_hard", "arena_hard_v2"] = "arena_hard"  # default questions: v0.1 or v2.0
+    questions: str | None = None  # local question.jsonl (either layout) or Hub dataset; default: the bench's
     max_questions: int | None = None
     baseline: str = "gpt-4-0314"
+    # A baseline per question category, where it differs from `baseline` (Arena-Hard v2.0: hard_prompt ->
+    # o3-mini-2025-01-31, creative_writing -> gemini-2.0-flash-001, arena-hard-auto's utils/judge_utils.py)
+    category_baselines: dict[str, str] = field(default_factory=dict)
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=4096, logprobs=None))
+    layout: Literal["v2", "v0.1"] = "v2"  # judgment files: current arena-hard-auto's or pre-v2.0's
     judgments: str | None = None  # only score these arena-hard-auto judgment files (no judging)
     style_control: bool = False  # add length and markdown-density features to the Bradley-Terry fit
     n_bootstrap: int = 100
@@ -262,22 +293,40 @@ class ArenaHardConfig:
     )
 
 
+def baseline_of(cfg: ArenaHardConfig, category: str | None) -> str:
+    return cfg.category_baselines.get(category or "", cfg.baseline)
+
+
 def read_answers(path: Path) -> dict[str, dict[str, Any]]:
-    """One arena-hard-auto v0.1 answer file -> {question_id: {"text", "token_len", "meta"}}."""
+    """One arena-hard-auto answer file, v2 (uid, messages, metadata) or v0.1 (question_id, choices,
+    conv_metadata) -> {question_id: {"text", "token_len", "meta"}}."""
     answers = {}
     for i, row in enumerate(read_jsonl(path), 1):
         try:
-            turn = row["choices"][0]["turns"][0]
-            qid = str(row["question_id"])
+            if "uid" in row:  # v2: the answer is the last message's content, {"answer": ...} or a string
+                qid, content, meta = str(row["uid"]), row["messages"][-1]["content"], row.get("metadata")
+                text = content["answer"] if isinstance(content, dict) else content
+                token_len = (meta or {}).get("token_len")
+            else:
+                qid, turn, meta = (
+                    str(row["question_id"]),
+                    row["choices"][0]["turns"][0],
+                    row.get("conv_metadata"),
+                )
+                text = turn["content"] if isinstance(turn, dict) else turn
+                token_len = turn.get("token_len") if isinstance(turn, dict) else None
         except (KeyError, IndexError, TypeError):
             raise ConfigError(
-                f"{path}:{i}: expected question_id and choices[0].turns[0] (arena-hard-auto)"
+                f"{path}:{i}: expected arena-hard-auto's uid and messages[-1].content (v2), or question_id and "
+                "choices[0].turns[0] (v0.1)"
             ) from None
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}:{i}: the answer must be a string, got {type(text).__name__}")
         if qid in answers:
-            raise ConfigError(f"{path}:{i}: question_id {qid!r} answered twice")
-        text = turn["content"] if isinstance(turn, dict) else turn
-        token_len = turn.get("token_len") if isinstance(turn, dict) else None
-        meta = row.get("conv_metadata") or (style_metadata(text, token_len) if token_len else None)
+            raise ConfigError(f"{path}:{i}: question {qid!r} answered twice")
+        if token_len is None and meta:
+            token_len = meta.get("token_len")
+        meta = meta or (style_metadata(text, token_len) if token_len else None)
         answers[qid] = {"text": text, "token_len": token_len, "meta": meta}
     return answers
 
@@ -299,30 +348,38 @@ def answer_files(dirs: list[str]) -> dict[str, Path]:
 def judge_model(
     cfg: ArenaHardConfig, model: str, questions: list[dict], answers: dict, judge: Judge
 ) -> list[dict]:
-    """Both games of every question: game 1 shows the baseline as A, game 2 shows it as B."""
-    base, mine = answers[cfg.baseline], answers[model]
+    """Both games of every question, in the `layout` asked for: game 1 shows the baseline as A, game 2 as B."""
     conversations = []
     for q in questions:
+        base, mine = answers[baseline_of(cfg, q["category"])], answers[model]
+        system = CREATIVE_SYSTEM if q["category"] == "creative_writing" else JUDGE_SYSTEM
         for a, b in ((base, mine), (mine, base)):
             user = JUDGE_TEMPLATE.format(
                 question_1=q["turns"][0], answer_1=a[q["id"]]["text"], answer_2=b[q["id"]]["text"]
             )
-            conversations.append(
-                [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-            )
+            conversations.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
     verdicts = judge.ask(conversations, lambda c: parse_verdict(c.text), desc=f"arena_hard judge {model}")
     rows = []
     for k, q in enumerate(questions):
-        games = [
-            {
-                "user_prompt": conversations[2 * k + g][1]["content"],
-                "judgment": v.completion.text if v.completion else None,
-                "score": v.value,
-                **({"error": v.error} if v.error else {}),
-            }
-            for g, v in enumerate(verdicts[2 * k : 2 * k + 2])
-        ]
-        rows.append({"question_id": q["id"], "model": model, "judge": cfg.judge.model, "games": games})
+        games = []
+        for g, v in enumerate(verdicts[2 * k : 2 * k + 2]):
+            text = v.completion.text if v.completion else None
+            game = (
+                {"score": v.value, "judgment": {"answer": text}, "prompt": conversations[2 * k + g]}
+                if cfg.layout == "v2"  # gen_judgment.py since v2.0
+                else {
+                    "user_prompt": conversations[2 * k + g][1]["content"],
+                    "judgment": text,
+                    "score": v.value,
+                }
+            )
+            games.append({**game, **({"error": v.error} if v.error else {})})
+        if cfg.layout == "v2":
+            row = {"uid": q["id"], "category": q["category"], "judge": cfg.judge.model, "model": model,
+                   "baseline": baseline_of(cfg, q["category"]), "games": games}  # fmt: skip
+        else:
+            row = {"question_id": q["id"], "model": model, "judge": cfg.judge.model, "games": games}
+        rows.append(row)
     return rows
 
 
@@ -330,20 +387,21 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
     """Judge every model's answers against the baseline's, then score them."""
     if not cfg.output_dir and len(cfg.answers) > 1:
         raise ConfigError("output_dir is required when answers lists several directories")
+    files = answer_files(cfg.answers)  # before anything is written: a wrong path leaves no trace
     out = Path(cfg.output_dir or Path(cfg.answers[0]).parent)
     prepare_output_dir(
-        out / "arena_hard", resolved(cfg), may_differ=("n_bootstrap", "style_control", "models")
+        out / "arena_hard", resolved(cfg), may_differ=("n_bootstrap", "style_control", "models", "layout")
     )
-    all_questions = load_questions("arena_hard", cfg.questions)
+    all_questions = load_questions(cfg.bench, cfg.questions)
     questions = all_questions[: cfg.max_questions] if cfg.max_questions else all_questions
-    files = answer_files(cfg.answers)
-    models = cfg.models or [m for m in files if m != cfg.baseline]
-    for name in [cfg.baseline, *models]:
+    baselines = sorted({baseline_of(cfg, q["category"]) for q in questions})
+    models = cfg.models or [m for m in files if m not in baselines]
+    for name in [*baselines, *models]:
         if name not in files:
             raise ConfigError(
                 f"answers: no {name}.jsonl in {', '.join(cfg.answers)} (found: {sorted(files)})"
             )
-    answers = {name: read_answers(files[name]) for name in [cfg.baseline, *models]}
+    answers = {name: read_answers(files[name]) for name in [*baselines, *models]}
     wanted, known = {q["id"] for q in questions}, {q["id"] for q in all_questions}
     for name, by_id in answers.items():  # keyed by question_id, so order is free (arena-hard-auto sorts them)
         got = [i for i in by_id if i in wanted or i not in known]
@@ -354,7 +412,11 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
     for model in models:
         judged = judge_model(cfg, model, questions, answers, judge)
         write_jsonl(judge_dir / f"{model}.jsonl", judged)
-        rows += judged
+        # v0.1's layout has no category or baseline on the row: take them from the question
+        rows += [
+            {**normalized(r), "category": q["category"], "baseline": baseline_of(cfg, q["category"])}
+            for r, q in zip(judged, questions, strict=True)
+        ]
     judge.close()
     result = score_judgments(rows, cfg, answers)
     result["judge_calls"] = judge.stats.as_dict()
@@ -365,54 +427,85 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
 def score_judgments(
     rows: list[dict], cfg: ArenaHardConfig, answers: dict[str, dict] | None = None
 ) -> dict[str, Any]:
-    """The leaderboard (plain or style-controlled) plus counts of games without a verdict."""
-    battles = battles_from_judgments(rows, cfg.baseline)
-    if not battles:
+    """A leaderboard (plain or style-controlled) per question category, each against its own baseline, plus
+    counts of games without a verdict. `leaderboard` is hard_prompt's where there is one, else the only one."""
+    by_category: dict[str, list[dict]] = {}
+    for r in rows:
+        by_category.setdefault(r.get("category") or "", []).append(r)
+    tables, unscored = {}, []
+    for category, group in by_category.items():
+        named = {r["baseline"] for r in group if r.get("baseline")}
+        if len(named) > 1:
+            raise ConfigError(f"judgments of category {category!r} name several baselines: {sorted(named)}")
+        baseline = named.pop() if named else baseline_of(cfg, category)
+        if battles_from_judgments(group, baseline):
+            tables[category] = _table(group, baseline, cfg, answers)
+        else:
+            unscored.append(category)
+    if not tables:
         raise ConfigError(
             "no judgment has a verdict: nothing to score (see the `error` fields in the judgments)"
         )
+    primary = "hard_prompt" if "hard_prompt" in tables else next(iter(tables))
+    unparsed: dict[str, int] = {}
+    for r in rows:
+        n = sum(1 for g in r["games"][:2] if g.get("score") not in LABELS)
+        unparsed[r["model"]] = unparsed.get(r["model"], 0) + n
+    result = {"leaderboard": tables[primary], "unparsed_games": unparsed, "style_control": cfg.style_control}
+    if len(tables) > 1:
+        result["categories"] = tables
+    if unscored:
+        result["unscored_categories"] = unscored  # no game of theirs has a verdict
+    return result
+
+
+def _table(rows: list[dict], baseline: str, cfg: ArenaHardConfig, answers: dict | None) -> list[dict]:
     if cfg.style_control:
         if not answers:
             raise ConfigError(
                 "style_control needs the answer files (answers=DIR) for lengths and markdown counts"
             )
-        table = style_controlled_leaderboard(rows, answers, cfg.baseline, cfg.n_bootstrap, cfg.seed)
+        table = style_controlled_leaderboard(rows, answers, baseline, cfg.n_bootstrap, cfg.seed)
     else:
-        table = leaderboard(battles, cfg.baseline, cfg.n_bootstrap, cfg.seed)
-    for row in table:
+        table = leaderboard(battles_from_judgments(rows, baseline), baseline, cfg.n_bootstrap, cfg.seed)
+    asked = {r["question_id"] for r in rows}
+    for row in table:  # show_result.py: the mean token_len over the model's answers, truncated to an integer
         lens = [
             a["token_len"]
-            for a in (answers or {}).get(row["model"], {}).values()
-            if a["token_len"] is not None
+            for q, a in (answers or {}).get(row["model"], {}).items()
+            if q in asked and a["token_len"] is not None
         ]
-        row["avg_tokens"] = round(float(np.mean(lens)), 1) if lens else None
-    unparsed = {}
-    for r in rows:
-        n = sum(1 for g in r["games"][:2] if g.get("score") not in LABELS)
-        unparsed[r["model"]] = unparsed.get(r["model"], 0) + n
-    return {"leaderboard": table, "unparsed_games": unparsed, "style_control": cfg.style_control}
+        row["avg_tokens"] = float(int(np.mean(lens))) if lens else None
+    return table
+
+
+CSV_COLUMNS = ["model", "score", "rating_q025", "rating_q975", "CI", "avg_tokens", "date"]
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
-    """arena-hard-auto's leaderboard CSV columns, results.json, and scores.jsonl for eval.leaderboard."""
+    """leaderboard.csv as arena-hard-auto's pre-v2.0 show_result.py --output writes it (one more per category
+    where there are several), results.json, and scores.jsonl for eval.leaderboard."""
     import csv
     import io
 
-    columns = ["model", "score", "rating_q025", "rating_q975", "CI", "avg_tokens"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(result["leaderboard"])
-    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    tables = result.get("categories") or {"": result["leaderboard"]}
+    date = time.strftime("%Y-%m-%d")
+    suffix = "_style_controlled" if result.get("style_control") else ""
+    scores = []
+    for category, table in tables.items():
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({**r, "date": date} for r in table)
+        name = "leaderboard.csv" if table is result["leaderboard"] else f"leaderboard_{category}.csv"
+        atomic_write_text(out / name, buf.getvalue())
+        metric = (f"{category}_score" if len(tables) > 1 else "score") + suffix
+        scores += [
+            score_row(r["model"], "arena_hard", metric, r["score"], r["rating_q025"], r["rating_q975"])
+            for r in table
+        ]
     atomic_write_json(out / "results.json", result)
-    metric = "score_style_controlled" if result.get("style_control") else "score"
-    write_scores(
-        out,
-        [
-            score_row(r["model"], "arena_hard", metric, r["score"], r["score_q025"], r["score_q975"])
-            for r in result["leaderboard"]
-        ],
-    )
+    write_scores(out, scores)
 
 
 @cli

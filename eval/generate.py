@@ -3,10 +3,12 @@
     python -m eval.generate model=runs/sft/merged bench=alpaca_eval output_dir=runs/eval/magpie/alpaca_eval
     python -m eval.generate recipe=magpie_paper model=... bench=arena_hard output_dir=...
 
-alpaca_eval -> `model_outputs.json` (what `alpaca_eval --model_outputs` reads); arena_hard ->
-`model_answer/<name>.jsonl` (arena-hard-auto v0.1); mt_bench -> `model_answer/<name>.jsonl` (FastChat, both
-turns). Greedy decoding with the recipe's repetition penalty (the paper: 1.2), any engine. Progress is kept in
-`answers.jsonl` after every chunk, so a killed run resumes where it stopped.
+alpaca_eval -> `model_outputs.json` (what `alpaca_eval --model_outputs` reads); arena_hard (v0.1, the paper's)
+and arena_hard_v2 -> `model_answer/<name>.jsonl` in arena-hard-auto's current layout (`layout=v2`: uid, messages,
+metadata) or its pre-April-2025 one (`layout=v0.1`: question_id, choices, conv_metadata); mt_bench ->
+`model_answer/<name>.jsonl` (FastChat, both turns). Greedy decoding with the recipe's repetition penalty (the
+paper: 1.2), any engine. Progress is kept in `answers.jsonl` after every chunk, so a killed run resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import atomic_write_json, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
 
-Bench = Literal["alpaca_eval", "arena_hard", "mt_bench"]
+Bench = Literal["alpaca_eval", "arena_hard", "arena_hard_v2", "mt_bench"]
 
 # Where each benchmark's questions live on the Hub (users have internet; tests pass local files).
 HUB_QUESTIONS = {
     "alpaca_eval": "tatsu-lab/alpaca_eval",  # alpaca_eval.json: 805 instructions
     "arena_hard": "lmarena-ai/arena-hard-auto-v0.1",  # 500 questions
+    "arena_hard_v2": "lmarena-ai/arena-hard-auto",  # data/arena-hard-v2.0/question.jsonl: 750 questions
     "mt_bench": "HuggingFaceH4/mt_bench_prompts",  # 80 two-turn questions
 }
+# Benchmarks whose Hub repo is read as one file (no loadable dataset there)
+HUB_FILES = {"alpaca_eval": "alpaca_eval.json", "arena_hard_v2": "data/arena-hard-v2.0/question.jsonl"}
 
 
 @dataclass
@@ -51,6 +56,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     chunk_size: int = 256  # questions per engine call and progress write (a resume unit, not a batch size)
+    layout: Literal["v2", "v0.1"] = "v2"  # arena-hard-auto answer files: current (uid/messages) or pre-v2.0
     output_dir: str = "runs/eval/generate"
     overwrite: bool = False
 
@@ -62,14 +68,14 @@ def model_name(cfg: GenerateConfig) -> str:
 def load_questions(bench: str, source: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Questions as {"id", "turns": [str], "category", "extra"}; `extra` goes back into the answer files."""
     source = source or HUB_QUESTIONS[bench]
-    if bench == "alpaca_eval" and source == HUB_QUESTIONS["alpaca_eval"]:
-        from huggingface_hub import hf_hub_download  # the Hub repo's loading script is gone; read the file
+    if bench in HUB_FILES and source == HUB_QUESTIONS[bench]:
+        from huggingface_hub import hf_hub_download  # no loadable dataset in these repos; read the file
 
         try:
-            source = hf_hub_download(source, "alpaca_eval.json", repo_type="dataset")
+            source = hf_hub_download(source, HUB_FILES[bench], repo_type="dataset")
         except Exception as e:  # offline, proxy, rate limit: huggingface_hub raises many types
             raise ConfigError(
-                f"{source}: could not download alpaca_eval.json from the Hub ({type(e).__name__}); "
+                f"{source}: could not download {HUB_FILES[bench]} from the Hub ({type(e).__name__}); "
                 "pass questions=PATH to a local copy"
             ) from None
     split = "train"
@@ -93,14 +99,16 @@ def _question(bench: str, row: dict[str, Any], i: int, source: str) -> dict[str,
             "category": row.get("dataset"),
             "extra": {"dataset": row.get("dataset", "")},
         }
-    qid = row.get("question_id", row.get("prompt_id", row.get("id")))
+    qid = row.get("uid", row.get("question_id", row.get("prompt_id", row.get("id"))))
     turns = row.get("turns", row.get("prompt"))
+    if isinstance(turns, str):  # arena-hard-auto since v2.0: {uid, category, prompt}
+        turns = [turns]
     if turns is None and isinstance(row.get("instruction"), str):  # a plain {id, instruction} file: one turn
         turns = [row["instruction"]]
     if qid is None or not isinstance(turns, list) or not turns:
         raise ConfigError(
-            f"{where}: expected 'question_id' and a non-empty 'turns' list "
-            "(arena-hard-auto / FastChat), 'prompt_id' and 'prompt' (HuggingFaceH4/mt_bench_prompts), "
+            f"{where}: expected 'uid' and 'prompt' (arena-hard-auto), 'question_id' and a non-empty 'turns' "
+            "list (arena-hard-auto v0.1 / FastChat), 'prompt_id' and 'prompt' (HuggingFaceH4/mt_bench_prompts), "
             "or 'id' and 'instruction'"
         )
     texts = [t["content"] if isinstance(t, dict) else t for t in turns]
@@ -110,7 +118,7 @@ def _question(bench: str, row: dict[str, Any], i: int, source: str) -> dict[str,
         "id": str(qid),
         "turns": texts,
         "category": row.get("category"),
-        "extra": {k: row[k] for k in ("cluster",) if k in row},
+        "extra": {k: row[k] for k in ("cluster", "subcategory") if k in row},
     }
 
 
@@ -202,7 +210,7 @@ def _history(q: dict[str, Any], done: dict[str, dict], turn: int) -> list[dict[s
     return messages
 
 
-def export(bench: str, name: str, answered: list[dict[str, Any]], out: Path) -> Path:
+def export(bench: str, name: str, answered: list[dict[str, Any]], out: Path, layout: str = "v2") -> Path:
     """Write the benchmark's own answer file."""
     if bench == "alpaca_eval":
         rows = [
@@ -218,23 +226,24 @@ def export(bench: str, name: str, answered: list[dict[str, Any]], out: Path) -> 
         return out / "model_outputs.json"
     rows = []
     for a in answered:
-        if bench == "arena_hard":
+        answer_id = hashlib.sha1(f"{name}/{a['id']}".encode()).hexdigest()[:22]  # stable across re-exports
+        if bench.startswith("arena_hard") and layout == "v2":  # arena-hard-auto's gen_answer.py since v2.0
+            messages = []
+            for question, answer in zip(a["turns"], a["answers"], strict=True):
+                messages += [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": {"answer": answer}},
+                ]
+            rows.append({"uid": a["id"], "ans_id": answer_id, "model": name, "messages": messages, "tstamp": time.time(),
+                         "metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1])})  # fmt: skip
+            continue
+        if bench.startswith("arena_hard"):
             turns = [{"content": t, "token_len": n} for t, n in zip(a["answers"], a["n_tokens"], strict=True)]
             extra = {"conv_metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1])}
         else:
             turns, extra = a["answers"], {}
-        rows.append(
-            {
-                "question_id": a["id"],
-                "answer_id": hashlib.sha1(f"{name}/{a['id']}".encode()).hexdigest()[
-                    :22
-                ],  # stable across re-exports
-                "model_id": name,
-                "choices": [{"index": 0, "turns": turns}],
-                "tstamp": time.time(),
-                **extra,
-            }
-        )
+        rows.append({"question_id": a["id"], "answer_id": answer_id, "model_id": name,
+                     "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(), **extra})  # fmt: skip
     path = out / "model_answer" / f"{name}.jsonl"
     write_jsonl(path, rows)
     return path
@@ -261,7 +270,7 @@ def run(cfg: GenerateConfig) -> Path:
     )
     questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
     answered = generate(cfg, questions, out / "answers.jsonl")
-    return export(cfg.bench, model_name(cfg), answered, out)
+    return export(cfg.bench, model_name(cfg), answered, out, cfg.layout)
 
 
 @cli

@@ -306,7 +306,8 @@ def test_malformed_evaluation_files_are_named(tmp_path):
         ae.read_annotations(str(tmp_path / "annotations.json"))
     (tmp_path / "j.jsonl").write_text(json.dumps({"question_id": "1", "model": "m"}) + "\n")
     with pytest.raises(
-        ConfigError, match="j.jsonl:1: expected 'question_id', 'model' and a non-empty 'games'"
+        ConfigError,
+        match=r"j.jsonl:1: expected 'uid' \(or v0.1's 'question_id'\), 'model' and a non-empty 'games'",
     ):
         read_judgments(tmp_path / "j.jsonl")
 

@@ -108,7 +108,7 @@ def test_embedded_judge_on_embedded_answers_and_a_cached_rerun(embedded_path, tm
         ae.run(cfg)
 
 
-def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp_path):
+def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp_path, monkeypatch):
     # alpaca_eval's PairwiseAnnotator sets preference 1.5 where output_1 == output_2 and never judges them.
     instructions = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Name a color."]
     outputs = ["Apple.", "4", "Bonjour!", "Blue."]
@@ -121,12 +121,34 @@ def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp
     (tmp_path / "ref.json").write_text(json.dumps(reference))
     (tmp_path / "model.json").write_text(json.dumps(model))
     args = [f"model_outputs={tmp_path / 'model.json'}", f"reference_outputs={tmp_path / 'ref.json'}",
-            f"judge.model={embedded_path}", f"output_dir={tmp_path / 'ae'}"]  # fmt: skip
+            f"judge.model={embedded_path}", f"output_dir={tmp_path / 'ae'}",
+            "annotator=weighted_alpaca_eval_gpt4_turbo"]  # fmt: skip
     result = ae.run(ae.load_config("eval", args, ae.AlpacaEvalConfig)[0])
     assert result["judge_calls"]["calls"] == 2 and result["n_identical_outputs"] == 2
     saved = json.loads((tmp_path / "ae" / "annotations.json").read_text())
     assert [a["preference"] for a in saved[:2]] == [1.5, 1.5]
     assert result["n_draws"] >= 2 and result["n_total"] == 4
+
+    # alpaca_eval's own `evaluate` takes our annotations as its cache: no judge is called (there is no API key),
+    # and its win rate is ours.
+    from alpaca_eval.main import evaluate
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cache = tmp_path / "cache.json"
+    cache.write_text((tmp_path / "ae" / "annotations.json").read_text())
+    board, _ = evaluate(model_outputs=model, reference_outputs=reference, annotators_config="weighted_alpaca_eval_gpt4_turbo",
+                        caching_path=str(cache), output_path=str(tmp_path / "theirs"), precomputed_leaderboard=None,
+                        fn_metric="get_winrate", sort_by="win_rate", is_return_instead_of_print=True)  # fmt: skip
+    assert board.loc["m", "win_rate"] == pytest.approx(result["win_rate"])
+    assert board.loc["m", "n_draws"] == result["n_draws"]
+
+
+def test_annotator_is_alpaca_evals_own_config_name_for_its_judges():
+    name = lambda judge: ae.annotator_name(ae.AlpacaEvalConfig(judge=ae.JudgeConfig(model=judge)))  # noqa: E731
+    assert name("gpt-4-1106-preview") == "weighted_alpaca_eval_gpt4_turbo"
+    assert name("gpt-4o-mini-2024-07-18") == "weighted_alpaca_eval_gpt-4o-mini-2024-07-18"
+    assert name("my-local-judge") == "weighted_alpaca_eval/my-local-judge"
+    assert ae.annotator_name(ae.AlpacaEvalConfig(annotator="mine")) == "mine"
 
 
 def test_max_instances_picks_what_alpaca_eval_picks():

@@ -1,13 +1,18 @@
+import csv
 import json
 import math
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from core.config import ConfigError
 from eval.arena_hard import (
+    CREATIVE_SYSTEM,
+    JUDGE_SYSTEM,
     battles_from_judgments,
     bradley_terry,
     leaderboard,
@@ -61,36 +66,72 @@ def test_interval_narrows_as_battles_grow():
     assert narrow < wide / 2
 
 
-def test_cli_scores_arena_hard_auto_judgment_files(tmp_path):
-    d = tmp_path / "model_judgment" / "judge"
-    d.mkdir(parents=True)
-    games = {"strong": ({"score": "B>A"}, {"score": "A>B"}), "weak": ({"score": "A>>B"}, {"score": "B>>A"})}
-    for model, (g1, g2) in games.items():
-        (d / f"{model}.jsonl").write_text(
-            "".join(
-                json.dumps({"question_id": f"q{i}", "model": model, "judge": "judge", "games": [g1, g2]})
-                + "\n"
-                for i in range(5)
-            )
-        )
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eval.arena_hard",
-            f"judgments={d}",
-            "baseline=gpt-4-0314",
-            "n_bootstrap=20",
-            f"output_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def _judgments(d, layout, model, games, n=5, category="arena-hard-v0.1", baseline="gpt-4-0314"):
+    """A judgment file in arena-hard-auto's own layout: gen_judgment.py before v2.0 (question_id) and since (uid,
+    category, baseline; a failed game is null)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        g1, g2 = games(i)
+        if layout == "v0.1":
+            rows.append({"question_id": f"q{i}", "model": model, "judge": "gpt-4-1106-preview",
+                         "games": [{"user_prompt": "...", "judgment": "...", "score": g1},
+                                   {"user_prompt": "...", "judgment": "...", "score": g2}]})  # fmt: skip
+        else:
+            game = {None: None} | {
+                g: {"score": g, "judgment": {"answer": f"[[{g}]]"}, "prompt": []} for g in (g1, g2)
+            }
+            rows.append({"uid": f"q{i}", "category": category, "judge": "gpt-4.1", "model": model,
+                         "baseline": baseline, "games": [game[g1], game[g2]]})  # fmt: skip
+    (d / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_leaderboard_csv_is_what_show_result_writes_with_output(tmp_path):
+    # 3 questions won in both games (6 battles), 2 lost decisively in both (12): a 6/18 win rate. With one model
+    # against the baseline, Bradley-Terry's score is that share, as in arena-hard-auto (both versions).
+    d = tmp_path / "model_judgment" / "gpt-4-1106-preview"
+    _judgments(d, "v0.1", "mixed", lambda i: ("B>A", "A>B") if i < 3 else ("A>>B", "B>>A"))
+    _judgments(d, "v0.1", "weak", lambda i: ("A>>B", "B>>A"))
+    out = subprocess.run([sys.executable, "-m", "eval.arena_hard", f"judgments={d}", "n_bootstrap=20",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, check=True)  # fmt: skip
     board = {r["model"]: r for r in json.loads(out.stdout)["leaderboard"]}
-    assert board["gpt-4-0314"]["score"] == 50.0 and board["strong"]["score"] > 50.0 > board["weak"]["score"]
-    header = (tmp_path / "leaderboard.csv").read_text().splitlines()[0]
-    assert header == "model,score,rating_q025,rating_q975,CI,avg_tokens"  # arena-hard-auto's columns
+    assert board["mixed"]["score"] == pytest.approx(100 * 6 / 18, abs=0.01)
+    assert board["gpt-4-0314"]["score"] == 50.0 and board["weak"]["score"] < 1.0
+    assert board["gpt-4-0314"]["elo"] == 1000.0  # Elo only in results.json, under names of its own
+    with open(tmp_path / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "score", "rating_q025", "rating_q975", "CI", "avg_tokens", "date"]
+    assert [r["model"] for r in rows] == ["gpt-4-0314", "mixed", "weak"]  # by score, as show_result sorts
+    mixed = next(r for r in rows if r["model"] == "mixed")
+    low, sc, high = float(mixed["rating_q025"]), float(mixed["score"]), float(mixed["rating_q975"])
+    assert 0 < low <= sc <= high < 100  # win rates (%), not Elo ratings
+    assert mixed["score"] == "33.33" and re.fullmatch(r"\(-\d+\.\d\d, \+\d+\.\d\d\)", mixed["CI"])
+    assert rows[0]["CI"] == "(-0.00, +0.00)" and rows[0]["date"] == time.strftime("%Y-%m-%d")
+    assert mixed["avg_tokens"] == ""  # no answer files given: unknown, where show_result would write 0
+
+
+def test_v2_judgments_score_per_category_against_each_baseline(tmp_path):
+    d = tmp_path / "model_judgment" / "gpt-4.1"
+    _judgments(d, "v2", "m", lambda i: ("B>A", "A>B") if i < 3 else ("A>B", "B>A"), category="hard_prompt",
+               baseline="o3-mini-2025-01-31")  # fmt: skip
+    cw = tmp_path / "cw"
+    _judgments(cw, "v2", "m", lambda i: ("A=B", None) if i == 0 else ("B>>A", "A>>B"), category="creative_writing",
+               baseline="gemini-2.0-flash-001")  # fmt: skip
+    with open(d / "m.jsonl", "a") as f:
+        f.write((cw / "m.jsonl").read_text().replace('"uid": "q', '"uid": "c'))
+    main([f"judgments={d}", "n_bootstrap=10", f"output_dir={tmp_path / 'out'}"])
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    hard = {r["model"]: r["score"] for r in result["categories"]["hard_prompt"]}
+    creative = {r["model"]: r["score"] for r in result["categories"]["creative_writing"]}
+    assert hard == {"m": pytest.approx(60.0, abs=0.01), "o3-mini-2025-01-31": 50.0}
+    assert creative["m"] > 90 and creative["gemini-2.0-flash-001"] == 50.0
+    assert (
+        result["leaderboard"] == result["categories"]["hard_prompt"]
+    )  # the headline, as show_result's default
+    assert result["unparsed_games"] == {"m": 1}  # the null game is counted, not dropped
+    assert (tmp_path / "out" / "leaderboard_creative_writing.csv").exists()
+    metrics = {json.loads(line)["metric"] for line in (tmp_path / "out" / "scores.jsonl").open()}
+    assert metrics == {"hard_prompt_score", "creative_writing_score"}
 
 
 def _meta(n):
@@ -116,41 +157,78 @@ def test_style_control_credits_length_to_length():
     assert styled["base"] == 50.0
 
 
-def test_embedded_judge_in_both_orders_and_a_cached_rerun(embedded_path, tmp_path):
+def _v2_answer(uid, model, text, n):
+    """One answer as arena-hard-auto's gen_answer.py writes it since v2.0."""
+    meta = {"token_len": n, "header_count": {f"h{i}": 0 for i in range(1, 7)},
+            "list_count": {"ordered": 0, "unordered": 0}, "bold_count": {"**": 0, "__": 0}}  # fmt: skip
+    return {"uid": uid, "ans_id": "ndKLaFQXbU4eujaZBGjGZJ", "model": model, "tstamp": 1744155079.1,
+            "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": {"answer": text}}],
+            "metadata": meta}  # fmt: skip
+
+
+def test_embedded_judge_on_v2_files_per_category_and_a_cached_rerun(embedded_path, tmp_path):
+    # arena-hard-auto v2.0's own layouts: questions {uid, category, subcategory, prompt}, answers {uid, messages}
     questions = tmp_path / "question.jsonl"
-    asks = ["Name a fruit.", "What is 2+2?"]
-    questions.write_text("".join(json.dumps({"question_id": f"q{i}", "turns": [{"content": a}]}) + "\n"
-                                 for i, a in enumerate(asks)))  # fmt: skip
+    asks = [("q0", "hard_prompt", "What is 2+2?"), ("q1", "creative_writing", "Write a line about the sea.")]
+    questions.write_text("".join(json.dumps({"uid": u, "category": c, "subcategory": c, "prompt": p}) + "\n"
+                                 for u, c, p in asks))  # fmt: skip
     answers = tmp_path / "data" / "model_answer"
     answers.mkdir(parents=True)
-    (answers / "gpt-4-0314.jsonl").write_text("".join(
-        json.dumps({"question_id": f"q{i}", "model_id": "gpt-4-0314",
-                    "choices": [{"index": 0, "turns": [{"content": "I do not know.", "token_len": 5}]}]}) + "\n"
-        for i in range(2)))  # fmt: skip
-    generate([f"model={embedded_path}", "name=smol", "bench=arena_hard", f"questions={questions}",
+    for base in ("o3-mini-2025-01-31", "gemini-2.0-flash-001"):
+        (answers / f"{base}.jsonl").write_text(
+            "".join(json.dumps(_v2_answer(u, base, "I do not know.", 5)) + "\n" for u, _, _ in asks)
+        )
+    generate([f"model={embedded_path}", "name=smol", "bench=arena_hard_v2", f"questions={questions}",
               "max_tokens=12", f"output_dir={tmp_path / 'gen'}"])  # fmt: skip
     (answers / "smol.jsonl").write_text((tmp_path / "gen" / "model_answer" / "smol.jsonl").read_text())
-    args = [f"answers={answers}", f"questions={questions}", f"judge.model={embedded_path}", "judge.max_tokens=6",
-            'judge.prefill="My final verdict is: [["', "n_bootstrap=10"]  # fmt: skip
+    args = [f"answers={answers}", f"questions={questions}", "bench=arena_hard_v2", f"judge.model={embedded_path}",
+            "judge.max_tokens=6", 'judge.prefill="My final verdict is: [["', "n_bootstrap=10",
+            "category_baselines={hard_prompt: o3-mini-2025-01-31, creative_writing: gemini-2.0-flash-001}"]  # fmt: skip
     main(args)
-    judged = [
-        json.loads(line)
-        for line in (tmp_path / "data/model_judgment/SmolLM2-135M-Instruct/smol.jsonl").open()
+    judgments = tmp_path / "data/model_judgment/SmolLM2-135M-Instruct/smol.jsonl"
+    judged = [json.loads(line) for line in judgments.open()]
+    assert [set(j) for j in judged] == [{"uid", "category", "judge", "model", "baseline", "games"}] * 2
+    assert [(j["uid"], j["baseline"]) for j in judged] == [
+        ("q0", "o3-mini-2025-01-31"),
+        ("q1", "gemini-2.0-flash-001"),
     ]
-    assert [j["question_id"] for j in judged] == ["q0", "q1"] and all(len(j["games"]) == 2 for j in judged)
-    game1, game2 = judged[0]["games"]  # game 1 shows the baseline as A, game 2 as B
-    assert game1["user_prompt"].index("I do not know.") < game1["user_prompt"].index("Assistant B's Answer")
-    assert game2["user_prompt"].index("I do not know.") > game2["user_prompt"].index("Assistant B's Answer")
+    assert all(
+        set(g) >= {"score", "judgment", "prompt"} and "answer" in g["judgment"]
+        for j in judged
+        for g in j["games"]
+    )
+    (hard1, hard2), (creative1, _) = judged[0]["games"], judged[1]["games"]
+    assert (
+        hard1["prompt"][0]["content"] == JUDGE_SYSTEM and creative1["prompt"][0]["content"] == CREATIVE_SYSTEM
+    )
+    shown = lambda game: game["prompt"][1]["content"]  # noqa: E731  game 1: the baseline is A; game 2: B
+    assert (
+        shown(hard1).index("I do not know.")
+        < shown(hard1).index("Assistant B's Answer")
+        < shown(hard2).index("I do not know.")
+    )
     result = json.loads((tmp_path / "data" / "arena_hard" / "results.json").read_text())
+    scored = [
+        *result.get("categories", {"hard_prompt": result["leaderboard"]}),
+        *result.get("unscored_categories", []),
+    ]
+    assert sorted(scored) == ["creative_writing", "hard_prompt"]
+    assert (
+        result["judge_calls"]["calls"] >= 4 and sum(result["unparsed_games"].values()) < 4
+    )  # labels came back
     board = {r["model"]: r for r in result["leaderboard"]}
-    assert board["gpt-4-0314"]["score"] == 50.0 and board["gpt-4-0314"]["avg_tokens"] == 5.0
-    n_games = 4 - result["unparsed_games"]["smol"]
-    assert result["judge_calls"]["calls"] >= 4 and n_games > 0  # the prefilled 135M judge gives labels
-    assert 0 < board["smol"]["avg_tokens"] <= 12
+    if "smol" in board:
+        assert (
+            board["o3-mini-2025-01-31"]["score"] == 50.0 and board["o3-mini-2025-01-31"]["avg_tokens"] == 5.0
+        )
+        assert 0 < board["smol"]["avg_tokens"] <= 12
 
-    main(args)  # re-running the finished evaluation: every judgment comes from the cache
+    main([*args, "layout=v0.1"])  # re-running the finished evaluation: every judgment comes from the cache
     again = json.loads((tmp_path / "data" / "arena_hard" / "results.json").read_text())
     assert again["judge_calls"]["calls"] == 0 and again["leaderboard"] == result["leaderboard"]
+    assert [set(json.loads(line)) for line in judgments.open()] == [
+        {"question_id", "model", "judge", "games"}
+    ] * 2
 
     lines = (answers / "smol.jsonl").read_text().splitlines()
     (answers / "smol.jsonl").write_text(lines[0] + "\n")  # q1 is no longer answered

@@ -6,7 +6,7 @@ import pytest
 
 from core.config import ConfigError
 from eval.arena_hard import read_answers
-from eval.generate import check_same_questions, load_questions, main, style_metadata
+from eval.generate import check_same_questions, export, load_questions, main, style_metadata
 
 
 def write(path, rows, as_list=False):
@@ -24,6 +24,23 @@ def test_question_formats_of_each_benchmark(tmp_path):
                                            "turns": [{"content": "Write a haiku"}]}])  # fmt: skip
     (q,) = load_questions("arena_hard", arena)
     assert q["id"] == "ab12" and q["turns"] == ["Write a haiku"] and q["extra"] == {"cluster": "c"}
+    v2 = write(
+        tmp_path / "v2.jsonl",
+        [
+            {
+                "uid": "2edbb5f36f5b42be",
+                "category": "hard_prompt",
+                "subcategory": "coding",
+                "prompt": "Write me a zig program",
+            }
+        ],
+    )  # fmt: skip  arena-hard-auto since v2.0
+    (q,) = load_questions("arena_hard_v2", v2)
+    assert (q["id"], q["turns"], q["category"]) == (
+        "2edbb5f36f5b42be",
+        ["Write me a zig program"],
+        "hard_prompt",
+    )
     fastchat = write(
         tmp_path / "mt.jsonl", [{"question_id": 81, "category": "writing", "turns": ["One", "Two"]}]
     )
@@ -37,7 +54,7 @@ def test_question_formats_of_each_benchmark(tmp_path):
         tmp_path / "bad.jsonl", [{"question_id": 1, "turns": ["ok"]}, {"question_id": 2, "text": "no turns"}]
     )
     with pytest.raises(
-        ConfigError, match=r"bad.jsonl: row 2: expected 'question_id' and a non-empty 'turns'"
+        ConfigError, match=r"bad.jsonl: row 2: expected 'uid' and 'prompt' \(arena-hard-auto\), 'question_id'"
     ):
         load_questions("arena_hard", bad)
     dup = write(
@@ -98,6 +115,8 @@ def test_embedded_model_answers_each_benchmark_in_its_format(embedded_path, tmp_
     arena = write(tmp_path / "ah.jsonl", [{"question_id": "x1", "turns": [{"content": "Name a fruit."}]}])
     main([*common, "bench=arena_hard", f"questions={arena}", f"output_dir={tmp_path / 'ah'}"])
     answers = read_answers(tmp_path / "ah" / "model_answer" / "smol.jsonl")  # what eval.arena_hard reads
+    (row,) = [json.loads(line) for line in (tmp_path / "ah" / "model_answer" / "smol.jsonl").open()]
+    assert list(row) == ["uid", "ans_id", "model", "messages", "tstamp", "metadata"]  # arena-hard-auto v2.0's
     assert list(answers) == ["x1"] and 0 < answers["x1"]["token_len"] <= 8
     assert answers["x1"]["meta"]["token_len"] == answers["x1"]["token_len"]
 
@@ -120,3 +139,21 @@ def test_a_chat_api_model_answers_over_real_http(openai_server, embedded_path, t
     remote = read_answers(tmp_path / "hosted" / "model_answer" / "hosted.jsonl")
     local = read_answers(tmp_path / "local" / "model_answer" / "local.jsonl")
     assert remote["x1"]["text"] == local["x1"]["text"]  # the server applied the same chat template
+
+
+def test_arena_hard_answer_files_in_both_of_arena_hard_autos_layouts(tmp_path):
+    answered = [{"id": "x1", "turns": ["Name a fruit."], "answers": ["## Fruit\n- **Apple**"], "n_tokens": [7],
+                 "extra": {}}]  # fmt: skip
+    v2 = json.loads(export("arena_hard", "smol", answered, tmp_path / "v2", "v2").read_text())
+    # gen_answer.py since v2.0: show_result.py reads messages[-1].content.answer, and style control sums the
+    # metadata values in this key order
+    assert v2["messages"] == [{"role": "user", "content": "Name a fruit."},
+                              {"role": "assistant", "content": {"answer": "## Fruit\n- **Apple**"}}]  # fmt: skip
+    assert list(v2["metadata"]) == ["token_len", "header_count", "list_count", "bold_count"]
+    assert v2["metadata"]["token_len"] == 7 and v2["metadata"]["header_count"]["h2"] == 1
+    old = json.loads(export("arena_hard", "smol", answered, tmp_path / "v01", "v0.1").read_text())
+    assert list(old) == ["question_id", "answer_id", "model_id", "choices", "tstamp", "conv_metadata"]
+    assert old["choices"][0]["turns"] == [{"content": "## Fruit\n- **Apple**", "token_len": 7}]
+    for layout in ("v2", "v01"):  # and eval.arena_hard reads both back
+        (answer,) = read_answers(tmp_path / layout / "model_answer" / "smol.jsonl").values()
+        assert answer["text"] == "## Fruit\n- **Apple**" and answer["token_len"] == 7
