@@ -18,7 +18,7 @@ from pathlib import Path
 from core.engines import EngineConfig
 from core.io import atomic_write_json, read_jsonl
 from eval.alpaca_eval import preference
-from eval.judging import Judge, JudgeConfig
+from core.judge import Judge, JudgeConfig
 from eval.pairwise import DEMO_INSTRUCTIONS
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -31,6 +33,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temp path beside `path` to write to; on success it is fsynced and renamed over `path`, on failure removed.
+    For writers that want a file name rather than bytes (Parquet, large files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    """The one Parquet writer: the whole table, atomically."""
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -127,9 +153,7 @@ class ShardWriter:
             return
         path = self.out_dir / f"{self.split}-{self._next:05d}.parquet"
         self._next += 1
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(self._buffer), sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        write_parquet(path, pa.Table.from_pylist(self._buffer))
         self.shards.append(path)
         self.n_written += len(self._buffer)
         self._buffer = []
@@ -156,8 +180,9 @@ def data_files(directory: Path, split: str = "train") -> list[Path]:
     raise ConfigError(f"{directory}: no .parquet, .jsonl or .json files in this directory")
 
 
-def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of one split of a local Parquet/JSONL file or directory, or of a Hub dataset (users have internet).
+def open_dataset(source: str | Path, split: str = "train") -> Any:
+    """One split of a local Parquet/JSONL file or directory, or of a Hub dataset (users have internet), as a
+    `datasets.Dataset`: Arrow, memory-mapped from the cache, never the whole set as Python objects.
 
     Bad input fails with one line naming the file (and line, for JSONL); an empty input is an error too, so a
     stage never runs on nothing."""
@@ -181,20 +206,48 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
     if kind == "parquet" and _rows_in(files) == 0:
         raise ConfigError(f"{source}: 0 rows")  # datasets cannot even open an empty Parquet file
     try:
-        # to_list inside: Arrow's JSON reader accepts bytes that are not UTF-8, which fail only when decoded
-        return _nonempty(
-            datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train"), source
-        )
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        if (
+            kind == "json"
+        ):  # Arrow's JSON reader accepts bytes that are not UTF-8; they fail only when decoded
+            for _ in ds.iter(batch_size=50_000):
+                pass
+        return _nonempty(ds, source)
     except ConfigError:
         raise
     except Exception as e:  # datasets buries the cause: find the file and line ourselves
         raise ConfigError(_diagnose(files, e)) from None
 
 
-def _nonempty(ds: Any, source: str | Path) -> list[dict[str, Any]]:
+def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """`open_dataset` as a list of row dicts: for small inputs (questions, outputs to compare), not data sets."""
+    return open_dataset(source, split).to_list()
+
+
+def iter_rows(ds: Any, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+    """A dataset's rows, `batch_size` at a time as row dicts: the Python objects of one batch at a time."""
+    for batch in ds.iter(batch_size=batch_size):
+        names = list(batch)
+        yield [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
+def shard_bounds(ds: Any, source: str | Path, rows_per_shard: int = 100_000) -> list[tuple[int, int]]:
+    """(start, length) of each output shard: the input's own Parquet shards where it has them, else blocks of
+    `rows_per_shard`, so a stage that adds columns writes shards aligned with what it read."""
+    path = Path(source)
+    files = data_files(path) if path.is_dir() else [path] if path.is_file() else []
+    if files and all(f.suffix == ".parquet" for f in files):
+        sizes = [n for n in (pq.ParquetFile(f).metadata.num_rows for f in files) if n]
+    else:
+        sizes = [min(rows_per_shard, len(ds) - s) for s in range(0, len(ds), rows_per_shard)]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    return list(zip(starts, sizes, strict=True))
+
+
+def _nonempty(ds: Any, source: str | Path) -> Any:
     if len(ds) == 0:
         raise ConfigError(f"{source}: 0 rows")
-    return ds.to_list()
+    return ds
 
 
 def _diagnose(files: list[Path], error: Exception) -> str:

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from core.chat import first_turn, render_prompt, to_messages
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import ShardWriter, atomic_write_json, load_rows
-from data_synth.tag import Taggers, judge_score_source
+from core.io import ShardWriter, atomic_write_json, load_rows, write_parquet
+from core.judge import JudgeConfig
+from data_synth.tag import TAGGERS, Context
 
 
 @dataclass
@@ -40,11 +41,9 @@ class PairsConfig:
     # scoring: a sequence-classification reward model, or null for the judge's probability-weighted 1-10 score
     reward_model: str | None = None
     reward_batch_size: int = 8
-    judge: str = "embedded"
-    judge_engine: EngineConfig = field(default_factory=EngineConfig)
-    judge_max_tokens: int = 160
-    judge_retries: int = 1
-    judge_retry_temperature: float = 0.7
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig
+    )  # scores (no reward model): one token, its logprobs
     test_size: float = 0.02
     seed: int = 42
     chunk_size: int = 64  # prompts per resumable unit (x n_samples requests), not a batch size
@@ -116,7 +115,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     done = {r["source_index"] for r in work.rows()}
     todo = [i for i in range(len(rows)) if i not in done]
     engine = None
-    scorer = Taggers(cfg)  # PairsConfig has the reward_model and judge_* fields the scorer reads
+    scorer = Context(
+        cfg, out
+    )  # the taggers' scorer: PairsConfig has the reward_model and judge fields it reads
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pairs", unit="prompt")
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
@@ -144,16 +145,12 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         bar.update(len(idx))
     bar.close()
 
-    source = f"reward model {cfg.reward_model}" if cfg.reward_model else judge_score_source(cfg.judge, 1, 10)
-    return write_pairs(cfg, out, list(work.rows()), source)
+    return write_pairs(cfg, out, list(work.rows()), TAGGERS["reward"].source(cfg))
 
 
 def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
     """Split the pairs (ties are dropped and counted) into train/test Parquet files and a manifest."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from core.io import atomic_write_bytes
 
     pairs = [r for r in results if r["status"] == "pair"]
     order = np.random.default_rng(cfg.seed).permutation(len(pairs))
@@ -168,11 +165,9 @@ def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scor
         if not split_rows:
             path.unlink(missing_ok=True)
             continue
-        sink = pa.BufferOutputStream()
-        pq.write_table(
-            pa.Table.from_pylist([{k: v for k, v in r.items() if k != "status"} for r in split_rows]), sink
+        write_parquet(
+            path, pa.Table.from_pylist([{k: v for k, v in r.items() if k != "status"} for r in split_rows])
         )
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
     summary = {
         "prompts": len(results),
         "pairs": len(pairs),

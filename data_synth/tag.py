@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,16 +20,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
 from core.config import cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine, prompt_seed
-from core.io import ShardWriter, atomic_write_bytes, atomic_write_json, load_rows
+from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.io import ShardWriter, atomic_write_json, iter_rows, open_dataset, shard_bounds, write_parquet
+from core.judge import Judge, JudgeConfig, expected_score, label_probabilities
 from core.models import resolve_model
-
-ChunkTagger = Callable[[list[tuple[str, str]]], list[dict | None]]
 
 QUALITY = ["very poor", "poor", "average", "good", "excellent"]
 DIFFICULTY = ["very easy", "easy", "medium", "hard", "very hard"]
@@ -43,7 +42,7 @@ MAGPIE_TAGGERS = (
     "lengths", "language", "neighbors", "quality", "difficulty", "task_category", "reward", "reward_difference",
     "safety",
 )  # fmt: skip
-ALL_TAGGERS = (*MAGPIE_TAGGERS, "alpagasus")
+FAST_CHUNK = 20_000  # rows per shard for the taggers that need no model call per row (lengths, language)
 
 
 @dataclass
@@ -51,14 +50,10 @@ class TagConfig:
     input: str = "runs/demo/magpie"
     output_dir: str = "runs/demo/tagged"
     taggers: list[str] = field(default_factory=lambda: list(MAGPIE_TAGGERS))
-    # LLM-judged tags (quality, difficulty, task_category; reward on CPU)
-    judge: str = "embedded"
-    judge_engine: EngineConfig = field(default_factory=EngineConfig)
-    judge_max_tokens: int = 256
-    judge_retries: int = (
-        2  # extra attempts, sampled at judge_retry_temperature, for replies that do not parse
-    )
-    judge_retry_temperature: float = 0.7
+    # The judge of the LLM-judged tags (quality, difficulty, task_category; reward and safety on CPU), with the
+    # cache, retries and failure accounting every judge has. Labels are its JSON replies (prefilled "{", stopped
+    # at "}"), at most judge.max_tokens long.
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=256, logprobs=None))
     # instruct_reward: a sequence-classification reward model; null = the judge's probability-weighted 1-10
     # score, labelled as such in the column metadata
     reward_model: str | None = None
@@ -70,20 +65,21 @@ class TagConfig:
     # safety: a Llama-Guard model (verdict + categories); null = the judge's yes/no probability, labelled
     safety_model: str | None = None
     safety_engine: EngineConfig = field(default_factory=EngineConfig)
-    # neighbors: FAISS over sentence embeddings of the first user turn
+    # neighbors: FAISS over sentence embeddings of the first user turn, searched in blocks of query rows
     embedder: str = "embedded-embedder"
     embed_batch_size: int = 256
     neighbors_k: int = 500
+    neighbors_block: int = 4096  # query rows per FAISS search: memory is block x k, not rows x k
     near_duplicate_distance: float = 0.05
     # lengths
     tokenizer: str = "embedded"
-    chunk_size: int = 256  # rows per resumable unit
+    chunk_size: int = 256  # rows per resumable unit of the model-bound taggers
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.taggers if t not in ALL_TAGGERS]
+        unknown = [t for t in self.taggers if t not in TAGGERS]
         if unknown:
-            raise ValueError(f"taggers: unknown {unknown}; choose from {list(ALL_TAGGERS)}")
+            raise ValueError(f"taggers: unknown {unknown}; choose from {list(TAGGERS)}")
 
 
 # ------------------------------------------------------------------------------------------ judge prompts
@@ -325,42 +321,78 @@ def parse_judgment(text: str, parse: Callable[[dict], dict]) -> dict:
         raise ValueError(f"missing field {e}") from None
 
 
-# Labels come from a strict JSON reply: name -> (prompt, parser, output columns with their Arrow types).
-JUDGE_TAGGERS: dict[str, tuple[str, Callable[[dict], dict], dict[str, pa.DataType]]] = {
-    "quality": (
-        QUALITY_PROMPT,
-        parse_quality,
-        {"input_quality": pa.string(), "quality_explanation": pa.string()},
-    ),
-    "difficulty": (
-        DIFFICULTY_PROMPT,
-        parse_difficulty,
-        {"difficulty": pa.string(), "intent": pa.string(), "knowledge": pa.string()},
-    ),
-    "task_category": (
-        CATEGORY_PROMPT,
-        parse_category,
-        {"task_category": pa.string(), "other_task_category": pa.list_(pa.string())},
-    ),
-}
+def _parsed(parse: Callable[[dict], dict]) -> Callable[[Completion], dict | None]:
+    """A judge parser over the strict-JSON protocol: the parsed columns, or None (retried, then failed)."""
 
-# Scores come from the judge's probabilities for each score token right after the prefilled `{"score": `
-# (probability-weighted, as G-Eval): a continuous value with few ties, read even from judges too small to
-# finish the JSON. name -> (prompt, column, lowest, highest score).
-SCORE_TAGGERS: dict[str, tuple[str, str, int, int]] = {
-    "reward": (REWARD_PROMPT, "instruct_reward", 1, 10),
-    "alpagasus": (ALPAGASUS_PROMPT, "alpagasus_score", 0, 5),
-}  # fmt: skip
+    def read(c: Completion) -> dict | None:
+        try:
+            return parse_judgment(c.text, parse)
+        except ValueError:
+            return None
+
+    return read
 
 
-# ------------------------------------------------------------------------------------------------ taggers
+# ------------------------------------------------------------------------------------------- the models
 
 
-def tag_lengths(rows: list[dict], cfg: TagConfig) -> list[dict]:
+class Context:
+    """What taggers share, each built on first use (so a finished tagger loads nothing): the judge, a reward
+    model, the URIAL base model, a guard model, the length tokenizer; and the tags already written, so a tagger
+    that `needs` another reads its columns instead of computing them again."""
+
+    def __init__(self, cfg: Any, out: Path, keys: pa.Array | None = None):
+        self.cfg, self.out, self.keys = cfg, out, keys  # cfg: TagConfig, or any config with its fields
+        self._cache: dict[str, Any] = {}
+
+    def get(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    @property
+    def judge(self) -> Judge:
+        return self.get("judge", lambda: Judge(self.cfg.judge, self.out / "judge_cache.sqlite"))
+
+    def ask(self, prompts: list[str], parse: Callable[[Completion], Any], desc: str, **protocol: Any) -> list:
+        """One judge call per prompt (a user turn); the parsed value, or None where every attempt failed."""
+        verdicts = self.judge.ask(
+            [[{"role": "user", "content": p}] for p in prompts], parse, desc, **protocol
+        )
+        return [v.value for v in verdicts]
+
+    def scores(self, prompts: list[str], low: int, high: int, desc: str) -> list[float | None]:
+        """The judge's probability-weighted score after the prefilled `{"score": ` (one token, its logprobs)."""
+        return self.ask(prompts, lambda c: expected_score(c, low, high), desc, prefill=SCORE_PREFILL,
+                        sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20), retries=0)  # fmt: skip
+
+    def rewards(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        """instruct_reward: the reward model when configured, else the judge's probability-weighted score."""
+        cfg = self.cfg
+        if cfg.reward_model:
+            return self.get("rm", lambda: RewardModel(cfg.reward_model, cfg.reward_batch_size))(pairs)
+        return self.scores(
+            [REWARD_PROMPT.format(instruction=q, response=a) for q, a in pairs], 1, 10, "reward"
+        )
+
+    def earlier(self, name: str, idx: np.ndarray) -> pa.Table:
+        """The columns tagger `name` wrote for rows `idx` (null where it has none)."""
+        table = self.get(f"tags:{name}", lambda: aligned_tags(self.out / "tags" / name, self.keys))
+        return table.take(pa.array(idx))
+
+
+SCORE_PREFILL = '{\n    "score": '
+
+
+# ---------------------------------------------------------------------------------------------- taggers
+# Each takes the shared Context, a chunk of (instruction, response) pairs and their row indices, and returns
+# one dict of columns per pair, None where it failed.
+
+
+def tag_lengths(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer))
-    pairs = [first_turn(r) for r in rows]
+    tok = ctx.get("tokenizer", lambda: AutoTokenizer.from_pretrained(resolve_model(ctx.cfg.tokenizer)))
     ins = tok([p[0] for p in pairs], add_special_tokens=False)["input_ids"]
     res = tok([p[1] for p in pairs], add_special_tokens=False)["input_ids"]
     return [
@@ -370,33 +402,117 @@ def tag_lengths(rows: list[dict], cfg: TagConfig) -> list[dict]:
     ]  # fmt: skip
 
 
-def tag_language(rows: list[dict], cfg: TagConfig) -> list[dict]:
+def tag_language(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict]:
     import py3langid
 
-    return [{"language": py3langid.classify(first_turn(r)[0])[0]} for r in rows]
+    return [{"language": py3langid.classify(q)[0]} for q, _ in pairs]
 
 
-def embed(texts: list[str], model: str, batch_size: int) -> np.ndarray:
+def judge_labels(name: str, prompt: str, parse: Callable[[dict], dict]) -> Callable:
+    """A JSON-label tagger: the paper's prompt, the reply prefilled with "{" and stopped at "}", strict parsing."""
+
+    def tag(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+        cfg = ctx.cfg.judge
+        sampling = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_tokens, stop=("}",))
+        prompts = [prompt.format(instruction=q, response=a) for q, a in pairs]
+        return ctx.ask(prompts, _parsed(parse), f"tag {name}", prefill="{", sampling=sampling)
+
+    return tag
+
+
+def judge_score(name: str, prompt: str, column: str, low: int, high: int) -> Callable:
+    def tag(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+        scores = ctx.scores(
+            [prompt.format(instruction=q, response=a) for q, a in pairs], low, high, f"tag {name}"
+        )
+        return [None if s is None else {column: s} for s in scores]
+
+    return tag
+
+
+def tag_reward(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    return [None if s is None else {"instruct_reward": s} for s in ctx.rewards(pairs)]
+
+
+def tag_reward_difference(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    """r(response) - r(URIAL response of the base model); r(response) is the reward tagger's, not recomputed."""
+    cfg = ctx.cfg
+    base = ctx.get("base", lambda: make_engine(cfg.base_model, cfg.base_engine))
+    # Raw text, no chat template: URIAL aligns a base model in context.
+    sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
+    prompts = [with_bos(base.tokenizer, URIAL_PROMPT.format(instruction=q)) for q, _ in pairs]
+    base_responses = [o.text.strip() for o in base.complete(prompts, sampling)]
+    aligned = ctx.earlier("reward", idx).column("instruct_reward").to_pylist()
+    baseline = ctx.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])
+    return [
+        None if a is None or b is None
+        else {"base_response": text, "base_reward": b, "reward_difference": a - b}
+        for a, b, text in zip(aligned, baseline, base_responses, strict=True)
+    ]  # fmt: skip
+
+
+def tag_safety(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    cfg = ctx.cfg
+    if cfg.safety_model:  # Llama Guard: its own chat template asks for "safe" or "unsafe\n<categories>"
+        guard = ctx.get("guard", lambda: make_engine(cfg.safety_model, cfg.safety_engine))
+        prompts = [render_prompt(guard.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                   for q, a in pairs]  # fmt: skip
+        results: list[dict | None] = []
+        for c in guard.complete(prompts, Sampling(temperature=0.0, max_tokens=16)):
+            lines = c.text.strip().splitlines()
+            verdict = lines[0].strip().lower() if lines else ""
+            categories = lines[1].strip() if len(lines) > 1 else ""
+            results.append({"safety": verdict, "safety_categories": categories, "p_safe": None}
+                           if verdict in ("safe", "unsafe") else None)  # fmt: skip
+        return results
+
+    def p_yes(c: Completion) -> float | None:
+        p = label_probabilities(c, ("yes", "no"), fold_case=True)
+        return None if p is None else p["yes"]
+
+    probs = ctx.ask([SAFETY_PROMPT.format(instruction=q, response=a) for q, a in pairs], p_yes, "tag safety",
+                    prefill="", sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20), retries=0)  # fmt: skip
+    return [None if p is None else {"safety": "safe" if p >= 0.5 else "unsafe", "safety_categories": "", "p_safe": p}
+            for p in probs]  # fmt: skip
+
+
+def embed(texts: list[str], model: str, batch_size: int, block: int = 65_536) -> np.ndarray:
+    """Normalized sentence embeddings, filled block by block into one float32 array (no per-row objects)."""
     from sentence_transformers import SentenceTransformer
 
     encoder = SentenceTransformer(resolve_model(model), device=None)
-    emb = encoder.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True,
-                         normalize_embeddings=True)  # fmt: skip
-    return np.ascontiguousarray(emb, dtype=np.float32)
+    out = np.empty((len(texts), encoder.get_embedding_dimension()), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), block), desc="embed", unit="block", disable=len(texts) <= block):
+        out[start : start + block] = encoder.encode(texts[start : start + block], batch_size=batch_size,
+                                                    show_progress_bar=len(texts) <= block, convert_to_numpy=True,
+                                                    normalize_embeddings=True)  # fmt: skip
+    return out
 
 
-def neighbor_tags(emb: np.ndarray, k: int, threshold: float) -> list[dict]:
+def neighbor_tags(emb: np.ndarray, k: int, threshold: float, block: int = 4096) -> dict[str, np.ndarray]:
     """min_neighbor_distance (L2 to the nearest other row), repeat_count (neighbours closer than `threshold`)
-    and a near-duplicate cluster id (the first row of each connected group closer than `threshold`)."""
+    and a near-duplicate cluster id (the first row of each connected group closer than `threshold`). Queries
+    are searched `block` rows at a time, so memory is block x k, not rows x k (at 1M rows and k=500 the whole
+    result would be 6 GB)."""
     import faiss
 
     n, dim = emb.shape
     index = faiss.IndexFlatL2(dim)
     index.add(emb)
     k = min(k, n)
-    sq, ids = index.search(emb, k)  # squared L2, self included
-    dist = np.sqrt(np.maximum(sq, 0.0))
-    parent = list(range(n))
+    min_dist = np.full(n, np.inf)
+    repeats = np.zeros(n, dtype=np.int64)
+    edges = []
+    for start in tqdm(range(0, n, block), desc="neighbors", unit="block", disable=n <= block):
+        sq, ids = index.search(emb[start : start + block], k)  # squared L2, self included
+        dist = np.sqrt(np.maximum(sq, 0.0))
+        rows = np.arange(start, start + len(ids))[:, None]
+        other = (ids != rows) & (ids >= 0)
+        min_dist[start : start + len(ids)] = np.where(other, dist, np.inf).min(axis=1)
+        close = other & (dist < threshold)
+        repeats[start : start + len(ids)] = close.sum(axis=1)
+        edges.append(np.stack([np.broadcast_to(rows, ids.shape)[close], ids[close]], axis=1))
+    parent = np.arange(n)
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -404,28 +520,22 @@ def neighbor_tags(emb: np.ndarray, k: int, threshold: float) -> list[dict]:
             i = parent[i]
         return i
 
-    out = []
-    for i in range(n):
-        others = ids[i] != i
-        d, j = dist[i][others], ids[i][others]
-        valid = j >= 0
-        d, j = d[valid], j[valid]
-        close = j[d < threshold]
-        for other in close:
-            a, b = find(i), find(int(other))
-            if a != b:
-                parent[max(a, b)] = min(a, b)  # the root is always the group's first row
-        out.append(
-            {"min_neighbor_distance": float(d.min()) if len(d) else math.inf, "repeat_count": int(len(close))}
-        )
-    for i, row in enumerate(out):
-        row["cluster_id"] = find(i)
-    return out
+    for a, b in np.concatenate(edges) if edges else []:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)  # the root is always the group's first row
+    cluster = np.array([find(i) for i in range(n)], dtype=np.int64)
+    return {"min_neighbor_distance": min_dist, "repeat_count": repeats, "cluster_id": cluster}
 
 
-def tag_neighbors(rows: list[dict], cfg: TagConfig) -> list[dict]:
-    emb = embed([first_turn(r)[0] for r in rows], cfg.embedder, cfg.embed_batch_size)
-    return neighbor_tags(emb, cfg.neighbors_k, cfg.near_duplicate_distance)
+def tag_neighbors(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict]:
+    cfg = ctx.cfg
+    emb = embed([q for q, _ in pairs], cfg.embedder, cfg.embed_batch_size)
+    tags = neighbor_tags(emb, cfg.neighbors_k, cfg.near_duplicate_distance, cfg.neighbors_block)
+    return [
+        dict(zip(tags, values, strict=True))
+        for values in zip(*(v.tolist() for v in tags.values()), strict=True)
+    ]
 
 
 class RewardModel:
@@ -466,305 +576,209 @@ class RewardModel:
         return scores
 
 
-# -------------------------------------------------------------------------------------------------- driver
+# ------------------------------------------------------------------------------------------- the registry
 
 
-class Judge:
-    """A judge engine plus the strict-JSON protocol: prefill "{", stop at "}", parse, retry, else mark failed."""
-
-    def __init__(
-        self, model: str, engine: EngineConfig, max_tokens: int, retries: int, retry_temperature: float
-    ):
-        self.engine = make_engine(model, engine)
-        self.max_tokens, self.retries, self.retry_temperature = max_tokens, retries, retry_temperature
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Judge:
-        """From any config with the judge_* fields (TagConfig, PairsConfig)."""
-        return cls(
-            cfg.judge, cfg.judge_engine, cfg.judge_max_tokens, cfg.judge_retries, cfg.judge_retry_temperature
-        )
-
-    def __call__(self, prompts: list[str], parse: Callable[[dict], dict]) -> list[dict | None]:
-        tok = self.engine.tokenizer
-        texts = [render_prompt(tok, [{"role": "user", "content": p}]) + "{" for p in prompts]
-        results: list[dict | None] = [None] * len(texts)
-        todo = list(range(len(texts)))
-        for attempt in range(self.retries + 1):
-            if not todo:
-                break
-            temperature = 0.0 if attempt == 0 else self.retry_temperature
-            # A retry's seed is its own, named by the prompt and the attempt: one seed shared by every retry
-            # would make a serving engine repeat each failure.
-            samplings = [
-                Sampling(temperature=temperature, max_tokens=self.max_tokens, stop=("}",),
-                         seed=prompt_seed(texts[i], "judge", attempt)
-                         if attempt else None)
-                for i in todo
-            ]  # fmt: skip
-            outs = self.engine.complete([texts[i] for i in todo], samplings)
-            failed = []
-            for i, c in zip(todo, outs, strict=True):
-                try:
-                    results[i] = parse_judgment(c.text, parse)
-                except ValueError:
-                    failed.append(i)
-            todo = failed
-        return results
-
-    def score(self, prompts: list[str], low: int, high: int) -> list[float | None]:
-        """Expected score over the integer tokens in [low, high] among the first token's top logprobs."""
-        tok = self.engine.tokenizer
-        texts = [render_prompt(tok, [{"role": "user", "content": p}]) + '{\n    "score": ' for p in prompts]
-        outs = self.engine.complete(texts, Sampling(temperature=0.0, max_tokens=1, logprobs=20))
-        scores: list[float | None] = []
-        for c in outs:
-            mass: dict[int, float] = {}
-            for token, logprob in (c.top_logprobs or {}).items():
-                t = token.strip()
-                if t.isdigit() and low <= int(t) <= high:
-                    mass[int(t)] = mass.get(int(t), 0.0) + math.exp(logprob)
-            total = sum(mass.values())
-            scores.append(sum(v * p for v, p in mass.items()) / total if total > 1e-6 else None)
-        return scores
+def _reward_source(cfg: TagConfig) -> str:
+    if cfg.reward_model:
+        return f"reward model {cfg.reward_model}"
+    return f"judge {cfg.judge.model}: probability-weighted 1-10 score (not a reward model)"
 
 
-def yes_probability(engine: Any, prompts: list[str]) -> list[float | None]:
-    """P(yes) / (P(yes) + P(no)) from the first answer token's top logprobs; None if neither is among them."""
-    texts = [render_prompt(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    out = []
-    for c in engine.complete(texts, Sampling(temperature=0.0, max_tokens=1, logprobs=20)):
-        mass = {"yes": 0.0, "no": 0.0}
-        for token, logprob in (c.top_logprobs or {}).items():
-            word = token.strip().lower()
-            if word in mass:
-                mass[word] += math.exp(logprob)
-        total = mass["yes"] + mass["no"]
-        out.append(mass["yes"] / total if total > 0 else None)
+@dataclass(frozen=True)
+class Tagger:
+    """One tagger: its columns (with Arrow types), what produced them (recorded in the Parquet field metadata and
+    the manifest), and its function. Adding a tagger is adding one entry to TAGGERS."""
+
+    columns: dict[str, pa.DataType]
+    source: Callable[[TagConfig], str]
+    tag: Callable[[Context, list[tuple[str, str]], np.ndarray], list[dict | None]]
+    fast: bool = False  # no model call per row: shards of FAST_CHUNK rows instead of chunk_size
+    whole_set: bool = False  # needs every row at once (the neighbour search)
+    needs: tuple[str, ...] = ()  # taggers whose columns it reads; they run first
+
+
+TAGGERS: dict[str, Tagger] = {
+    "lengths": Tagger(
+        {"instruction_length": pa.int64(), "response_length": pa.int64(), "instruction_n_tokens": pa.int64(),
+         "response_n_tokens": pa.int64()},
+        lambda cfg: f"characters and {cfg.tokenizer} tokens", tag_lengths, fast=True),
+    "language": Tagger({"language": pa.string()}, lambda cfg: "py3langid", tag_language, fast=True),
+    "neighbors": Tagger(
+        {"min_neighbor_distance": pa.float64(), "repeat_count": pa.int64(), "cluster_id": pa.int64()},
+        lambda cfg: f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}",
+        tag_neighbors, whole_set=True),
+    "quality": Tagger(
+        {"input_quality": pa.string(), "quality_explanation": pa.string()},
+        lambda cfg: f"judge {cfg.judge.model}", judge_labels("quality", QUALITY_PROMPT, parse_quality)),
+    "difficulty": Tagger(
+        {"difficulty": pa.string(), "intent": pa.string(), "knowledge": pa.string()},
+        lambda cfg: f"judge {cfg.judge.model}", judge_labels("difficulty", DIFFICULTY_PROMPT, parse_difficulty)),
+    "task_category": Tagger(
+        {"task_category": pa.string(), "other_task_category": pa.list_(pa.string())},
+        lambda cfg: f"judge {cfg.judge.model}", judge_labels("task_category", CATEGORY_PROMPT, parse_category)),
+    "reward": Tagger({"instruct_reward": pa.float64()}, _reward_source, tag_reward),
+    "reward_difference": Tagger(
+        {"base_response": pa.string(), "base_reward": pa.float64(), "reward_difference": pa.float64()},
+        lambda cfg: f"{_reward_source(cfg)}, minus the same for {cfg.base_model}'s URIAL response",
+        tag_reward_difference, needs=("reward",)),
+    "safety": Tagger(
+        {"safety": pa.string(), "safety_categories": pa.string(), "p_safe": pa.float64()},
+        lambda cfg: f"guard model {cfg.safety_model}" if cfg.safety_model
+        else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)", tag_safety),
+    "alpagasus": Tagger(
+        {"alpagasus_score": pa.float64()},
+        lambda cfg: f"judge {cfg.judge.model}: probability-weighted 0-5 score (not a reward model)",
+        judge_score("alpagasus", ALPAGASUS_PROMPT, "alpagasus_score", 0, 5)),
+}  # fmt: skip
+
+
+def in_order(names: list[str]) -> list[str]:
+    """The taggers asked for, each after the ones it needs (added when not asked for)."""
+    out: list[str] = []
+    for name in names:
+        for need in (*TAGGERS[name].needs, name):
+            if need not in out:
+                out.append(need)
     return out
 
 
-def row_key(row: dict, where: str = "a row") -> str:
-    """What a tag was computed from: a hash of the conversation. Resume and merge key tags to it, so tags never
-    land on other rows when the input file changes under the same path. A row with no conversation fails here,
-    naming `where`."""
-    blob = json.dumps(to_messages(row, where), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+# -------------------------------------------------------------------------------------------------- driver
 
 
-def _current(tag_row: dict, keys: list[str]) -> bool:
-    i = tag_row["row_index"]
-    return 0 <= i < len(keys) and tag_row.get("row_key") == keys[i]
-
-
-def run_chunked(
-    name: str,
-    rows: list[dict],
-    keys: list[str],
-    cfg: TagConfig,
-    tag_chunk: ChunkTagger,
-    columns: list[str],
-    writer: ShardWriter,
-) -> None:
-    """Tag rows chunk by chunk, one shard per chunk (the unit a killed run redoes). `keys` are the rows'
-    `row_key`s. `tag_chunk` maps (instruction, response) pairs to tag dicts, None where it failed; its models
-    load on first use, so a finished tagger loads nothing."""
-    done = {r["row_index"] for r in writer.rows() if _current(r, keys)}
-    todo = [i for i in range(len(rows)) if i not in done]
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"tag {name}", unit="row")
-    for start in range(0, len(todo), cfg.chunk_size):
-        idx = todo[start : start + cfg.chunk_size]
-        for i, res in zip(idx, tag_chunk([first_turn(rows[i]) for i in idx]), strict=True):
-            writer.add(
-                [
-                    {
-                        "row_index": i,
-                        "row_key": keys[i],
-                        f"{name}_failed": res is None,
-                        **{c: (res or {}).get(c) for c in columns},
-                    }
-                ]  # fmt: skip
+def row_keys(ds: Any, where: str) -> pa.Array:
+    """What each row's tags were computed from: a hash of its conversation (any layout), batch by batch. Resume
+    and merge key tags to it, so tags never land on other rows when the input changes under the same path. A row
+    with no conversation fails here, naming it, before any work."""
+    keys: list[str] = []
+    for batch in iter_rows(ds):
+        for row in batch:
+            blob = json.dumps(
+                to_messages(row, f"{where}: row {len(keys)}"), sort_keys=True, ensure_ascii=False
             )
-        writer.flush()
+            keys.append(hashlib.sha1(blob.encode()).hexdigest()[:16])
+    return pa.array(keys, pa.string())
+
+
+def aligned_tags(tag_dir: Path, keys: pa.Array) -> pa.Table:
+    """A tagger's shards as one table with a row per input row, in input order: a tag counts only where its
+    `row_key` is still that row's (a later shard overrides an earlier one); rows without one are null."""
+    shards = sorted(tag_dir.glob("part-*.parquet"))
+    n = len(keys)
+    if not shards:
+        return pa.table({"__tagged__": pa.array(np.zeros(n, dtype=bool))})
+    # promote: a chunk where every judgment failed has all-null (type null) columns
+    table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
+    index = table.column("row_index").to_numpy()
+    inside = (index >= 0) & (index < n)
+    current = np.zeros(len(index), dtype=bool)
+    current[inside] = pc.equal(
+        keys.take(pa.array(index[inside])), table.column("row_key").filter(pa.array(inside))
+    ).to_numpy(zero_copy_only=False)
+    position = np.full(n, -1, dtype=np.int64)
+    picked = np.flatnonzero(current)
+    position[index[picked]] = picked  # in shard order, so the last shard wins
+    taken = table.drop_columns(["row_index", "row_key"]).take(pa.array(position, mask=position < 0))
+    return taken.append_column("__tagged__", pa.array(position >= 0))
+
+
+def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
+    """Tag every row not yet tagged, one shard per chunk (the unit a killed run redoes)."""
+    tagger, cfg, keys = TAGGERS[name], ctx.cfg, ctx.keys
+    chunk = FAST_CHUNK if tagger.fast else max(1, cfg.chunk_size)
+    tag_dir = out / "tags" / name
+    done = aligned_tags(tag_dir, keys).column("__tagged__").to_numpy(zero_copy_only=False)
+    todo = np.flatnonzero(~done)
+    if tagger.whole_set and len(todo):  # the neighbour search needs every row: redo all of it
+        for shard in tag_dir.glob("part-*.parquet"):
+            shard.unlink()
+        todo = np.arange(len(keys))
+    writer = ShardWriter(tag_dir, rows_per_shard=chunk, split="part")
+    bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"tag {name}", unit="row")
+    step = len(todo) if tagger.whole_set else chunk
+    for start in range(0, len(todo), max(1, step)):
+        idx = todo[start : start + step]
+        pairs = instructions(ds, cfg.input) if tagger.whole_set else first_turns(ds, idx, cfg.input)
+        results = tagger.tag(ctx, pairs, idx)
+        row_keys_ = keys.take(pa.array(idx)).to_pylist()
+        rows = [{"row_index": int(i), "row_key": key, f"{name}_failed": res is None,
+                 **{c: (res or {}).get(c) for c in tagger.columns}}
+                for i, key, res in zip(idx, row_keys_, results, strict=True)]  # fmt: skip
+        for block in range(0, len(rows), chunk):
+            writer.add(rows[block : block + chunk])
+            writer.flush()
         bar.update(len(idx))
     bar.close()
 
 
-class Taggers:
-    """The row-wise taggers, each a function over a chunk of (instruction, response) pairs, sharing lazily
-    built models (the judge, a reward model, the URIAL base model, a guard model)."""
-
-    def __init__(self, cfg: TagConfig | Any):  # any config with the judge_*/reward_* fields (PairsConfig too)
-        self.cfg = cfg
-        self._cache: dict[str, Any] = {}
-
-    def _get(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    def judge(self) -> Judge:
-        return self._get("judge", lambda: Judge.from_config(self.cfg))
-
-    def rewards(self, pairs: list[tuple[str, str]]) -> list[float | None]:
-        """instruct_reward: the reward model when configured, else the judge's probability-weighted score."""
-        if self.cfg.reward_model:
-            return self._get("rm", lambda: RewardModel(self.cfg.reward_model, self.cfg.reward_batch_size))(
-                pairs
-            )
-        prompt, _, low, high = SCORE_TAGGERS["reward"]
-        return self.judge().score([prompt.format(instruction=q, response=a) for q, a in pairs], low, high)
-
-    def columns(self, name: str) -> list[str]:
-        if name in JUDGE_TAGGERS:
-            return list(JUDGE_TAGGERS[name][2])
-        if name in SCORE_TAGGERS:
-            return [SCORE_TAGGERS[name][1]]
-        return {"reward_difference": ["base_response", "base_reward", "reward_difference"],
-                "safety": ["safety", "safety_categories", "p_safe"]}[name]  # fmt: skip
-
-    def __call__(self, name: str, pairs: list[tuple[str, str]]) -> list[dict | None]:
-        if name in JUDGE_TAGGERS:
-            prompt, parse, _ = JUDGE_TAGGERS[name]
-            return self.judge()([prompt.format(instruction=q, response=a) for q, a in pairs], parse)
-        if name == "reward":
-            return [None if s is None else {"instruct_reward": s} for s in self.rewards(pairs)]
-        if name in SCORE_TAGGERS:
-            prompt, column, low, high = SCORE_TAGGERS[name]
-            scores = self.judge().score(
-                [prompt.format(instruction=q, response=a) for q, a in pairs], low, high
-            )
-            return [None if s is None else {column: s} for s in scores]
-        if name == "reward_difference":
-            return self.reward_difference(pairs)
-        if name == "safety":
-            return self.safety(pairs)
-        raise ValueError(f"no row-wise tagger named {name}")
-
-    def reward_difference(self, pairs: list[tuple[str, str]]) -> list[dict | None]:
-        cfg = self.cfg
-        base = self._get("base", lambda: make_engine(cfg.base_model, cfg.base_engine))
-        # Raw text, no chat template: URIAL aligns a base model in context.
-        sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
-        prompts = [with_bos(base.tokenizer, URIAL_PROMPT.format(instruction=q)) for q, _ in pairs]
-        outs = base.complete(prompts, sampling)
-        base_responses = [o.text.strip() for o in outs]
-        aligned = self.rewards(pairs)
-        baseline = self.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])
-        return [
-            None if a is None or b is None
-            else {"base_response": text, "base_reward": b, "reward_difference": a - b}
-            for a, b, text in zip(aligned, baseline, base_responses, strict=True)
-        ]  # fmt: skip
-
-    def safety(self, pairs: list[tuple[str, str]]) -> list[dict | None]:
-        cfg = self.cfg
-        if cfg.safety_model:  # Llama Guard: its own chat template asks for "safe" or "unsafe\n<categories>"
-            guard = self._get("guard", lambda: make_engine(cfg.safety_model, cfg.safety_engine))
-            prompts = [render_prompt(guard.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-                       for q, a in pairs]  # fmt: skip
-            results: list[dict | None] = []
-            for c in guard.complete(prompts, Sampling(temperature=0.0, max_tokens=16)):
-                lines = c.text.strip().splitlines()
-                verdict = lines[0].strip().lower() if lines else ""
-                categories = lines[1].strip() if len(lines) > 1 else ""
-                results.append({"safety": verdict, "safety_categories": categories, "p_safe": None}
-                               if verdict in ("safe", "unsafe") else None)  # fmt: skip
-            return results
-        probs = yes_probability(
-            self.judge().engine, [SAFETY_PROMPT.format(instruction=q, response=a) for q, a in pairs]
-        )
-        return [None if p is None else {"safety": "safe" if p >= 0.5 else "unsafe", "safety_categories": "", "p_safe": p}
-                for p in probs]  # fmt: skip
+def first_turns(ds: Any, idx: np.ndarray, where: str) -> list[tuple[str, str]]:
+    rows = ds.select(idx).to_list() if len(idx) else []
+    return [first_turn(r, f"{where}: row {i}") for i, r in zip(idx, rows, strict=True)]
 
 
-def judge_score_source(judge: str, low: int, high: int) -> str:
-    return f"judge {judge}: probability-weighted {low}-{high} score (not a reward model)"
-
-
-def tagger_source(name: str, cfg: TagConfig) -> str:
-    reward = f"reward model {cfg.reward_model}" if cfg.reward_model else judge_score_source(cfg.judge, 1, 10)
-    if name == "reward":
-        return reward
-    if name == "reward_difference":
-        return f"{reward}, minus the same for {cfg.base_model}'s URIAL response"
-    if name == "safety":
-        return (
-            f"guard model {cfg.safety_model}"
-            if cfg.safety_model
-            else f"judge {cfg.judge}: P(yes) to 'is it safe?' (not a guard model)"
-        )
-    if name in SCORE_TAGGERS:
-        _, _, low, high = SCORE_TAGGERS[name]
-        return judge_score_source(cfg.judge, low, high)
-    if name in JUDGE_TAGGERS:
-        return f"judge {cfg.judge}"
-    if name == "neighbors":
-        return f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}"
-    return {"lengths": f"characters and {cfg.tokenizer} tokens", "language": "py3langid"}[name]
+def instructions(ds: Any, where: str) -> list[tuple[str, str]]:
+    """Every row's first user turn with an empty response: what a whole-set tagger (the neighbour search) reads,
+    without holding every response in memory."""
+    out: list[tuple[str, str]] = []
+    for batch in iter_rows(ds):
+        out += [(first_turn(r, f"{where}: row {len(out) + k}")[0], "") for k, r in enumerate(batch)]
+    return out
 
 
 def run(cfg: TagConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), may_differ=("taggers", "chunk_size"), overwrite=cfg.overwrite)
-    rows = load_rows(cfg.input)
-    # Any layout with a conversation; a row with none fails here, naming it, before any work.
-    keys = [row_key(r, f"{cfg.input}: row {i}") for i, r in enumerate(rows)]
+    ds = open_dataset(cfg.input)  # Arrow, memory-mapped: never the whole set as Python objects
     start = time.time()
+    ctx = Context(cfg, out, row_keys(ds, cfg.input))
     timings: dict[str, float] = {}
-    taggers = Taggers(cfg)
-    whole_table = {"lengths": tag_lengths, "language": tag_language, "neighbors": tag_neighbors}
-    for name in cfg.taggers:
+    for name in in_order(cfg.taggers):
         t0 = time.time()
-        writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
-        if name not in whole_table:
-            run_chunked(
-                name, rows, keys, cfg, lambda pairs, n=name: taggers(n, pairs), taggers.columns(name), writer
-            )
-        else:  # fast whole-table taggers: one atomic shard, recomputed unless it matches every row
-            if sum(_current(r, keys) for r in writer.rows()) != len(rows):
-                for shard in writer.shards:
-                    shard.unlink()
-                writer = ShardWriter(out / "tags" / name, rows_per_shard=cfg.chunk_size, split="part")
-                writer.add({"row_index": i, "row_key": keys[i], **tags}
-                           for i, tags in enumerate(whole_table[name](rows, cfg)))  # fmt: skip
-            writer.flush()
+        run_tagger(name, ds, ctx, out)
         timings[name] = round(time.time() - t0, 2)
-    summary = merge(rows, keys, cfg, out)
+    summary = merge(ds, ctx.keys, cfg, out)
     summary["seconds_per_tagger"] = timings
+    if "judge" in ctx._cache:
+        ctx.judge.close()
+        summary["judge_calls"] = ctx.judge.stats.as_dict()
     summary["wall_seconds"] = round(time.time() - start, 2)
     atomic_write_json(out / "manifest.json", summary)
     return summary
 
 
-def merge(rows: list[dict], keys: list[str], cfg: TagConfig, out: Path) -> dict[str, Any]:
-    """Join the input rows with every tag table present under tags/ whose `row_key` matches its row into
-    train-*.parquet (one atomic write)."""
-    table = pa.Table.from_pylist(rows)
-    sources, failures = {}, {}
+def merge(ds: Any, keys: pa.Array, cfg: TagConfig, out: Path) -> dict[str, Any]:
+    """The input's rows with every tag present under tags/ whose `row_key` matches its row, written as
+    train-NNNNN.parquet shards aligned with the input's (a tag column replaces an input column of its name)."""
+    tags, sources, failures = {}, {}, {}
     for tag_dir in sorted((out / "tags").iterdir()):
-        shards = sorted(tag_dir.glob("part-*.parquet"))
-        if not shards:
+        if tag_dir.name not in TAGGERS or not any(tag_dir.glob("part-*.parquet")):
             continue
-        # promote: a chunk where every judgment failed has all-null (type null) columns
-        tags = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default").to_pylist()
-        by_row = {
-            t["row_index"]: t for t in tags if _current(t, keys)
-        }  # a later shard overrides an earlier one
-        columns = [c for c in tags[0] if c not in ("row_index", "row_key")]
-        missing = len(rows) - len(by_row)
-        source = tagger_source(tag_dir.name, cfg)
-        for c in columns:
-            values = [by_row.get(i, {}).get(c) for i in range(len(rows))]
-            arr = pa.array(values)
-            table = table.append_column(pa.field(c, arr.type, metadata={"source": source}), arr)
-        sources[tag_dir.name] = source
-        failed = sum(1 for t in by_row.values() if t.get(f"{tag_dir.name}_failed"))
-        failures[tag_dir.name] = {"failed": failed, "untagged": missing}
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
-    return {"rows": len(rows), "columns": table.column_names, "sources": sources, "failures": failures}
+        table = aligned_tags(tag_dir, keys)
+        tagged = table.column("__tagged__")
+        failed_column = f"{tag_dir.name}_failed"
+        failures[tag_dir.name] = {
+            "failed": pc.sum(pc.fill_null(table.column(failed_column), False)).as_py() or 0,
+            "untagged": len(keys) - (pc.sum(tagged).as_py() or 0),
+        }
+        sources[tag_dir.name] = TAGGERS[tag_dir.name].source(cfg)
+        tags[tag_dir.name] = table.drop_columns(["__tagged__"])
+    source_table = ds.data.table
+    for old in out.glob("train-*.parquet"):
+        old.unlink()
+    columns: list[str] = []
+    for k, (start, length) in enumerate(shard_bounds(ds, cfg.input)):
+        block = source_table.slice(start, length)
+        for name, table in tags.items():
+            for c in table.column_names:
+                if c in block.column_names:
+                    block = block.drop_columns([c])
+                column = table.column(c).slice(start, length)
+                block = block.append_column(
+                    pa.field(c, column.type, metadata={"source": sources[name]}), column
+                )
+        write_parquet(out / f"train-{k:05d}.parquet", block)
+        columns = block.column_names
+    return {"rows": len(keys), "columns": columns, "sources": sources, "failures": failures}
 
 
 @cli

@@ -27,7 +27,7 @@ from core.config import ConfigError, cli, load_config, prepare_output_dir, resol
 from core.engines import Completion
 from core.io import atomic_write_json, atomic_write_text
 from eval.generate import check_same_questions
-from eval.judging import Judge, JudgeConfig, first_token_share
+from core.judge import Judge, JudgeConfig, first_token_share
 from eval.scores import score_row, write_scores
 
 BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs

@@ -31,7 +31,7 @@ import numpy as np
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from eval.generate import check_same_questions, load_questions, style_metadata
-from eval.judging import Judge, JudgeConfig
+from core.judge import Judge, JudgeConfig
 from eval.scores import score_row, write_scores
 
 # arena-hard-auto's v0.1 judge prompt (config/judge_config.yaml), verbatim: scores are only comparable with it.

@@ -22,7 +22,7 @@ from core.engines import Completion, EngineConfig
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.models import resolve_model
 from eval.generate import GenerateConfig, generate
-from eval.judging import Judge, JudgeConfig, first_token_share
+from core.judge import Judge, JudgeConfig, first_token_share
 from eval.scores import score_row, write_scores
 
 DEMO_INSTRUCTIONS = str(Path(__file__).parent / "data" / "demo_instructions.jsonl")

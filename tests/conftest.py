@@ -47,8 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path: str) -> tuple[str, subprocess.Popen]:
-    """tests/openai_server.py on a free localhost port, expecting the key in $TEST_SERVER_KEY (sk-test-123)."""
+def start_server(model_path: str, table: Path | None = None) -> tuple[str, subprocess.Popen]:
+    """tests/openai_server.py on a free localhost port, expecting the key in $TEST_SERVER_KEY (sk-test-123);
+    with `table`, answering from that file of [substring, reply] pairs."""
     port = free_port()
     env = {**os.environ, "TEST_SERVER_KEY": "sk-test-123", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -61,6 +62,7 @@ def start_server(model_path: str) -> tuple[str, subprocess.Popen]:
             str(port),
             "--api-key-env",
             "TEST_SERVER_KEY",
+            *(["--table", str(table)] if table else []),
         ],
         env=env,
         stdout=subprocess.DEVNULL,

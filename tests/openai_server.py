@@ -1,9 +1,12 @@
 """A small, real OpenAI-compatible `/v1/completions` and `/v1/chat/completions` server for tests, answering with the transformers engine.
 
-    python tests/openai_server.py --model PATH --port 8011 [--api-key-env VAR]
+    python tests/openai_server.py --model PATH --port 8011 [--api-key-env VAR] [--table replies.json]
 
 It speaks the subset the harness uses (prompt, max_tokens, temperature, top_p, stop, seed, logprobs) and
 returns the OpenAI response shape, so the `openai` engine is tested over real HTTP, not against a mock.
+With `--table` (a JSON list of [substring or list of substrings, reply] pairs) it loads no weights and answers
+each prompt with the reply of the first entry whose substrings the prompt all contains (else ""), cut at the first stop string as vLLM cuts it: a judge
+that really returns valid JSON, for testing what the harness does with good labels.
 """
 
 from __future__ import annotations
@@ -13,13 +16,38 @@ import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from core.chat import render_prompt
-from core.engines import EngineConfig, Sampling, TransformersEngine
+from core.engines import Completion, EngineConfig, Sampling, TransformersEngine, load_tokenizer
 
 
-def serve(model: str, port: int, api_key: str | None = None) -> ThreadingHTTPServer:
-    engine = TransformersEngine(model, EngineConfig(batch_size=4))
+def _matches(keys: str | list[str], prompt: str) -> bool:
+    return all(k in prompt for k in ([keys] if isinstance(keys, str) else keys))
+
+
+class TableEngine:
+    """Replies looked up in a fixed table; stop strings cut the reply (the stop itself is not returned)."""
+
+    def __init__(self, table: list[list[str]]):
+        self.table = table
+
+    def complete(self, prompts: list[str], s: Sampling) -> list[Completion]:
+        out = []
+        for prompt in prompts:
+            text = next((reply for keys, reply in self.table if _matches(keys, prompt)), "")
+            cuts = [text.index(stop) for stop in s.stop if stop in text]
+            text = text[: min(cuts)] if cuts else text
+            out.append(Completion(text=text, n_tokens=len(text.split()), finish_reason="stop"))
+        return out
+
+
+def serve(model: str, port: int, api_key: str | None = None, table: str | None = None) -> ThreadingHTTPServer:
+    if table:
+        engine = TableEngine(json.loads(Path(table).read_text()))
+        engine.tokenizer = load_tokenizer(model, EngineConfig())
+    else:
+        engine = TransformersEngine(model, EngineConfig(batch_size=4))
     lock = threading.Lock()  # one generate at a time; the engine is not thread-safe
 
     class Handler(BaseHTTPRequestHandler):
@@ -91,6 +119,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--api-key-env")
+    ap.add_argument("--table", help="JSON list of [substring, reply]: answer from it, load no weights")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads; 1 keeps several servers off each other's cores"
     )
@@ -98,6 +127,6 @@ if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(a.threads)
-    server = serve(a.model, a.port, os.environ.get(a.api_key_env) if a.api_key_env else None)
+    server = serve(a.model, a.port, os.environ.get(a.api_key_env) if a.api_key_env else None, a.table)
     print(f"ready on {a.port}", flush=True)
     server.serve_forever()

@@ -25,8 +25,8 @@ def test_magpie_tag_select_pairs_report(tmp_path):
             "recipe=tag_demo",
             f"input={d / 'raw'}",
             f"output_dir={d / 'tagged'}",
-            "judge_max_tokens=48",
-            "judge_retries=0",
+            "judge.max_tokens=48",
+            "judge.retries=0",
         ]
     )
     select.main(["recipe=demo_select", f"input={d / 'tagged'}", f"output_dir={d / 'selected'}", "top_k=4"])

@@ -24,7 +24,6 @@ def test_pairs_on_the_embedded_model_in_trl_format(tmp_path):
         max_tokens=24,
         test_size=0.34,
         chunk_size=2,
-        judge_max_tokens=48,
     )
     summary = run(cfg)
     assert summary["prompts"] == 3 and summary["pairs"] + summary["ties_dropped"] == 3

@@ -66,7 +66,7 @@ def test_pairs_over_a_serving_engine_samples_distinct_responses(openai_server, t
     questions = ["Give me a tip for learning a new language.", "Describe the color blue.", "Why do we sleep?"]
     data = write_questions(tmp_path / "rows.jsonl", questions)
     cfg = PairsConfig(input=str(data), output_dir=str(tmp_path / "pairs"), model="smollm2", n_samples=4,
-                      max_tokens=16, test_size=0.0, judge_max_tokens=48)  # fmt: skip
+                      max_tokens=16, test_size=0.0)  # fmt: skip
     cfg.engine.backend, cfg.engine.base_urls, cfg.engine.api_key_env = "openai", [openai_server], "SERVER_KEY"
     cfg.engine.tokenizer = "embedded"
     summary = pairs(cfg)

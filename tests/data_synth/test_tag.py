@@ -4,8 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import core.judge
 import data_synth.tag as tag
 from core.config import ConfigError
+from core.judge import JudgeConfig
 
 
 def test_judge_replies_parse_strictly():
@@ -47,13 +49,14 @@ def test_faiss_neighbors_match_brute_force():
     emb[20] = emb[3] + 0.01  # L2 0.04: a chain of near-duplicates 3 ~ 10 ~ 20 ~ 40 (3 to 40 is 0.08)
     emb[40] = emb[20] + 0.01
     emb[50] = emb[7] + 0.005  # L2 0.02 over 16 dims
-    tags = tag.neighbor_tags(emb, k=60, threshold=0.05)
     dmin, repeats, cluster = brute_force(emb, 0.05)
-    np.testing.assert_allclose([t["min_neighbor_distance"] for t in tags], dmin, atol=1e-3)
-    assert [t["repeat_count"] for t in tags] == repeats.tolist()
-    assert [t["cluster_id"] for t in tags] == cluster
-    assert {tags[i]["cluster_id"] for i in (3, 10, 20, 40)} == {3} and tags[50]["cluster_id"] == 7
-    assert tags[10]["min_neighbor_distance"] == 0.0
+    for block in (4096, 7):  # searched whole, and 7 query rows at a time (blocks straddle the duplicates)
+        tags = tag.neighbor_tags(emb, k=60, threshold=0.05, block=block)
+        np.testing.assert_allclose(tags["min_neighbor_distance"], dmin, atol=1e-3)
+        assert tags["repeat_count"].tolist() == repeats.tolist()
+        assert tags["cluster_id"].tolist() == cluster
+        assert set(tags["cluster_id"][[3, 10, 20, 40]]) == {3} and tags["cluster_id"][50] == 7
+        assert tags["min_neighbor_distance"][10] == 0.0
 
 
 def conversations(path):
@@ -81,8 +84,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
     cfg = tag.TagConfig(
         input=str(data),
         output_dir=str(tmp_path / "tagged"),
-        judge_max_tokens=48,
-        judge_retries=1,
+        judge=JudgeConfig(max_tokens=48, retries=1, logprobs=None),
         chunk_size=2,
     )
     summary = tag.run(cfg)
@@ -112,9 +114,9 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
         assert (r["task_category"] in tag.TASK_CATEGORIES) != r["task_category_failed"]
     assert summary["failures"]["quality"]["untagged"] == 0
     for r in rows:  # URIAL base responses scored by the same scorer; the judge stands in for Llama Guard
-        assert r["base_response"] is not None and r["reward_difference"] == pytest.approx(
-            r["instruct_reward"] - r["base_reward"], abs=0.05
-        )
+        # r(response) is the reward tagger's own value, reused, not computed a second time
+        assert r["base_response"] is not None
+        assert r["reward_difference"] == r["instruct_reward"] - r["base_reward"]
         assert r["safety"] in ("safe", "unsafe") and 0.0 <= r["p_safe"] <= 1.0
     assert "not a guard model" in table.schema.field("safety").metadata[b"source"].decode()
     # Scores come from the judge's score-token probabilities: every row gets a value in range.
@@ -126,6 +128,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
         raise AssertionError("a finished tagging run must not call the judge again")
 
     monkeypatch.setattr(tag, "make_engine", no_engine)
+    monkeypatch.setattr(core.judge, "make_engine", no_engine)
     assert tag.run(cfg)["rows"] == 4
 
 
@@ -173,3 +176,47 @@ def test_reward_model_path_with_a_tiny_sequence_classifier(tmp_path, embedded_pa
         table.schema.field("instruct_reward").metadata[b"source"].decode()
         == f"reward model {tmp_path / 'rm'}"
     )
+
+
+def test_json_labels_from_a_judge_that_answers_them_end_to_end(embedded_path, tmp_path, monkeypatch):
+    """The label path a capable judge takes, over real HTTP: prompt -> prefilled "{" -> stop at "}" -> strict
+    parse -> columns, with a reply that is not JSON retried and then counted as failed, and `select` filtering
+    the mixed labels. The server answers from a table (a judge that really returns valid JSON)."""
+    from data_synth import select
+    from tests.conftest import start_server
+
+    rows = conversations(tmp_path / "rows.jsonl")
+    asks = ["boiling point", "haiku about the sea", "capitale de la France"]
+    table = [
+        [["rate the quality", asks[0]], ' "explanation": "Clear and specific.", "input_quality": "excellent"}'],
+        [["rate the quality", asks[1]], " I think this one is fine"],  # not JSON: retried, then failed
+        [["rate the quality", asks[2]], ' "explanation": "Short.", "input_quality": "Poor"}'],
+        [["difficulty level"], ' "intent": "The user wants a fact", "knowledge": "physics", "difficulty": "easy"}'],
+        [["task tags", asks[1]], ' "primary_tag": "Creative writing", "other_tags": ["Creative writing", "brainstorming"]}'],
+        [["task tags"], ' "primary_tag": "Information seeking", "other_tags": []}'],
+    ]  # fmt: skip
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    url, proc = start_server(embedded_path, tmp_path / "table.json")
+    monkeypatch.setenv("TABLE_KEY", "sk-test-123")
+    try:
+        judge = JudgeConfig(model=embedded_path, max_tokens=64, retries=1, logprobs=None)
+        judge.engine.backend, judge.engine.base_urls, judge.engine.api_key_env = "openai", [url], "TABLE_KEY"
+        cfg = tag.TagConfig(input=str(rows), output_dir=str(tmp_path / "tagged"), judge=judge,
+                            taggers=["quality", "difficulty", "task_category"])  # fmt: skip
+        summary = tag.run(cfg)
+    finally:
+        proc.kill()
+    tagged = pq.read_table(tmp_path / "tagged" / "train-00000.parquet").to_pylist()
+    assert [r["input_quality"] for r in tagged] == ["excellent", None, "excellent", "poor"]
+    assert [r["quality_failed"] for r in tagged] == [False, True, False, False]
+    assert tagged[0]["quality_explanation"] == "Clear and specific."
+    assert {r["difficulty"] for r in tagged} == {"easy"} and tagged[0]["intent"] == "The user wants a fact"
+    assert tagged[1]["task_category"] == "Creative writing"
+    assert tagged[1]["other_task_category"] == ["Brainstorming"]  # the primary tag is not repeated
+    assert summary["failures"]["quality"] == {"failed": 1, "untagged": 0}
+    # 12 prompts, plus one retry of the reply that was not JSON; a rerun asks nothing (the judge's cache)
+    assert summary["judge_calls"] == {"calls": 13, "cached": 0, "failed": 1}
+
+    selected = select.run(select.SelectConfig(input=str(tmp_path / "tagged"), output_dir=str(tmp_path / "sel"),
+                                              filters=[select.Filter("input_quality", ">=", "good")]))  # fmt: skip
+    assert selected["selected_rows"] == 2  # the failed label never passes a filter

@@ -70,11 +70,11 @@ def test_real_judging_of_identical_models_is_exactly_even_and_resumes(tmp_path, 
     def no_engine(*a, **k):
         raise AssertionError("a finished evaluation must not load a model again")
 
+    import core.judge
     import eval.generate
-    import eval.judging
 
     monkeypatch.setattr(eval.generate, "make_engine", no_engine)  # answers come from answers/*.jsonl
-    monkeypatch.setattr(eval.judging, "make_engine", no_engine)  # judgments from the judge's cache
+    monkeypatch.setattr(core.judge, "make_engine", no_engine)  # judgments from the judge's cache
     assert pw.run(cfg) == rows
     scores = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert {(s["model"], s["metric"], s["value"]) for s in scores} == {

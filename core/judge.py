@@ -1,4 +1,6 @@
-"""Judge calls for every evaluation: a persistent cache, retries for unparsable replies, and failure accounting.
+"""The one LLM judge: tag labels and scores, pair scoring, AlpacaEval, Arena-Hard and pairwise verdicts.
+
+A persistent cache, retries for unparsable replies, failure accounting, a prefilled reply start and stop strings.
 
 The cache (SQLite, one file) is keyed by the judge's name, the exact prompt and the sampling settings, so
 re-running a finished evaluation makes zero judge calls, and a judge that already saw a (question, answer,
@@ -16,7 +18,7 @@ import hashlib
 import json
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -92,16 +94,32 @@ class JudgeCache:
         return self.db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
 
 
-def first_token_share(c: Completion, first: str, second: str) -> float | None:
-    """P(first) / (P(first) + P(second)) over the reply's first-token top logprobs (surrounding spaces ignored,
-    as tokenizers spell " A" and "A" apart): the weighted verdict of AlpacaEval-style judges. None when neither
-    token is among the top logprobs."""
-    p = {first: 0.0, second: 0.0}
+def label_probabilities(
+    c: Completion, labels: Sequence[str], fold_case: bool = False
+) -> dict[str, float] | None:
+    """The probability of each label among the reply's first-token top logprobs, renormalized over the labels
+    (surrounding spaces ignored, as tokenizers spell " A" and "A" apart; `fold_case` also folds "Yes"/"yes").
+    None when no label is among the top logprobs. The one helper behind every weighted verdict and score."""
+    mass = dict.fromkeys(labels, 0.0)
     for token, logprob in (c.top_logprobs or {}).items():
-        if token.strip() in p:
-            p[token.strip()] += math.exp(logprob)
-    total = p[first] + p[second]
-    return p[first] / total if total > 0 else None
+        word = token.strip().lower() if fold_case else token.strip()
+        if word in mass:
+            mass[word] += math.exp(logprob)
+    total = sum(mass.values())
+    return {label: p / total for label, p in mass.items()} if total > 1e-6 else None
+
+
+def first_token_share(c: Completion, first: str, second: str) -> float | None:
+    """P(first) / (P(first) + P(second)): the weighted verdict of AlpacaEval-style judges."""
+    p = label_probabilities(c, (first, second))
+    return None if p is None else p[first]
+
+
+def expected_score(c: Completion, low: int, high: int) -> float | None:
+    """The probability-weighted integer score in [low, high] (G-Eval style): a continuous value with few ties,
+    read even from judges too small to finish a JSON reply."""
+    p = label_probabilities(c, [str(v) for v in range(low, high + 1)])
+    return None if p is None else sum(int(v) * q for v, q in p.items())
 
 
 @dataclass
@@ -130,6 +148,7 @@ class Judge:
         self.cache = JudgeCache(cfg.cache or cache_path)
         self.stats = JudgeStats()
         self._engine = None
+        self._prefill = cfg.prefill
 
     @property
     def engine(self):
@@ -149,26 +168,34 @@ class Judge:
     def prompt(self, messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
         """What the engine is sent: rendered text, or the messages themselves for a chat API (engine.chat)."""
         if self.cfg.engine.chat:
-            if self.cfg.prefill:
+            if self._prefill:
                 raise ConfigError(
-                    "judge.prefill needs a raw-text engine; a chat API writes the reply's start itself"
+                    "a prefilled reply (judge.prefill, or a tag's JSON prefill) needs a raw-text engine; a chat "
+                    "API writes the reply's start itself"
                 )
             return messages
-        return render_prompt(self.tokenizer, messages) + self.cfg.prefill
+        return render_prompt(self.tokenizer, messages) + self._prefill
 
     def ask(
         self,
         conversations: list[list[dict[str, str]]],
         parse: Callable[[Completion], T | None],
         desc: str = "judging",
+        *,
+        prefill: str | None = None,
+        sampling: Sampling | None = None,
+        retries: int | None = None,
     ) -> list[Verdict[T]]:
-        """One verdict per conversation (chat messages); cached replies are reused, the rest are generated."""
+        """One verdict per conversation (chat messages); cached replies are reused, the rest are generated.
+        A protocol that fixes its own reply start, sampling or retries (a tag's JSON prefill and stop, a score
+        read from one token's probabilities) passes them here; otherwise the config's apply."""
         verdicts: list[Verdict[T] | None] = [None] * len(conversations)
         prompts: dict[int, str] = {}
         pending = list(range(len(conversations)))
-        base = self.cfg.sampling()
+        base = sampling or self.cfg.sampling()
+        self._prefill = self.cfg.prefill if prefill is None else prefill
         bar = tqdm(total=len(conversations), desc=desc, unit="q")
-        for attempt in range(self.cfg.retries + 1):
+        for attempt in range((self.cfg.retries if retries is None else retries) + 1):
             keys, misses, samplings = {}, [], {}
             for i in pending:
                 samplings[i] = self._sampling(base, self._prompt_text(i, conversations, prompts), attempt)
@@ -199,8 +226,8 @@ class Judge:
         return prompts[i]
 
     def _verdict(self, parse: Callable, c: Completion, attempt: int) -> Verdict:
-        if self.cfg.prefill:
-            c = dataclasses.replace(c, text=self.cfg.prefill + c.text)
+        if self._prefill:
+            c = dataclasses.replace(c, text=self._prefill + c.text)
         value = parse(c)
         return Verdict(value, c, attempt + 1, None if value is not None else "no verdict in the reply")
 

@@ -1,7 +1,7 @@
 """The judgment cache and failure accounting, with the real embedded judge."""
 
 from core.engines import EngineConfig
-from eval.judging import Judge, JudgeConfig
+from core.judge import Judge, JudgeConfig
 
 QUESTIONS = [[{"role": "user", "content": f"Is {n} an even number? Answer yes or no."}] for n in (2, 7, 10)]
 
