@@ -64,6 +64,10 @@ def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]
     return messages
 
 
+# Every column `to_messages` may read: select these to stream conversations without a row's other columns
+CONVERSATION_COLUMNS = ("messages", "conversation", "conversations", "instruction", "input", "response", "output")  # fmt: skip
+
+
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """A row's conversation as chat messages, from any layout the harness reads: `messages`; `conversation`
     (WildChat: role/content turns with metadata); `conversations` (ShareGPT and the Magpie authors' releases,

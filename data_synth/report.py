@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.chat import first_turn  # noqa: E402
+from core.chat import CONVERSATION_COLUMNS, first_turn, to_messages  # noqa: E402
 from core.config import cli, load_config, prepare_output_dir, resolved  # noqa: E402
-from core.io import atomic_write_text, load_rows  # noqa: E402
+from core.io import atomic_write_text, iter_rows, open_dataset  # noqa: E402
 from data_synth.tag import DIFFICULTY, QUALITY, TASK_CATEGORIES, embed  # noqa: E402
 
 
@@ -40,13 +40,28 @@ class ReportConfig:
     overwrite: bool = False
 
 
-def _frame(path: str) -> pd.DataFrame:
-    rows = load_rows(path)
-    turns = [first_turn(r, f"{path}: row {i}") for i, r in enumerate(rows)]  # any conversation layout
-    df = pd.DataFrame(rows)
-    df["instruction"] = [t[0] for t in turns]
-    df["response"] = [t[1] for t in turns]
-    return df
+# What the card and plots read besides the conversation: small tag columns, read as columns (not rows)
+STAT_COLUMNS = ("task_category", "input_quality", "difficulty", "language", "instruct_reward", "reward_difference",
+                "min_neighbor_distance", "repeat_count", "generator")  # fmt: skip
+
+
+def _frame(path: str) -> tuple[pd.DataFrame, Any]:
+    """One row of statistics per conversation (lengths, user turns, the tag columns), streamed batch by batch
+    from the Arrow data set: the texts themselves are never all in memory. Returns the frame and the data set
+    (the coverage map samples texts from it)."""
+    ds = open_dataset(path)
+    conversation = ds.select_columns([c for c in CONVERSATION_COLUMNS if c in ds.column_names])
+    instruction, response, turns = [], [], []
+    for batch in iter_rows(conversation):
+        for row in batch:
+            messages = to_messages(row, f"{path}: row {len(turns)}")  # any conversation layout
+            first = first_turn({"messages": messages})
+            instruction.append(len(first[0]))
+            response.append(len(first[1]))
+            turns.append(sum(m["role"] == "user" for m in messages))
+    df = ds.select_columns([c for c in STAT_COLUMNS if c in ds.column_names]).to_pandas()
+    df["instruction_chars"], df["response_chars"], df["user_turns"] = instruction, response, turns
+    return df, ds
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
@@ -63,7 +78,9 @@ def _bar(ax: plt.Axes, counts: Counter, order: list[str], title: str) -> None:
     ax.set_xlabel("conversations")
 
 
-def plots(df: pd.DataFrame, others: dict[str, pd.DataFrame], cfg: ReportConfig, out: Path) -> list[str]:
+def plots(
+    df: pd.DataFrame, others: dict[str, pd.DataFrame], texts: dict[str, Any], cfg: ReportConfig, out: Path
+) -> list[str]:
     images = []
     if "task_category" in df:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -85,23 +102,23 @@ def plots(df: pd.DataFrame, others: dict[str, pd.DataFrame], cfg: ReportConfig, 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, column in zip(axes, ("instruction", "response"), strict=True):
         for name, frame in {cfg.name or "this set": df, **others}.items():
-            ax.hist(frame[column].str.len(), bins=40, alpha=0.6, label=name)
+            ax.hist(frame[f"{column}_chars"], bins=40, alpha=0.6, label=name)
         ax.set_title(f"{column} length (characters)")
         ax.legend()
     images.append(_save(fig, out / "lengths.png"))
-    images.append(coverage_map(df, others, cfg, out))
+    images.append(coverage_map(texts, cfg, out))
     return images
 
 
-def coverage_map(df: pd.DataFrame, others: dict[str, pd.DataFrame], cfg: ReportConfig, out: Path) -> str:
+def coverage_map(sets: dict[str, Any], cfg: ReportConfig, out: Path) -> str:
+    """t-SNE of the first turns of up to `max_points` random conversations of each set (`sets`: name -> data set)."""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(cfg.seed)
-    sets = {cfg.name or "this set": df, **others}
     texts, owner = [], []
-    for name, frame in sets.items():
-        pick = rng.permutation(len(frame))[: cfg.max_points]
-        texts += [frame["instruction"].iloc[i] for i in pick]
+    for name, ds in sets.items():
+        pick = np.sort(rng.permutation(len(ds))[: cfg.max_points])
+        texts += [first_turn(r)[0] for r in ds.select(pick).to_list()]
         owner += [name] * len(pick)
     emb = embed(texts, cfg.embedder, 256)
     perplexity = float(min(30, max(2, (len(texts) - 1) // 3)))
@@ -122,11 +139,10 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
     lines = [f"# {name}", "", f"{len(df):,} conversations.", ""]
     if "generator" in df:
         lines += [f"Generator: {', '.join(sorted(map(str, df['generator'].dropna().unique())))}.", ""]
-    n_turns = df["messages"].map(lambda m: sum(x["role"] == "user" for x in m))
     lines += ["| statistic | value |", "|---|---|",
-              f"| user turns per conversation (mean) | {n_turns.mean():.2f} |",
-              f"| instruction length, characters (median) | {df['instruction'].str.len().median():.0f} |",
-              f"| response length, characters (median) | {df['response'].str.len().median():.0f} |"]  # fmt: skip
+              f"| user turns per conversation (mean) | {df['user_turns'].mean():.2f} |",
+              f"| instruction length, characters (median) | {df['instruction_chars'].median():.0f} |",
+              f"| response length, characters (median) | {df['response_chars'].median():.0f} |"]  # fmt: skip
     for column in ("input_quality", "difficulty", "task_category", "language"):
         if column in df:
             top = Counter(df[column].dropna()).most_common(12)
@@ -152,13 +168,15 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
 def run(cfg: ReportConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
-    df = _frame(cfg.input)
-    others = {Path(p).name: _frame(p) for p in cfg.compare}
     name = cfg.name or Path(cfg.input).name
     cfg.name = name
+    df, ds = _frame(cfg.input)
+    compared = {Path(p).name: _frame(p) for p in cfg.compare}
+    others = {k: frame for k, (frame, _) in compared.items()}
+    texts = {name: ds, **{k: d for k, (_, d) in compared.items()}}
     manifest_path = Path(cfg.input) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    images = plots(df, others, cfg, out)
+    images = plots(df, others, texts, cfg, out)
     atomic_write_text(out / "README.md", card(df, name, images, manifest))
     return {"rows": len(df), "images": images, "card": str(out / "README.md")}
 

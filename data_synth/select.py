@@ -10,19 +10,22 @@ Every filter's removal count is printed and written to `manifest.json`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 
-from core.chat import first_turn
+from core.chat import CONVERSATION_COLUMNS, first_turn
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_bytes, atomic_write_json, load_rows
+from core.io import atomic_write_json, iter_rows, open_dataset, write_parquet
 from data_synth.tag import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
 ORDINAL = {"input_quality": QUALITY, "difficulty": DIFFICULTY}
+ROWS_PER_SHARD = 100_000
 OPS = ("==", "!=", ">", ">=", "<", "<=", "in", "not_in", "endswith", "not_endswith")
 
 
@@ -47,16 +50,42 @@ class SelectConfig:
     overwrite: bool = False
 
 
-def with_derived_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """`instruction` and `response` (first user turn and its answer) and, where the input lacks them (the Magpie
-    authors' releases do), `instruction_length` and `response_length` in characters, so rules can name them."""
-    turns = df["__turns__"] if "__turns__" in df else [first_turn(r) for r in df.to_dict("records")]
-    df = df.drop(columns=["__turns__"], errors="ignore")
-    for i, column in enumerate(("instruction", "response")):
-        if column not in df:
-            df[column] = [t[i] for t in turns]
-        if f"{column}_length" not in df:
-            df[f"{column}_length"] = [len(t[i]) for t in turns]
+# Columns a rule may name although the input lacks them (the Magpie authors' releases do): derived from the
+# first user turn and its answer
+DERIVED = {
+    "instruction": lambda q, a: q,
+    "response": lambda q, a: a,
+    "instruction_length": lambda q, a: len(q),
+    "response_length": lambda q, a: len(a),
+}
+
+
+def needed_columns(cfg: SelectConfig) -> list[str]:
+    """The columns the recipe's rules read: only these are loaded, never whole rows."""
+    names = [f.column for f in cfg.filters] + ([cfg.sort_by] if cfg.sort_by else [])
+    if cfg.dedup_clusters:
+        names += ["cluster_id", "min_similar_conversation_id", "conversation_id"]
+    return list(dict.fromkeys(names))
+
+
+def derived(rows: Iterable[list[dict]], columns: list[str], where: str) -> dict[str, list]:
+    """The DERIVED `columns` of every row, batch by batch (a row with no conversation fails, naming it)."""
+    values: dict[str, list] = {c: [] for c in columns}
+    n = 0
+    for batch in rows:
+        for row in batch:
+            q, a = first_turn(row, f"{where}: row {n}")
+            for c in columns:
+                values[c].append(DERIVED[c](q, a))
+            n += 1
+    return values
+
+
+def with_derived_columns(df: pd.DataFrame, cfg: SelectConfig) -> pd.DataFrame:
+    """The rules' DERIVED columns that `df` lacks, from its conversation column(s)."""
+    missing = [c for c in needed_columns(cfg) if c in DERIVED and c not in df]
+    if missing:
+        df = df.assign(**derived([df.to_dict("records")], missing, "input"))
     return df
 
 
@@ -120,7 +149,8 @@ def mask(f: Filter, df: pd.DataFrame) -> pd.Series:
 
 
 def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    df = with_derived_columns(df)
+    """The rows that pass (their index is their position in the input) and what each step removed."""
+    df = with_derived_columns(df, cfg)
     for i, f in enumerate(cfg.filters):
         check_filter(f, df, f"filters[{i}]")
     authors = {"min_similar_conversation_id", "conversation_id"} <= set(df.columns)
@@ -160,23 +190,32 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
 
 
 def run(cfg: SelectConfig) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
-    rows = load_rows(cfg.input)
-    source = pd.DataFrame(rows)
-    source["__turns__"] = [first_turn(r, f"{cfg.input}: row {i}") for i, r in enumerate(rows)]
-    chosen, steps = select(source, cfg)
-    # The chosen rows as they were read (pandas turns a missing label into float NaN, which Arrow rejects in a
-    # string column), under the input's schema, which an empty selection keeps too.
-    schema = pa.Table.from_pylist(rows).schema
-    table = pa.Table.from_pylist([rows[i] for i in chosen.index], schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
-    summary = {"input_rows": len(source), "selected_rows": len(chosen), "steps": steps}
+    ds = open_dataset(cfg.input)  # Arrow, memory-mapped
+    # Only the columns the rules read become a frame; derived ones are computed batch by batch.
+    present = [c for c in needed_columns(cfg) if c in ds.column_names]
+    frame = ds.select_columns(present).to_pandas() if present else pd.DataFrame(index=range(len(ds)))
+    derive = [c for c in needed_columns(cfg) if c in DERIVED and c not in ds.column_names]
+    if derive:
+        conversation = ds.select_columns([c for c in CONVERSATION_COLUMNS if c in ds.column_names])
+        frame = frame.assign(**derived(iter_rows(conversation), derive, cfg.input))
+    for i, f in enumerate(cfg.filters):  # name every column a rule could use, not just the loaded ones
+        if f.column not in frame and f.column not in ds.column_names:
+            raise ConfigError(f"filters[{i}]: column '{f.column}' does not exist; columns: "
+                              f"{', '.join(sorted({*ds.column_names, *DERIVED}))}")  # fmt: skip
+    chosen, steps = select(frame, cfg)
+    # The chosen rows as they were read, under the input's schema (an empty selection keeps it too), taken from
+    # the Arrow table shard by shard.
+    table = ds.data.table
+    for old in out.glob("train-*.parquet"):
+        old.unlink()
+    index = chosen.index.to_numpy()
+    for k, start in enumerate(range(0, max(len(index), 1), ROWS_PER_SHARD)):
+        write_parquet(
+            out / f"train-{k:05d}.parquet", table.take(pa.array(index[start : start + ROWS_PER_SHARD]))
+        )
+    summary = {"input_rows": len(ds), "selected_rows": len(chosen), "steps": steps}
     atomic_write_json(out / "manifest.json", summary)
     return summary
 

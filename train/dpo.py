@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 
 from core.chat import check_messages
 from core.config import ConfigError, cli
-from core.io import load_rows
+from core.io import open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 
@@ -41,11 +41,21 @@ def normalize_preference(row: dict, where: str) -> dict:
 
 
 def load_preferences(script: ScriptArgs) -> datasets.Dataset:
-    rows = load_rows(script.dataset, script.dataset_split)
+    """prompt/chosen/rejected as trl reads them, converted and validated in Arrow batches by `datasets.map`."""
+    ds = open_dataset(script.dataset, script.dataset_split)
     if script.max_samples is not None:
-        rows = rows[: script.max_samples]
-    return datasets.Dataset.from_list(
-        [normalize_preference(r, f"{script.dataset}: row {i}") for i, r in enumerate(rows)]
+        ds = ds.select(range(min(script.max_samples, len(ds))))
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        names, out = list(batch), {"prompt": [], "chosen": [], "rejected": []}
+        for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+            row = normalize_preference(dict(zip(names, values, strict=True)), f"{script.dataset}: row {i}")
+            for key in out:
+                out[key].append(row[key])
+        return out
+
+    return ds.map(
+        convert, batched=True, with_indices=True, remove_columns=ds.column_names, desc="preferences"
     )
 
 

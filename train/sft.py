@@ -8,58 +8,81 @@ Keys are the shared `ScriptArgs` (train/common.py) plus every field of trl's `SF
 
 from __future__ import annotations
 
+import itertools
 import random
 import sys
 
 import datasets
 from trl import SFTConfig, SFTTrainer
 
-from core.chat import check_messages, to_messages
+from core.chat import CONVERSATION_COLUMNS, check_messages, to_messages
 from core.config import ConfigError, cli
-from core.io import load_rows
+from core.io import open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 
-def mixture(script: ScriptArgs) -> list[tuple[str, int, dict]]:
-    """(source, row index, row) for `dataset`, or for every source of `dataset_mixture` at its weight: the share
-    of its rows to take, sampled with the seed; a weight above 1 repeats the source (oversampling)."""
+def mixture(script: ScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
+    """(source number, row index) for `dataset`, or for every source of `dataset_mixture` (of `sizes` rows) at its
+    weight: the share of its rows to take, sampled with the seed; a weight above 1 repeats the source."""
     if not script.dataset_mixture:
-        return [(script.dataset, i, r) for i, r in enumerate(load_rows(script.dataset, script.dataset_split))]
+        return [(0, i) for i in range(sizes[0])]
     rng = random.Random(script.mixture_seed)
     out = []
-    for source, weight in script.dataset_mixture.items():
+    for k, (source, weight) in enumerate(script.dataset_mixture.items()):
         if weight < 0:
             raise ConfigError(f"dataset_mixture.{source}: weight must be >= 0, got {weight}")
-        rows = list(enumerate(load_rows(source, script.dataset_split)))
+        rows = range(sizes[k])
         full, rest = divmod(round(weight * len(rows)), len(rows)) if rows else (0, 0)
-        picked = rows * full + rng.sample(rows, rest)
-        out += [(source, i, r) for i, r in picked]
+        out += [(k, i) for i in [*rows] * full + rng.sample(rows, rest)]
     rng.shuffle(out)
     return out
 
 
+def as_messages(ds: datasets.Dataset, source: str, drop_invalid: bool) -> datasets.Dataset:
+    """`messages` (and whether the row is valid) for every row, converted in Arrow batches by `datasets.map`:
+    ShareGPT `conversations`, instruction/response and the other layouts become chat messages, and a bad row
+    fails naming its source and index (or, with drop_invalid, is marked and dropped later)."""
+
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        names, out = list(batch), {"messages": [], "__valid__": []}
+        for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+            where = f"{source}: row {i}"
+            try:
+                messages = to_messages(dict(zip(names, values, strict=True)), where)
+                check_messages(messages, where)
+            except ConfigError:
+                if not drop_invalid:
+                    raise
+                messages = []
+            out["messages"].append(messages)
+            out["__valid__"].append(bool(messages))
+        return out
+
+    columns = [c for c in CONVERSATION_COLUMNS if c in ds.column_names]
+    if not columns:  # no conversation anywhere: fail on the first row, which names what was expected
+        to_messages(ds[0], f"{source}: row 0")
+    return ds.select_columns(columns).map(
+        convert, batched=True, with_indices=True, remove_columns=columns, desc=f"messages of {source}"
+    )
+
+
 def load_conversations(script: ScriptArgs) -> datasets.Dataset:
-    """A `datasets.Dataset` with only the `messages` column. Every row is validated: a bad one fails naming its
-    source and index, or with `drop_invalid=true` is dropped and counted. ShareGPT-style `conversations`
-    (Magpie's own releases use them) are converted."""
-    rows = mixture(script)
+    """A `datasets.Dataset` with only the `messages` column, Arrow end to end (`load_dataset`, `map`, `select`).
+    Every row is validated: a bad one fails naming its source and index, or with `drop_invalid=true` is dropped
+    and counted."""
+    names = list(script.dataset_mixture) if script.dataset_mixture else [script.dataset]
+    converted = [
+        as_messages(open_dataset(name, script.dataset_split), name, script.drop_invalid) for name in names
+    ]
+    offsets = [0, *itertools.accumulate(len(ds) for ds in converted)]
+    picked = mixture(script, [len(ds) for ds in converted])
     if script.max_samples is not None:
-        rows = rows[: script.max_samples]
-    kept, dropped = [], 0
-    for source, i, row in rows:
-        where = f"{source}: row {i}"
-        try:
-            messages = to_messages(row, where)  # messages, ShareGPT conversations, instruction/response, ...
-            check_messages(messages, where)
-        except ConfigError:
-            if not script.drop_invalid:
-                raise
-            dropped += 1
-            continue
-        kept.append({"messages": messages})
-    if dropped:
-        print(f"dropped {dropped} invalid rows of {len(rows)} (drop_invalid=true)")
-    return datasets.Dataset.from_list(kept)
+        picked = picked[: script.max_samples]
+    dataset = datasets.concatenate_datasets(converted).select([offsets[k] + i for k, i in picked])
+    valid = dataset.filter(lambda b: b["__valid__"], batched=True).remove_columns("__valid__")
+    if len(valid) < len(dataset):
+        print(f"dropped {len(dataset) - len(valid)} invalid rows of {len(dataset)} (drop_invalid=true)")
+    return valid
 
 
 def build_trainer(script: ScriptArgs, args: SFTConfig) -> SFTTrainer:
