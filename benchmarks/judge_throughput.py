@@ -17,8 +17,8 @@ from pathlib import Path
 
 from core.engines import EngineConfig
 from core.io import atomic_write_json, read_jsonl
-from eval.alpaca_eval import preference
 from core.judge import Judge, JudgeConfig
+from eval.alpaca_eval import preference
 from eval.pairwise import DEMO_INSTRUCTIONS
 
 

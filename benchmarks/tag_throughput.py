@@ -16,12 +16,15 @@ import itertools
 import json
 import os
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from core.engines import EngineConfig
 from core.io import atomic_write_json
+from core.judge import JudgeConfig
 from data_synth import tag
 
 SUBJECTS = [
@@ -113,15 +116,18 @@ def main() -> None:
         "taggers": {},
     }
 
-    for name, fn in (("lengths", tag.tag_lengths), ("language", tag.tag_language)):
-        _, seconds = timed(fn, rows, cfg)
+    scratch = tempfile.mkdtemp()
+    pairs = [tag.first_turn(r) for r in rows]
+    for name in ("lengths", "language"):
+        ctx = tag.Context(cfg, Path(scratch))
+        _, seconds = timed(tag.TAGGERS[name].tag, ctx, pairs, np.arange(len(pairs)))
         result["taggers"][name] = {"seconds": round(seconds, 2), "rows_per_s": round(a.rows / seconds, 1)}
 
-    texts = [tag.first_turn(r)[0] for r in rows]
+    texts = [q for q, _ in pairs]
     emb, embed_s = timed(tag.embed, texts, cfg.embedder, cfg.embed_batch_size)
     tags, faiss_s = timed(tag.neighbor_tags, emb, cfg.neighbors_k, cfg.near_duplicate_distance)
     brute, brute_s = timed(brute_force_min_distance, emb)
-    agree = float(np.max(np.abs(np.array([t["min_neighbor_distance"] for t in tags]) - brute)))
+    agree = float(np.max(np.abs(tags["min_neighbor_distance"] - brute)))
     result["taggers"]["neighbors"] = {
         "embed_seconds": round(embed_s, 2), "faiss_seconds": round(faiss_s, 2),
         "total_seconds": round(embed_s + faiss_s, 2), "rows_per_s": round(a.rows / (embed_s + faiss_s), 1),
@@ -129,15 +135,13 @@ def main() -> None:
         "max_abs_difference_vs_bruteforce": agree, "k": cfg.neighbors_k,
     }  # fmt: skip
 
-    judge_rows = rows[: a.judge_rows]
-    prompts_q = [tag.QUALITY_PROMPT.format(instruction=tag.first_turn(r)[0]) for r in judge_rows]
-    prompts_r = [
-        tag.REWARD_PROMPT.format(instruction=tag.first_turn(r)[0], response="Sure.") for r in judge_rows
-    ]
+    judge_rows = pairs[: a.judge_rows]
     for batch, label in ((16, "batched"), (1, "one_at_a_time")):
-        judge = tag.Judge("embedded", EngineConfig(batch_size=batch), 96, 0, 0.7)
-        _, q_s = timed(judge, prompts_q, tag.parse_quality)
-        _, r_s = timed(judge.score, prompts_r, 1, 10)
+        # a fresh judge cache per setting, so every prompt is really judged
+        judge = JudgeConfig(engine=EngineConfig(batch_size=batch), max_tokens=96, retries=0, logprobs=None)
+        ctx = tag.Context(tag.TagConfig(judge=judge), Path(tempfile.mkdtemp()))
+        _, q_s = timed(tag.TAGGERS["quality"].tag, ctx, judge_rows, np.arange(len(judge_rows)))
+        _, r_s = timed(tag.TAGGERS["reward"].tag, ctx, [(q, "Sure.") for q, _ in judge_rows], None)
         result["taggers"].setdefault("quality_judge", {})[label] = {
             "seconds": round(q_s, 2),
             "rows_per_s": round(len(judge_rows) / q_s, 2),

@@ -19,7 +19,7 @@ from typing import Any
 
 from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_bytes, atomic_write_json, load_rows
+from core.io import atomic_write_json, load_rows, write_parquet
 
 # name: (Hub id, split, what the paper used)
 SOURCES = {
@@ -73,7 +73,6 @@ def baseline_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 def run(cfg: BaselineConfig) -> dict[str, Any]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
@@ -108,9 +107,7 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
         )
     if cfg.max_samples is not None and len(kept) > cfg.max_samples:
         kept = [kept[i] for i in sorted(random.Random(cfg.seed).sample(range(len(kept)), cfg.max_samples))]
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(kept), sink)
-    atomic_write_bytes(out / "train-00000.parquet", sink.getvalue().to_pybytes())
+    write_parquet(out / "train-00000.parquet", pa.Table.from_pylist(kept))
     summary = {"name": cfg.name, "source": source, "input_rows": len(rows), "rows": len(kept),
                "dropped": dropped, "duplicates_dropped": duplicates}  # fmt: skip
     atomic_write_json(out / "manifest.json", summary)

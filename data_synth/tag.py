@@ -393,11 +393,16 @@ def tag_lengths(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> 
     from transformers import AutoTokenizer
 
     tok = ctx.get("tokenizer", lambda: AutoTokenizer.from_pretrained(resolve_model(ctx.cfg.tokenizer)))
-    ins = tok([p[0] for p in pairs], add_special_tokens=False)["input_ids"]
-    res = tok([p[1] for p in pairs], add_special_tokens=False)["input_ids"]
+
+    def n_tokens(texts: list[str]) -> list[int]:  # counted in Rust: no Python list of ids per row
+        if getattr(tok, "backend_tokenizer", None) is not None:
+            return [len(e) for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+    ins, res = n_tokens([p[0] for p in pairs]), n_tokens([p[1] for p in pairs])
     return [
-        {"instruction_length": len(p[0]), "response_length": len(p[1]), "instruction_n_tokens": len(i),
-         "response_n_tokens": len(r)}
+        {"instruction_length": len(p[0]), "response_length": len(p[1]), "instruction_n_tokens": i,
+         "response_n_tokens": r}
         for p, i, r in zip(pairs, ins, res, strict=True)
     ]  # fmt: skip
 

@@ -135,12 +135,10 @@ class TemplatesConfig:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    from core.models import resolve_model
+    from core.engines import EngineConfig, load_tokenizer
 
     (cfg,) = load_config("synth", argv, TemplatesConfig)
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer), trust_remote_code=cfg.trust_remote_code)
+    tok = load_tokenizer(cfg.tokenizer, EngineConfig(trust_remote_code=cfg.trust_remote_code))
     print(json.dumps(pre_query(tok, cfg.system_prompt).to_dict(), ensure_ascii=False))
 
 
