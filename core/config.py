@@ -97,22 +97,43 @@ def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
+def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """`recipe=NAME key=value a.b=value ...` as (NAME or None, the overrides as a nested dict). Values are read
+    as YAML except yes/no/on/off, which stay strings; `--key-name=v` is `key_name=v`; dots nest."""
+    recipe, dotlist = _split_argv(argv)
+    try:  # interpolations stay unresolved until merged onto the recipe
+        return recipe, OmegaConf.to_container(OmegaConf.from_dotlist(dotlist))
+    except Exception as e:  # omegaconf reports malformed dotlists with its own types
+        raise ConfigError(f"could not parse overrides {dotlist}: {_first_line(e)}") from e
+
+
+def merge_recipe(stage: str, recipe: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recipe `recipe` of `stage` (None: an empty one) with `overrides` merged on top, interpolations resolved:
+    the raw dict that `build` checks."""
+    merged = OmegaConf.create({}) if recipe is None else load_recipe(stage, recipe)
+    try:
+        merged = OmegaConf.merge(merged, overrides)
+    except Exception as e:
+        raise ConfigError(f"could not apply overrides {overrides}: {_first_line(e)}") from e
+    try:
+        return OmegaConf.to_container(merged, resolve=True)
+    except Exception as e:
+        raise ConfigError(f"could not resolve the config: {_first_line(e)}") from e
+
+
+def _first_line(e: Exception) -> str:
+    """omegaconf's messages go on with `full_key: ...` lines; a command's error is one line."""
+    return str(e).partition("\n")[0]
+
+
 def load_config(stage: str, argv: list[str] | None, *schemas: type) -> tuple[Any, ...]:
     """Build one instance of each schema from `recipe=NAME key=value ...` (flat keys, as alignment-handbook)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
         print(describe(*schemas))
         raise SystemExit(0)
-    recipe, overrides = _split_argv(argv)
-    merged = OmegaConf.create({})
-    if recipe is not None:
-        merged = load_recipe(stage, recipe)
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
-    except Exception as e:  # omegaconf reports malformed dotlists with its own types
-        raise ConfigError(f"could not parse overrides {overrides}: {e}") from e
-    raw = OmegaConf.to_container(merged, resolve=True)
-    return build(raw, *schemas)
+    recipe, overrides = parse_argv(argv)
+    return build(merge_recipe(stage, recipe, overrides), *schemas)
 
 
 def build(raw: dict[str, Any], *schemas: type) -> tuple[Any, ...]:

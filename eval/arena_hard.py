@@ -29,10 +29,10 @@ from typing import Any, Literal
 import numpy as np
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
-from eval.generate import check_same_questions, load_questions, style_metadata
+from core.io import atomic_write_json, read_jsonl, write_jsonl
 from core.judge import Judge, JudgeConfig
-from eval.scores import score_row, write_scores
+from eval.generate import check_same_questions, load_questions, style_metadata
+from eval.scores import score_row, write_scores, write_table
 
 # arena-hard-auto's v0.1 judge prompt (config/judge_config.yaml), verbatim: scores are only comparable with it.
 JUDGE_SYSTEM = (
@@ -485,20 +485,13 @@ CSV_COLUMNS = ["model", "score", "rating_q025", "rating_q975", "CI", "avg_tokens
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     """leaderboard.csv as arena-hard-auto's pre-v2.0 show_result.py --output writes it (one more per category
     where there are several), results.json, and scores.jsonl for eval.leaderboard."""
-    import csv
-    import io
-
     tables = result.get("categories") or {"": result["leaderboard"]}
     date = time.strftime("%Y-%m-%d")
     suffix = "_style_controlled" if result.get("style_control") else ""
     scores = []
     for category, table in tables.items():
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({**r, "date": date} for r in table)
         name = "leaderboard.csv" if table is result["leaderboard"] else f"leaderboard_{category}.csv"
-        atomic_write_text(out / name, buf.getvalue())
+        write_table(out / name, [{**r, "date": date} for r in table], CSV_COLUMNS)
         metric = (f"{category}_score" if len(tables) > 1 else "score") + suffix
         scores += [
             score_row(r["model"], "arena_hard", metric, r["score"], r["rating_q025"], r["rating_q975"])

@@ -9,7 +9,6 @@ metric with 95% intervals as error bars).
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, cli, load_config
-from core.io import atomic_write_bytes, atomic_write_text
-from eval.scores import SCORES_FILE, read_scores
+from core.io import atomic_write_bytes
+from eval.scores import SCORES_FILE, read_scores, write_table
 
 # Headline metrics first, in the order the paper reports them; anything else follows alphabetically.
 PREFERRED = [
@@ -77,23 +76,26 @@ def _cell(row: dict[str, Any] | None) -> str:
     return f"{row['value']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
 
 
-def to_markdown(table: dict, models: list[str], columns: list[str]) -> str:
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += ["| " + " | ".join([m] + [_cell(table.get((m, c))) for c in columns]) + " |" for m in models]
-    return "\n".join(lines) + "\n"
+def markdown_rows(table: dict, models: list[str], columns: list[str]) -> list[dict[str, str]]:
+    """A row per model, a cell per metric: the value with its interval, `-` where the model has none."""
+    return [{"model": m} | {c: _cell(table.get((m, c))) for c in columns} for m in models]
 
 
-def to_csv(table: dict, models: list[str], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["model"] + [f"{c}{s}" for c in columns for s in ("", "_ci_low", "_ci_high")])
+def csv_rows(table: dict, models: list[str], columns: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A row per model, three columns per metric (value, ci_low, ci_high), empty where there is none."""
+    header = ["model"] + [f"{c}{s}" for c in columns for s in ("", "_ci_low", "_ci_high")]
+    rows = []
     for m in models:
-        cells = []
+        row: dict[str, Any] = {"model": m}
         for c in columns:
-            row = table.get((m, c)) or {}
-            cells += [row.get("value"), row.get("ci_low"), row.get("ci_high")]
-        writer.writerow([m] + ["" if v is None else v for v in cells])
-    return buf.getvalue()
+            score = table.get((m, c)) or {}
+            row |= {
+                c: score.get("value"),
+                f"{c}_ci_low": score.get("ci_low"),
+                f"{c}_ci_high": score.get("ci_high"),
+            }
+        rows.append(row)
+    return rows, header
 
 
 def to_png(table: dict, models: list[str], columns: list[str]) -> bytes:
@@ -129,9 +131,8 @@ def build(runs: list[str], output_dir: str) -> str:
     table = collect(runs)
     models, columns = pivot(table)
     out = Path(output_dir)
-    markdown = to_markdown(table, models, columns)
-    atomic_write_text(out / "leaderboard.md", markdown)
-    atomic_write_text(out / "leaderboard.csv", to_csv(table, models, columns))
+    markdown = write_table(out / "leaderboard.md", markdown_rows(table, models, columns), ["model", *columns])
+    write_table(out / "leaderboard.csv", *csv_rows(table, models, columns))
     atomic_write_bytes(out / "leaderboard.png", to_png(table, models, columns))
     return markdown
 

@@ -19,11 +19,11 @@ import numpy as np
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion, EngineConfig
-from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.io import read_jsonl, write_jsonl
+from core.judge import Judge, JudgeConfig, first_token_share
 from core.models import resolve_model
 from eval.generate import GenerateConfig, generate
-from core.judge import Judge, JudgeConfig, first_token_share
-from eval.scores import score_row, write_scores
+from eval.scores import markdown_table, score_row, write_scores, write_table
 
 DEMO_INSTRUCTIONS = str(Path(__file__).parent / "data" / "demo_instructions.jsonl")
 
@@ -172,24 +172,6 @@ def leaderboard(
     return sorted(rows, key=lambda r: -r["win_rate"])
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), may_differ=("models", "n_bootstrap"), overwrite=cfg.overwrite)
@@ -197,8 +179,8 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     answers = {name: generate_answers(name, model, questions, cfg, out) for name, model in cfg.models.items()}
     judgments = judge_pairs(answers, cfg, out)
     rows = leaderboard(judgments, answers, cfg.n_bootstrap, cfg.seed)
-    atomic_write_text(out / "leaderboard.csv", to_csv(rows))
-    atomic_write_text(out / "leaderboard.md", to_markdown(rows))
+    write_table(out / "leaderboard.csv", rows, list(rows[0]))
+    write_table(out / "leaderboard.md", rows, list(rows[0]))
     write_scores(out, [score_row(r["model"], "pairwise", "win_rate", r["win_rate"], r["ci_low"], r["ci_high"])
                        for r in rows])  # fmt: skip
     return rows
@@ -214,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\nLeaderboard ({len(rows)} models, judge: {cfg.judge.model}) -> {cfg.output_dir}/leaderboard.md\n"
     )
-    print(to_markdown(rows))
+    print(markdown_table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

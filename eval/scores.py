@@ -2,17 +2,21 @@
 
 Each row is one number: {"model", "benchmark", "metric", "value", "ci_low", "ci_high"} (interval bounds may be
 null when the benchmark has none). Writers replace their own rows; the leaderboard pivots all of them.
+
+`write_table` writes the tables people read (`leaderboard.csv`, `leaderboard.md`) for every evaluation.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import numbers
 from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
-from core.io import read_jsonl, write_jsonl
+from core.io import atomic_write_text, read_jsonl, write_jsonl
 
 SCORES_FILE = "scores.jsonl"
 FIELDS = ("model", "benchmark", "metric", "value", "ci_low", "ci_high")
@@ -71,3 +75,31 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
             if row[key] is not None or key == "value":
                 finite(row[key], f"{path}:{i}: '{key}'")
     return rows
+
+
+def csv_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """`columns` of `rows` as CSV (the csv module's excel dialect: CRLF line ends); keys not in `columns` are
+    left out, missing keys and None are empty cells."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """`columns` of `rows` as a GitHub Markdown table, each cell as str() writes it (None: empty)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Write `rows` to `path` (atomically) as the table its suffix names, `.csv` or `.md`; return the text."""
+    path = Path(path)
+    formats = {".csv": csv_table, ".md": markdown_table}
+    if path.suffix not in formats:
+        raise ValueError(f"{path}: a table is written as .csv or .md, not '{path.suffix}'")
+    text = formats[path.suffix](rows, columns)
+    atomic_write_text(path, text)
+    return text

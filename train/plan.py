@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from core.config import ConfigError, cli, load_recipe
+from core.config import ConfigError, build, cli, coerce, merge_recipe, parse_argv
 
 GB = 1024**3
 
@@ -120,6 +120,11 @@ def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], g
             "logits": logits, "trainable_params": trainable, "total_params": p["total"]}  # fmt: skip
 
 
+# The recipe keys the planner reads, typed as ScriptArgs and trl's SFTConfig/DPOConfig type them.
+RECIPE_KEYS_READ = {"peft": str, "bf16": bool, "torch_dtype": str, "lora_r": int, "per_device_train_batch_size": int,
+                    "max_length": int, "activation_checkpointing": bool, "gradient_checkpointing": bool,
+                    "model_name_or_path": str}  # fmt: skip
+
 SHIPPED_CONFIGS = Path(__file__).with_name("model_configs.json")
 
 
@@ -144,7 +149,10 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
     """`overrides` change recipe keys, as on a training command line (peft=qlora, max_length=4096, ...)."""
     from core.models import resolve_model
 
-    recipe = {**load_recipe(cfg.stage, cfg.recipe), **(overrides or {})}
+    recipe = merge_recipe(cfg.stage, cfg.recipe, overrides or {})
+    for key, hint in RECIPE_KEYS_READ.items():  # what training would refuse (`bf16=no`) is not misread here
+        if recipe.get(key) is not None:
+            recipe[key] = coerce(recipe[key], hint, key)
     acc_path = Path(__file__).resolve().parents[1] / "accelerate_configs" / f"{cfg.accelerate_config}.yaml"
     if not acc_path.is_file():
         raise ConfigError(f"accelerate_config '{cfg.accelerate_config}': no {acc_path}")
@@ -163,16 +171,12 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
 def main(argv: list[str] | None = None) -> None:
     import sys
 
-    from core.config import build
-
-    raw, overrides = {}, {}
-    fields = set(PlanConfig.__dataclass_fields__)
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"argument '{arg}' is not of the form key=value")
-        parsed = value if key in ("recipe", "stage", "accelerate_config", "model") else yaml.safe_load(value)
-        (raw if key in fields else overrides)[key] = parsed  # other keys override the recipe
+    # Parsed as every command parses `key=value` (save_strategy=no stays "no"); the planner's own keys build
+    # PlanConfig, the others override the recipe's keys.
+    recipe, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
+    raw = {k: overrides.pop(k) for k in list(overrides) if k in PlanConfig.__dataclass_fields__}
+    if recipe is not None:
+        raw["recipe"] = recipe
     (cfg,) = build(raw, PlanConfig)
     result = plan(cfg, overrides)
     print(json.dumps(result, indent=2))

@@ -126,3 +126,21 @@ def test_a_recipe_can_inherit_from_another(tmp_path, monkeypatch):
     assert (cfg.name, cfg.n, cfg.inner.temperature, cfg.inner.stop) == ("child", 5, 0.7, ["x"])
     with pytest.raises(ConfigError, match="inherit in a loop"):
         load_config("synth", ["recipe=loop"], Cfg)
+
+
+def test_argv_parsed_and_merged_without_building(tmp_path):
+    """What load_config does before `build`, for a command (the memory planner) whose keys are not one schema's."""
+    from core.config import merge_recipe, parse_argv
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("n: 7\ninner:\n  temperature: 0.5\n")
+    name, overrides = parse_argv([f"--recipe={recipe}", "save_strategy=no", "inner.stop=[a]", "rate=${n}"])
+    assert name == str(recipe) and overrides == {
+        "save_strategy": "no",
+        "inner": {"stop": ["a"]},
+        "rate": "${n}",
+    }
+    merged = merge_recipe("synth", name, overrides)  # nested groups merge; interpolations see the recipe
+    assert merged == {"n": 7, "inner": {"temperature": 0.5, "stop": ["a"]}, "save_strategy": "no", "rate": 7}
+    with pytest.raises(ConfigError, match=r"^could not resolve the config: Interpolation key 'm' not found$"):
+        merge_recipe("synth", None, parse_argv(["rate=${m}"])[1])

@@ -59,3 +59,23 @@ def test_writers_replace_their_own_rows_only(tmp_path):
 
     rows = {(r["benchmark"], r["metric"]): r["value"] for r in read_scores(tmp_path / "scores.jsonl")}
     assert rows == {("alpaca_eval", "win_rate"): 11.0, ("arena_hard", "score"): 5.0}
+
+
+def test_one_table_writer_for_every_evaluation(tmp_path):
+    """eval.scores.write_table: the CSV and Markdown that eval.pairwise, eval.leaderboard and eval.arena_hard write."""
+    from eval.scores import write_table
+
+    rows = [{"model": 'a, "b"', "score": 12.5, "extra": "left out"}, {"model": "c", "score": None}]
+    csv_text = write_table(tmp_path / "t.csv", rows, ["model", "score", "CI"])
+    assert (
+        csv_text
+        == 'model,score,CI\r\n"a, ""b""",12.5,\r\nc,,\r\n'
+        == (tmp_path / "t.csv").read_bytes().decode()
+    )
+    md = write_table(tmp_path / "t.md", rows, ["model", "score"])
+    assert (
+        md == '| model | score |\n|---|---|\n| a, "b" | 12.5 |\n| c |  |\n' == (tmp_path / "t.md").read_text()
+    )
+    with pytest.raises(ValueError, match=r"\.csv or \.md"):
+        write_table(tmp_path / "t.txt", rows, ["model"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.md"]  # atomic: no temporary files left

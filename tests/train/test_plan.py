@@ -1,17 +1,11 @@
 import pytest
 from transformers import LlamaConfig
 
+import train.plan
 from train.plan import GB, PlanConfig, count_params, estimate, lora_params, plan, sharding
 
-LLAMA3_8B = LlamaConfig(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    tie_word_embeddings=False,
-)
+LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)  # fmt: skip
 
 
 def test_llama3_8b_parameter_count():
@@ -57,35 +51,51 @@ def test_sharding_divides_what_each_zero_stage_shards():
 
 def test_plan_on_recipes_says_whether_it_fits(tmp_path):
     LLAMA3_8B.save_pretrained(tmp_path / "llama3-8b")
-    full = plan(
-        PlanConfig(
-            recipe="magpie_pro_300k",
-            accelerate_config="deepspeed_zero3",
-            gpus=4,
-            gpu_mem_gb=80,
-            model=str(tmp_path / "llama3-8b"),
-        )
-    )
+
+    def plan_8b(recipe, accelerate_config, gpus, gpu_mem_gb):
+        cfg = PlanConfig(recipe, accelerate_config=accelerate_config, gpus=gpus, gpu_mem_gb=gpu_mem_gb,
+                         model=str(tmp_path / "llama3-8b"))  # fmt: skip
+        return plan(cfg)
+
+    full = plan_8b("magpie_pro_300k", "deepspeed_zero3", 4, 80)
     assert full["fits"] and full["params_billion"] == pytest.approx(8.03, abs=0.01)
-    one_gpu = plan(
-        PlanConfig(
-            recipe="magpie_pro_300k",
-            accelerate_config="single_gpu",
-            gpus=1,
-            gpu_mem_gb=80,
-            model=str(tmp_path / "llama3-8b"),
-        )
-    )
+    one_gpu = plan_8b("magpie_pro_300k", "single_gpu", 1, 80)
     assert not one_gpu["fits"] and one_gpu["per_gpu_gb"]["optimizer"] == pytest.approx(
         12 * 8.03e9 / GB, rel=1e-3
     )
-    qlora = plan(
-        PlanConfig(
-            recipe="magpie_pro_300k_qlora",
-            accelerate_config="single_gpu",
-            gpus=1,
-            gpu_mem_gb=24,
-            model=str(tmp_path / "llama3-8b"),
-        )
-    )
+    qlora = plan_8b("magpie_pro_300k_qlora", "single_gpu", 1, 24)
     assert qlora["per_gpu_gb"]["weights"] < 7 and qlora["trainable_params_million"] > 100  # r=64
+
+
+def test_the_command_line_is_parsed_as_every_command_parses_it(monkeypatch, capsys):
+    """core.config's rules, not plain YAML: `save_strategy=no` is the string "no" (YAML 1.1 reads False), dots
+    nest, and the planner's own keys are typed by PlanConfig."""
+    seen = {}
+
+    def fake_plan(cfg, overrides):
+        seen.update(cfg=cfg, overrides=overrides)
+        return {"fits": True, "sharding": "single process", "total_gb": 1.0}
+
+    monkeypatch.setattr(train.plan, "plan", fake_plan)
+    train.plan.main(["recipe=demo_dpo", "stage=dpo", "gpus=2", "--gpu-mem-gb=24", "save_strategy=no",
+                     "report_to=off", "max_length=4096", "model_init_kwargs.revision=v1"])  # fmt: skip
+    assert seen["overrides"] == {"save_strategy": "no", "report_to": "off", "max_length": 4096,
+                                 "model_init_kwargs": {"revision": "v1"}}  # fmt: skip
+    assert seen["cfg"] == PlanConfig(recipe="demo_dpo", stage="dpo", gpus=2, gpu_mem_gb=24.0)
+    assert "demo_dpo on 2 x 24 GB" in capsys.readouterr().out
+
+
+def test_a_value_training_would_refuse_is_a_one_line_error(capsys):
+    for argv, message in [
+        (["recipe=demo_sft", "bf16=no"], "key 'bf16': expected bool (true/false), got 'no' (str)"),
+        (["recipe=demo_sft", "gpus=abc"], "key 'gpus': expected int, got 'abc' (str)"),
+        (
+            ["recipe=demo_sft", "lora_r=${nowhere}"],
+            "could not resolve the config: Interpolation key 'nowhere'",
+        ),
+        (["recipe=demo_sft", "gpus"], "argument 'gpus' is not of the form key=value"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            train.plan.main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
