@@ -224,11 +224,33 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
     return open_dataset(source, split).to_list()
 
 
-def iter_rows(ds: Any, batch_size: int = 10_000) -> Iterator[list[dict[str, Any]]]:
-    """A dataset's rows, `batch_size` at a time as row dicts: the Python objects of one batch at a time."""
-    for batch in ds.iter(batch_size=batch_size):
-        names = list(batch)
-        yield [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+def remapped(ds: Any) -> Any:
+    """The same data set on a fresh memory map of its Arrow cache files. Pages read through a map count in the
+    process's RSS until the map is dropped (the kernel keeps them as page cache), so a pass over a set larger than
+    memory reads each block through a map of its own and drops it: RSS then holds one block, not the whole set."""
+    import datasets
+
+    files = [f["filename"] for f in ds.cache_files]
+    if not files or ds._indices is not None:  # in memory, or a selection of rows: nothing to unmap
+        return ds
+    parts = [datasets.Dataset.from_file(f) for f in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def table_block(ds: Any, start: int, length: int) -> pa.Table:
+    """Rows start..start+length of `ds` as an Arrow table, read through a memory map of their own."""
+    return remapped(ds).data.table.slice(start, length)
+
+
+def iter_rows(ds: Any, batch_size: int = 10_000, block: int = 100_000) -> Iterator[list[dict[str, Any]]]:
+    """A dataset's rows, `batch_size` at a time as row dicts: the Python objects of one batch at a time, and the
+    mapped pages of one `block` of rows at a time."""
+    for start in range(0, len(ds), block):
+        part = remapped(ds).select(range(start, min(len(ds), start + block)))
+        for batch in part.iter(batch_size=batch_size):
+            names = list(batch)
+            yield [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        del part
 
 
 def shard_bounds(ds: Any, source: str | Path, rows_per_shard: int = 100_000) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from core.chat import CONVERSATION_COLUMNS, first_turn
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, iter_rows, open_dataset, write_parquet
+from core.io import atomic_write_json, iter_rows, open_dataset, remapped, write_parquet
 from data_synth.tag import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
@@ -207,13 +207,13 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     chosen, steps = select(frame, cfg)
     # The chosen rows as they were read, under the input's schema (an empty selection keeps it too), taken from
     # the Arrow table shard by shard.
-    table = ds.data.table
     for old in out.glob("train-*.parquet"):
         old.unlink()
     index = chosen.index.to_numpy()
     for k, start in enumerate(range(0, max(len(index), 1), ROWS_PER_SHARD)):
         write_parquet(
-            out / f"train-{k:05d}.parquet", table.take(pa.array(index[start : start + ROWS_PER_SHARD]))
+            out / f"train-{k:05d}.parquet",
+            remapped(ds).data.table.take(pa.array(index[start : start + ROWS_PER_SHARD])),
         )
     summary = {"input_rows": len(ds), "selected_rows": len(chosen), "steps": steps}
     atomic_write_json(out / "manifest.json", summary)

@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 from core.chat import first_turn, render_prompt, to_messages, with_bos
 from core.config import cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion, EngineConfig, Sampling, make_engine
-from core.io import ShardWriter, atomic_write_json, iter_rows, open_dataset, shard_bounds, write_parquet
+from core.io import (
+    ShardWriter,
+    atomic_write_json,
+    iter_rows,
+    open_dataset,
+    remapped,
+    shard_bounds,
+    table_block,
+    write_parquet,
+)
 from core.judge import Judge, JudgeConfig, expected_score, label_probabilities
 from core.models import resolve_model
 
@@ -717,7 +726,7 @@ def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
 
 
 def first_turns(ds: Any, idx: np.ndarray, where: str) -> list[tuple[str, str]]:
-    rows = ds.select(idx).to_list() if len(idx) else []
+    rows = remapped(ds).select(idx).to_list() if len(idx) else []  # only this chunk's pages stay mapped
     return [first_turn(r, f"{where}: row {i}") for i, r in zip(idx, rows, strict=True)]
 
 
@@ -767,12 +776,11 @@ def merge(ds: Any, keys: pa.Array, cfg: TagConfig, out: Path) -> dict[str, Any]:
         }
         sources[tag_dir.name] = TAGGERS[tag_dir.name].source(cfg)
         tags[tag_dir.name] = table.drop_columns(["__tagged__"])
-    source_table = ds.data.table
     for old in out.glob("train-*.parquet"):
         old.unlink()
     columns: list[str] = []
     for k, (start, length) in enumerate(shard_bounds(ds, cfg.input)):
-        block = source_table.slice(start, length)
+        block = table_block(ds, start, length)
         for name, table in tags.items():
             for c in table.column_names:
                 if c in block.column_names:
