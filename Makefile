@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo demo-eval test lint format clean-venv
+.PHONY: setup demo demo-eval test test-fast lint format clean-venv
 
 setup: $(STAMP)
 
@@ -56,8 +56,13 @@ demo-eval: setup
 	$(PY) -m eval.lm_eval recipe=lm_eval_demo model=runs/demo/sft/merged name=tuned output_dir=runs/demo/lm_eval/tuned
 	$(PY) -m eval.leaderboard runs=runs/demo output_dir=runs/demo/leaderboard
 
+# Every test (~11 min on 2 CPU cores); CI runs this one.
 test: setup
 	$(PY) -m pytest --durations=15
+
+# The fast tier (under 90 s): no real model, training, subprocess or server; see README.md, Tests.
+test-fast: setup
+	$(PY) -m pytest -m "not integration and not slow" --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check .

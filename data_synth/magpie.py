@@ -438,7 +438,7 @@ class _Synthesizer:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("synth", argv, MagpieConfig)
+    (cfg,) = load_config("magpie", argv, MagpieConfig)
     summary = run(cfg)
     print(
         f"{summary['rows']} conversations in {cfg.output_dir} "

@@ -293,7 +293,7 @@ def _interval(value: float, se: float) -> tuple[float, float]:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("eval", argv, AlpacaEvalConfig)
+    (cfg,) = load_config("alpaca_eval", argv, AlpacaEvalConfig)
     if cfg.annotations and not cfg.model_outputs:
         result = score(read_annotations(cfg.annotations), cfg.df_gamed)
     else:

@@ -503,7 +503,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("eval", argv, ArenaHardConfig)
+    (cfg,) = load_config("arena_hard", argv, ArenaHardConfig)
     if cfg.judgments:
         files = sorted(Path(cfg.judgments).glob("*.jsonl"))
         if not files:

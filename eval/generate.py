@@ -275,7 +275,7 @@ def run(cfg: GenerateConfig) -> Path:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("eval", argv, GenerateConfig)
+    (cfg,) = load_config("generate", argv, GenerateConfig)
     path = run(cfg)
     print(f"{cfg.bench} answers of {model_name(cfg)} -> {path}")
 

@@ -96,7 +96,7 @@ def score_rows(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
 
 @cli
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    (cfg,) = load_config("eval", argv, LmEvalConfig)
+    (cfg,) = load_config("lm_eval", argv, LmEvalConfig)
     model = check_model(cfg.model)
     name = cfg.name or Path(model.rstrip("/")).name
 

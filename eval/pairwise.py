@@ -188,7 +188,7 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("eval", argv, PairwiseConfig)
+    (cfg,) = load_config("pairwise", argv, PairwiseConfig)
     for name, model in cfg.models.items():
         if not Path(model).exists() and resolve_model(model) == model and "/" not in model:
             raise ConfigError(f"models.{name}: '{model}' is neither a local path, 'embedded', nor a Hub id")

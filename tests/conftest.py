@@ -16,6 +16,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
+# A test that asks for one of these loads the embedded model or starts a server: `integration`, which
+# `make test-fast` skips. Tests that load a model another way, train, start a subprocess or take more than ~2 s
+# carry `@pytest.mark.integration` (or a module's `pytestmark`) themselves.
+MODEL_OR_SERVER_FIXTURES = {"embedded_path", "embedded_engine", "openai_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_OR_SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def embedded_path() -> str:

@@ -1,51 +1,84 @@
-"""Every recipe file loads and validates against the command it feeds, GPU recipes included."""
+"""Every recipe file loads and validates against the command it feeds, GPU recipes included, and every key it sets
+reaches that command's config with the value it states."""
 
+import dataclasses
+import importlib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from omegaconf import OmegaConf
 
-from core.config import RECIPES_DIR, load_config
+from core.config import RECIPES_DIR, load_config, load_recipe, to_plain
+
+# recipes/<folder>/ is read by exactly one command, named like the folder: its module and config dataclasses.
+COMMANDS = {
+    "magpie": ("data_synth.magpie", ["MagpieConfig"]),
+    "tag": ("data_synth.tag", ["TagConfig"]),
+    "select": ("data_synth.select", ["SelectConfig"]),
+    "pairs": ("data_synth.pairs", ["PairsConfig"]),
+    "report": ("data_synth.report", ["ReportConfig"]),
+    "sft": ("train.sft", ["ScriptArgs", "SFTConfig"]),
+    "dpo": ("train.dpo", ["ScriptArgs", "DPOConfig"]),
+    "generate": ("eval.generate", ["GenerateConfig"]),
+    "alpaca_eval": ("eval.alpaca_eval", ["AlpacaEvalConfig"]),
+    "arena_hard": ("eval.arena_hard", ["ArenaHardConfig"]),
+    "lm_eval": ("eval.lm_eval", ["LmEvalConfig"]),
+    "pairwise": ("eval.pairwise", ["PairwiseConfig"]),
+}
 
 
-def schemas(stage: str, name: str = "") -> tuple[type, ...]:
-    if stage == "synth":
-        from data_synth.magpie import MagpieConfig
+def command(stage: str) -> Any:
+    if stage not in COMMANDS:
+        pytest.fail(f"recipes/{stage}/ is not a command's folder: name it after the command that reads it "
+                    f"and register it in COMMANDS (known: {', '.join(COMMANDS)})")  # fmt: skip
+    return importlib.import_module(COMMANDS[stage][0])
 
-        return (MagpieConfig,)
-    if stage in ("sft", "dpo"):
-        from trl import DPOConfig, SFTConfig
 
-        from train.common import ScriptArgs
+def schemas(stage: str) -> tuple[type, ...]:
+    module = command(stage)
+    return tuple(getattr(module, name) for name in COMMANDS[stage][1])
 
-        return (ScriptArgs, SFTConfig if stage == "sft" else DPOConfig)
-    if stage == "tag":
-        from data_synth.tag import TagConfig
 
-        return (TagConfig,)
-    if stage == "select":
-        from data_synth.select import SelectConfig
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value a recipe sets, by dotted key (mappings are followed, a list is one value)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
-        return (SelectConfig,)
-    if stage == "pairs":
-        from data_synth.pairs import PairsConfig
 
-        return (PairsConfig,)
-    if stage == "report":
-        from data_synth.report import ReportConfig
+def built_value(built: tuple[Any, ...], dotted: str) -> Any:
+    """The value at `dotted` in the built configs; a top-level key belongs to the first schema with that field,
+    as `build` routes it."""
+    first, *rest = dotted.split(".")
+    owner = next(b for b in built if first in {f.name for f in dataclasses.fields(b)})
+    value = getattr(owner, first)
+    for part in rest:
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return to_plain(value)
 
-        return (ReportConfig,)
-    if stage == "eval":  # one folder, several commands: the recipe's name says which
-        from eval.alpaca_eval import AlpacaEvalConfig
-        from eval.arena_hard import ArenaHardConfig
-        from eval.generate import GenerateConfig
-        from eval.lm_eval import LmEvalConfig
-        from eval.pairwise import PairwiseConfig
 
-        prefixes = {"generate": GenerateConfig, "alpaca_eval": AlpacaEvalConfig, "arena_hard": ArenaHardConfig,
-                    "lm_eval": LmEvalConfig}  # fmt: skip
-        return (next((c for p, c in prefixes.items() if name.startswith(p)), PairwiseConfig),)
-    raise AssertionError(f"no schema registered for recipes/{stage}: add it here")
+def same(stated: Any, built: Any) -> bool:
+    """`built` is what the recipe stated: equal, a float field holding the number the YAML spelled (YAML 1.1 reads
+    `2e-5` as a string), and a dataclass in a list holding at least the keys the recipe set."""
+    if isinstance(stated, dict):
+        return isinstance(built, dict) and all(k in built and same(v, built[k]) for k, v in stated.items())
+    if isinstance(stated, list):
+        return isinstance(built, list) and len(stated) == len(built) and all(map(same, stated, built))
+    if isinstance(built, float) and isinstance(stated, (int, str)) and not isinstance(stated, bool):
+        try:
+            return float(stated) == built
+        except ValueError:
+            return False
+    return type(stated) is type(built) and stated == built
 
+
+# What a schema does to a stated value on purpose: transformers' TrainingArguments reads `report_to: tensorboard`
+# as the list ['tensorboard'] and `report_to: none` as no reporter at all.
+NORMALIZED = {"report_to": lambda v: [] if v == "none" else [v] if isinstance(v, str) else v}
 
 RECIPES = sorted(p for p in RECIPES_DIR.glob("*/*.yaml"))
 
@@ -55,5 +88,18 @@ def test_recipe_validates(path: Path):
     stage = path.parent.name
     # GPU recipes ask for bf16, which transformers refuses on a machine without a GPU unless told it is CPU.
     extra = ["use_cpu=true"] if stage in ("sft", "dpo") else []
-    built = load_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage, path.stem))
-    assert all(b is not None for b in built)
+    built = load_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
+    stated = leaves(OmegaConf.to_container(load_recipe(stage, path.stem), resolve=True))  # `base:` included
+    assert stated
+    wrong = {key: (value, built_value(built, key)) for key, value in stated.items()
+             if not same(NORMALIZED.get(key, lambda v: v)(value), built_value(built, key))}  # fmt: skip
+    assert not wrong, f"recipe {path} states (value, built as): {wrong}"
+
+
+@pytest.mark.parametrize("stage", sorted(p.name for p in RECIPES_DIR.iterdir() if p.is_dir()))
+def test_each_folder_is_read_by_the_command_it_is_named_after(stage: str, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command(stage).main(["recipe=no_such_recipe"])
+    assert exit_.value.code == 2
+    assert f"unknown {stage} recipe 'no_such_recipe'" in capsys.readouterr().err
+    assert list((RECIPES_DIR / stage).glob("*.yaml")), f"recipes/{stage}/ holds no recipe"

@@ -76,10 +76,10 @@ def test_wrong_type_names_key_and_expected_type():
 
 def test_unknown_recipe_lists_available():
     with pytest.raises(
-        ConfigError, match=r"unknown synth recipe 'magpie_dmeo'.*Did you mean: magpie_demo.*magpie_demo"
+        ConfigError, match=r"unknown magpie recipe 'magpie_dmeo'.*Did you mean: magpie_demo.*magpie_demo"
     ):
-        load_config("synth", ["recipe=magpie_dmeo"], Cfg)
-    assert "magpie_demo" in available_recipes("synth")
+        load_config("magpie", ["recipe=magpie_dmeo"], Cfg)
+    assert "magpie_demo" in available_recipes("magpie")
 
 
 def test_trl_config_validates_keys_and_types():

@@ -45,6 +45,7 @@ def write_parquet(path, rows, schema=None):
 # ------------------------------------------------------------------------------------------ silent damage
 
 
+@pytest.mark.integration
 def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "m"
     holder = subprocess.Popen(
@@ -79,6 +80,7 @@ def test_a_deleted_shard_never_makes_resume_overwrite_another(tmp_path):
     assert sorted(r["x"] for r in ShardWriter(tmp_path).rows()) == [2, 3, 4, 5, 10, 11]
 
 
+@pytest.mark.integration
 def test_tags_follow_their_rows_when_the_input_changes(tmp_path):
     from data_synth.tag import TagConfig, run
 
@@ -96,6 +98,7 @@ def test_tags_follow_their_rows_when_the_input_changes(tmp_path):
         assert row["instruction_length"] == len(row["messages"][0]["content"])
 
 
+@pytest.mark.integration
 def test_an_evaluation_where_no_judgment_succeeded_fails(tmp_path):
     outputs = [{"instruction": f"Question {i}?", "output": f"Answer {i}.", "generator": g, "dataset": "x"}
                for i in range(3) for g in ("m",)]  # fmt: skip
@@ -114,6 +117,7 @@ def test_an_evaluation_where_no_judgment_succeeded_fails(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 def test_the_leaderboard_refuses_nan_naming_the_file(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -157,6 +161,7 @@ def test_no_test_row_reaches_the_dpo_trainer(tmp_path):
 # ------------------------------------------------------------------------------------------------ crashes
 
 
+@pytest.mark.integration
 def test_select_keeps_rows_with_failed_labels_and_an_empty_selection_keeps_its_schema(tmp_path):
     rows = [{**conversation(f"q{i}"), "input_quality": q, "quality_failed": q is None}
             for i, q in enumerate(["good", None, "excellent", None, "poor"])]  # fmt: skip
@@ -275,6 +280,7 @@ def test_a_smaller_n_conversations_than_on_disk_is_refused_and_the_config_stays_
     assert (out / "config.yaml").read_text() == before
 
 
+@pytest.mark.integration
 def test_the_memory_planner_works_offline_and_names_an_unknown_model():
     out = cli(
         "train.plan", "recipe=magpie_pro_300k", "accelerate_config=deepspeed_zero3", "gpus=8", "gpu_mem_gb=80"
@@ -286,6 +292,7 @@ def test_the_memory_planner_works_offline_and_names_an_unknown_model():
     )
 
 
+@pytest.mark.integration
 def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     out = cli("eval.generate", "model=runs/no/such/checkpoint", "questions=eval/data/demo_instructions.jsonl",
               "bench=arena_hard", f"output_dir={tmp_path / 'g'}")  # fmt: skip

@@ -35,6 +35,7 @@ def test_embedded_checkpoint_is_bf16_safetensors_matching_the_gguf(embedded_path
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
 
 
+@pytest.mark.integration
 def test_killed_conversion_leaves_no_checkpoint_that_is_trusted(tmp_path):
     env = {**os.environ, "MAGPIE_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
     code = "from core.models import embedded_model_path; embedded_model_path()"
@@ -67,6 +68,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
         models.embedded_gguf_path()
 
 
+@pytest.mark.integration
 def test_embedder_is_all_minilm_and_embeds_offline():
     from sentence_transformers import SentenceTransformer
 

@@ -3,9 +3,12 @@
 import json
 
 import datasets
+import pytest
 from PIL import Image
 
 from data_synth import magpie, pairs, report, select, tag
+
+pytestmark = pytest.mark.integration  # runs every stage on the embedded model
 
 
 def test_magpie_tag_select_pairs_report(tmp_path):

@@ -36,6 +36,7 @@ def _grid(share):
     return InstructionSampling(grid=[GridPoint(share=share)])
 
 
+@pytest.mark.integration
 def test_cli_rejects_nonpositive_n_naming_the_field():
     out = subprocess.run(
         [sys.executable, "-m", "data_synth.magpie", "recipe=magpie_demo", "n_conversations=0"],
@@ -85,6 +86,7 @@ def test_steering_keys_are_validated_and_mixed():
     ]
 
 
+@pytest.mark.integration
 def test_cli_rejects_unknown_steering_key_before_loading_a_model():
     out = subprocess.run(
         [sys.executable, "-m", "data_synth.magpie", "recipe=magpie_demo", "system_prompt=mathh"],
@@ -115,6 +117,7 @@ def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path):
         assert row["messages"][2]["content"] != row["messages"][0]["content"]
 
 
+@pytest.mark.integration
 def test_a_setting_that_never_yields_a_row_fails_instead_of_spinning(tmp_path):
     out = subprocess.run(
         [

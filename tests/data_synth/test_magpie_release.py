@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from core.chat import first_turn, to_messages
 from tests.conftest import ROOT
@@ -54,6 +55,7 @@ def select(tmp_path, *overrides):
     return pq.read_table(out / "train-00000.parquet").to_pylist()
 
 
+@pytest.mark.integration
 def test_their_code_release_filter_runs_on_their_columns(tmp_path):
     # good/excellent, reward > -10, no trailing ':', first of each min_similar_conversation_id group
     kept = select(tmp_path)
@@ -76,6 +78,7 @@ def test_every_layout_reads_as_a_conversation():
     assert first_turn({"instruction": "Q", "output": "A"}) == ("Q", "A")  # Alpaca
 
 
+@pytest.mark.integration
 def test_tag_reads_their_rows(tmp_path):
     from data_synth.tag import TagConfig, run
 

@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import ROOT, start_server
+
+pytestmark = pytest.mark.integration  # subprocesses and servers
 
 ARGS = [
     "recipe=magpie_demo",

@@ -14,6 +14,7 @@ def test_best_and_worst_drops_ties_and_unscored():
     assert best_and_worst([None, 6.0, 2.0]) == (1, 2)
 
 
+@pytest.mark.integration
 def test_pairs_on_the_embedded_model_in_trl_format(tmp_path):
     questions = ["Give me a tip for learning a new language.", "Describe the color blue.", "Why do we sleep?"]
     data = write_questions(tmp_path / "rows.jsonl", questions)

@@ -79,6 +79,7 @@ def conversations(path):
     return path
 
 
+@pytest.mark.integration
 def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkeypatch):
     data = conversations(tmp_path / "rows.jsonl")
     cfg = tag.TagConfig(

@@ -30,6 +30,7 @@ def test_model_without_chat_template_fails_naming_it(embedded_path):
         pre_query(tok)
 
 
+@pytest.mark.integration
 def test_cli_prints_one_json_object():
     out = subprocess.run(
         [sys.executable, "-m", "data_synth.templates", "tokenizer=embedded"],

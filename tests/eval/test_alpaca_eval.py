@@ -49,6 +49,7 @@ def fake_df_gamed(path, n):
     return str(path)
 
 
+@pytest.mark.integration
 def test_annotations_file_scores_exactly_as_in_alpaca_eval(tmp_path):
     from alpaca_eval import metrics
 
@@ -88,7 +89,7 @@ def test_embedded_judge_on_embedded_answers_and_a_cached_rerun(embedded_path, tm
     outputs = tmp_path / "gen" / "model_outputs.json"
     args = [f"model_outputs={outputs}", f"reference_outputs={tmp_path / 'ref.json'}", f"judge.model={embedded_path}",
             f"df_gamed={fake_df_gamed(tmp_path / 'df_gamed.csv', 3)}"]  # fmt: skip
-    cfg = ae.load_config("eval", args, ae.AlpacaEvalConfig)[0]
+    cfg = ae.load_config("alpaca_eval", args, ae.AlpacaEvalConfig)[0]
     first = ae.run(cfg)
     assert first["judge_calls"]["calls"] == 3 and first["n_total"] == 3
     assert 0.0 <= first["win_rate"] <= 100.0 and "length_controlled_winrate" in first
@@ -123,7 +124,7 @@ def test_identical_outputs_are_draws_without_asking_the_judge(embedded_path, tmp
     args = [f"model_outputs={tmp_path / 'model.json'}", f"reference_outputs={tmp_path / 'ref.json'}",
             f"judge.model={embedded_path}", f"output_dir={tmp_path / 'ae'}",
             "annotator=weighted_alpaca_eval_gpt4_turbo"]  # fmt: skip
-    result = ae.run(ae.load_config("eval", args, ae.AlpacaEvalConfig)[0])
+    result = ae.run(ae.load_config("alpaca_eval", args, ae.AlpacaEvalConfig)[0])
     assert result["judge_calls"]["calls"] == 2 and result["n_identical_outputs"] == 2
     saved = json.loads((tmp_path / "ae" / "annotations.json").read_text())
     assert [a["preference"] for a in saved[:2]] == [1.5, 1.5]

@@ -86,6 +86,7 @@ def _judgments(d, layout, model, games, n=5, category="arena-hard-v0.1", baselin
     (d / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@pytest.mark.integration
 def test_leaderboard_csv_is_what_show_result_writes_with_output(tmp_path):
     # 3 questions won in both games (6 battles), 2 lost decisively in both (12): a 6/18 win rate. With one model
     # against the baseline, Bradley-Terry's score is that share, as in arena-hard-auto (both versions).
@@ -237,7 +238,7 @@ def test_embedded_judge_on_v2_files_per_category_and_a_cached_rerun(embedded_pat
     ):
         from eval.arena_hard import ArenaHardConfig, load_config, run
 
-        run(load_config("eval", args, ArenaHardConfig)[0])
+        run(load_config("arena_hard", args, ArenaHardConfig)[0])
 
 
 def test_answers_from_several_directories_and_one_model_twice_is_an_error(tmp_path):

@@ -72,6 +72,7 @@ def test_few_shot_examples_become_chat_turns(embedded_path, tmp_path):
     assert prompt.count("<|im_start|>user") == 3 and prompt.count("<|im_start|>assistant") == 3
 
 
+@pytest.mark.integration
 def test_unknown_task_names_the_closest_ones(tmp_path, capsys):
     err = _run_fails(["tasks=magpie_mini_mcq", f"output_dir={tmp_path / 'x'}"], capsys)
     assert "unknown lm-eval task 'magpie_mini_mcq'" in err and "magpie_mini_mc" in err

@@ -38,6 +38,7 @@ def test_leaderboard_arithmetic_on_a_constructed_table():
     assert rows["x"]["n_failed"] == 1
 
 
+@pytest.mark.integration
 def test_real_judging_of_identical_models_is_exactly_even_and_resumes(tmp_path, monkeypatch):
     questions = tmp_path / "q.jsonl"
     questions.write_text(

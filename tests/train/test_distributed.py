@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration  # accelerate launch: training in subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [("Name a color.", "Blue."), ("What is 2+2?", "4."), ("Say hi.", "Hi!"), ("Capital of Peru?", "Lima.")]

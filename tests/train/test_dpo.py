@@ -32,6 +32,7 @@ def test_preference_rows_are_normalized_or_rejected_naming_the_row():
         normalize_preference({"prompt": "x", "rejected": []}, "row 4")
 
 
+@pytest.mark.integration
 def test_lora_dpo_on_the_embedded_model_changes_every_lora_parameter(tmp_path):
     from trl import DPOConfig
 

@@ -56,6 +56,7 @@ def sft_args(out: Path, **overrides) -> SFTConfig:
     return build(values, SFTConfig)[0]
 
 
+@pytest.mark.integration
 def test_lora_sft_on_the_embedded_model_changes_every_lora_parameter(tmp_path, data_file):
     script = ScriptArgs(
         model_name_or_path="embedded", dataset=str(data_file), peft="lora", lora_r=8, lora_alpha=16
@@ -71,6 +72,7 @@ def test_lora_sft_on_the_embedded_model_changes_every_lora_parameter(tmp_path, d
     assert frozen  # the base model stays frozen
 
 
+@pytest.mark.integration
 def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path, data_file):
     script = ScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="lora")
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
@@ -96,6 +98,7 @@ def test_bad_rows_fail_naming_the_row(tmp_path):
         load_conversations(ScriptArgs(dataset=str(path)))
 
 
+@pytest.mark.integration
 def test_accelerate_launch_runs_the_script_and_writes_its_config(tmp_path, data_file):
     out = tmp_path / "sft"
     cmd = [
@@ -208,6 +211,7 @@ def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embe
     assert not unchanged, f"trainable parameters that did not change: {unchanged[:5]}"
 
 
+@pytest.mark.integration
 def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
     """4-bit nf4 base (bitsandbytes runs on CPU), LoRA adapters on top: the quantized weights are frozen and
     every adapter parameter changes."""
