@@ -137,7 +137,7 @@ class TemplatesConfig:
 def main(argv: list[str] | None = None) -> None:
     from core.engines import EngineConfig, load_tokenizer
 
-    (cfg,) = load_config("synth", argv, TemplatesConfig)
+    (cfg,) = load_config("magpie", argv, TemplatesConfig)
     tok = load_tokenizer(cfg.tokenizer, EngineConfig(trust_remote_code=cfg.trust_remote_code))
     print(json.dumps(pre_query(tok, cfg.system_prompt).to_dict(), ensure_ascii=False))
 

@@ -26,8 +26,8 @@ import pandas as pd
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion
 from core.io import atomic_write_json, atomic_write_text
-from eval.generate import check_same_questions
 from core.judge import Judge, JudgeConfig, first_token_share
+from eval.generate import check_same_questions
 from eval.scores import score_row, write_scores
 
 BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs

@@ -139,7 +139,7 @@ def build(runs: list[str], output_dir: str) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("eval", argv, LeaderboardConfig)
+    (cfg,) = load_config("leaderboard", argv, LeaderboardConfig)
     if not cfg.runs:
         raise ConfigError("runs is empty: give runs=DIR[,DIR...] (directories holding scores.jsonl files)")
     print(build(cfg.runs, cfg.output_dir))
