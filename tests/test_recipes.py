@@ -25,6 +25,7 @@ COMMANDS = {
     "arena_hard": ("eval.arena_hard", ["ArenaHardConfig"]),
     "lm_eval": ("eval.lm_eval", ["LmEvalConfig"]),
     "pairwise": ("eval.pairwise", ["PairwiseConfig"]),
+    "sweeps": ("experiments.sweep", ["SweepConfig"]),
 }
 
 
@@ -56,8 +57,14 @@ def built_value(built: tuple[Any, ...], dotted: str) -> Any:
     first, *rest = dotted.split(".")
     owner = next(b for b in built if first in {f.name for f in dataclasses.fields(b)})
     value = getattr(owner, first)
-    for part in rest:
-        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    while rest:  # a mapping's own keys may hold dots (a sweep's `grid: {sft.learning_rate: [...]}`)
+        for n in range(len(rest), 0, -1):
+            key = ".".join(rest[:n])
+            if isinstance(value, dict) and key in value:
+                value, rest = value[key], rest[n:]
+                break
+        else:
+            value, rest = getattr(value, rest[0]), rest[1:]
     return to_plain(value)
 
 

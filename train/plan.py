@@ -129,15 +129,16 @@ SHIPPED_CONFIGS = Path(__file__).with_name("model_configs.json")
 
 
 def model_config(name: str) -> Any:
-    """The model's config from the Hub or a local checkpoint; offline, the copy shipped for the recipes' models."""
+    """The model's config: the copy shipped for the recipes' models (published configs do not change, and a
+    sweep's dry run plans many stages without a round trip to the Hub each), else the Hub or a checkpoint."""
     from transformers import AutoConfig, LlamaConfig
 
+    shipped = {k: v for k, v in json.loads(SHIPPED_CONFIGS.read_text()).items() if not k.startswith("_")}
+    if name in shipped:
+        return LlamaConfig(**{k: v for k, v in shipped[name].items() if k != "model_type"})
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        shipped = {k: v for k, v in json.loads(SHIPPED_CONFIGS.read_text()).items() if not k.startswith("_")}
-        if name in shipped:
-            return LlamaConfig(**{k: v for k, v in shipped[name].items() if k != "model_type"})
         cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ConfigError(
             f"model '{name}': its config could not be read ({cause}). Offline the planner knows "

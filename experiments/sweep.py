@@ -1,0 +1,526 @@
+"""Sweeps: datasets x settings -> trained models -> benchmarks -> one table, locally or on SLURM.
+
+    python -m experiments.sweep recipe=demo_sweep [executor=local|slurm] [dry_run=true] [cells=[NAME,...]]
+                                [retry_failed=true] [wait=true]
+
+A sweep recipe (recipes/sweeps/) names its stages, each a command of this project with its recipe and overrides,
+and its axes: `grid` lists expand as a Cartesian product, each `zip` block varies its lists together. An axis key
+is `<stage>.<key>` (e.g. `sft.learning_rate`). A stage refers to an earlier stage's output directory as
+`{stage}` inside any override (`dataset: "{select}"`, `models.tuned: "{sft}/merged"`).
+
+Every stage's output directory is named by a hash of what it runs (its command, recipe and resolved overrides,
+upstream directories included), so a stage that two cells share runs once, and a finished stage is skipped on
+re-run. A failed stage is reported and its cell stops; the other cells go on; `retry_failed=true` runs failures
+again. Each cell records its resolved stages, the git commit and its status in `cells/<name>.json`; the results
+are `results.md`, `results.csv` and `results.png` in the sweep's directory: one row per cell, the swept keys, every
+metric of `score_model` from the stages' `scores.jsonl` (eval.leaderboard's contract) with its 95% interval, and,
+where the recipe gives them, the paper's numbers and the difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from core.config import ConfigError, cli, load_config
+from core.io import atomic_write_bytes, atomic_write_json
+from eval.scores import SCORES_FILE, read_scores, write_table
+
+ROOT = Path(__file__).resolve().parents[1]
+# command -> (module or script, recipe folder); training runs under `accelerate launch`
+COMMANDS = {
+    "synth": ("data_synth.magpie", "magpie"),
+    "tag": ("data_synth.tag", "tag"),
+    "select": ("data_synth.select", "select"),
+    "pairs": ("data_synth.pairs", "pairs"),
+    "report": ("data_synth.report", "report"),
+    "sft": ("train/sft.py", "sft"),
+    "dpo": ("train/dpo.py", "dpo"),
+    "generate": ("eval.generate", "generate"),
+    "alpaca_eval": ("eval.alpaca_eval", "alpaca_eval"),
+    "arena_hard": ("eval.arena_hard", "arena_hard"),
+    "lm_eval": ("eval.lm_eval", "lm_eval"),
+    "pairwise": ("eval.pairwise", "pairwise"),
+}
+TRAINING = ("sft", "dpo")
+STATUS = "sweep_status.json"
+
+
+@dataclass
+class Stage:
+    name: str = ""
+    command: Literal[
+        "synth", "tag", "select", "pairs", "report", "sft", "dpo", "generate", "alpaca_eval", "arena_hard",
+        "lm_eval", "pairwise",
+    ] = "select"  # fmt: skip
+    recipe: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    accelerate_config: str = "cpu"  # training stages: accelerate_configs/<name>.yaml
+    gpus: int = 0  # per node, on SLURM (training stages: the accelerate processes per node)
+    nodes: int = 1
+    # training stages: the data the GPU-hours estimate counts (rows x tokens per row x epochs)
+    rows: int | None = None
+    tokens_per_row: int = 1000
+    enabled: bool = True  # an axis can switch a stage off in some cells (DPO only where the paper has it)
+    fallback: str | None = (
+        None  # when off, later `{this stage}` references get this earlier stage's directory
+    )
+
+
+@dataclass
+class Slurm:
+    partition: str = "debug"  # a real cluster changes these three and the stages' gpus/nodes
+    account: str | None = None
+    time: str = "24:00:00"
+    cpus_per_task: int | None = None
+    extra: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ["--qos=high"]
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    stages: list[Stage] = field(default_factory=list)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    zip: list[dict[str, list[Any]]] = field(default_factory=list)
+    score_model: str = "tuned"  # whose scores are the cell's (eval stages name the trained model so)
+    paper: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # cell name -> "benchmark/metric" -> value
+    executor: Literal["local", "slurm"] = "local"
+    slurm: Slurm = field(default_factory=Slurm)
+    wait: bool = False  # slurm: wait for every job, then write the results
+    dry_run: bool = False
+    cells: list[str] = field(default_factory=list)  # only these cells (names or hashes)
+    retry_failed: bool = False
+    gpu_peak_tflops: float = 989.0  # H100 SXM bf16 dense, for the GPU-hours estimate
+    mfu: float = 0.4
+    output_dir: str | None = None  # default runs/sweeps/<name>
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"stages: every stage needs a name of its own, got {names}")
+
+
+# ----------------------------------------------------------------------------------------------- cells
+
+
+def cells(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Every combination of the axes: the grid's Cartesian product times each zip block's positions."""
+    stages = {s.name for s in cfg.stages}
+    axes: list[list[dict[str, Any]]] = []
+    for key, values in cfg.grid.items():
+        axes.append([{key: v} for v in values])
+    for i, block in enumerate(cfg.zip):
+        lengths = {len(v) for v in block.values()}
+        if len(lengths) != 1:
+            raise ConfigError(f"zip[{i}]: its lists must have one length, got {sorted(lengths)}")
+        axes.append([{k: v[j] for k, v in block.items()} for j in range(lengths.pop())])
+    for key in [k for axis in axes for point in axis for k in point]:
+        if key != "cell" and (key.split(".", 1)[0] not in stages or "." not in key):
+            raise ConfigError(
+                f"axis '{key}': expected `cell` (a label) or <stage>.<key> with a stage of {sorted(stages)}"
+            )
+    return [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*axes)]
+
+
+def cell_name(assignment: dict[str, Any]) -> str:
+    """Readable and stable: the `cell` label, or the swept keys' last parts with their values, then a hash of the
+    assignment."""
+    digest = hashlib.sha1(json.dumps(assignment, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    words = (
+        [str(assignment["cell"])]
+        if "cell" in assignment
+        else [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in assignment.items()]
+    )
+    readable = re.sub(r"[^A-Za-z0-9_.=+,-]+", "-", ",".join(words))[:80].strip("-")
+    return f"{readable}-{digest}" if readable else digest
+
+
+def _refer(value: Any, dirs: dict[str, str]) -> Any:
+    """`{stage}` inside strings becomes that stage's output directory."""
+    if isinstance(value, str):
+        for name, path in dirs.items():
+            value = value.replace("{" + name + "}", path)
+        return value
+    if isinstance(value, list):
+        return [_refer(v, dirs) for v in value]
+    if isinstance(value, dict):
+        return {k: _refer(v, dirs) for k, v in value.items()}
+    return value
+
+
+def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """The cell's stages with their overrides, recipe and output directory (named by a hash of what runs)."""
+    dirs: dict[str, str] = {}
+    resolved = []
+    off: set[str] = set()
+    for stage in cfg.stages:
+        overrides = dict(stage.overrides)
+        fields = {}  # Stage fields an axis sets (recipe, enabled, rows, gpus, ...); other keys are overrides
+        for key, value in assignment.items():
+            owner, _, sub = key.partition(".")
+            if owner == stage.name:
+                if sub in Stage.__dataclass_fields__ and sub not in ("name", "command", "overrides"):
+                    fields[sub] = value
+                else:
+                    overrides[sub] = value
+        stage = dataclasses.replace(stage, **fields)
+        if not stage.enabled:
+            off.add(stage.name)
+            if stage.fallback:
+                dirs[stage.name] = dirs[stage.fallback]
+            continue
+        recipe = stage.recipe
+        overrides = _refer(overrides, dirs)
+        unknown = sorted(set(re.findall(r"\{(\w+)\}", json.dumps(overrides))) & {s.name for s in cfg.stages})
+        if unknown:
+            why = "is off in this cell and has no fallback" if set(unknown) <= off else "come later"
+            raise ConfigError(
+                f"stage '{stage.name}' refers to {unknown}, which {why}: refer only to earlier stages"
+            )
+        what = {"command": stage.command, "recipe": recipe, "overrides": overrides,
+                "accelerate_config": stage.accelerate_config if stage.command in TRAINING else None}  # fmt: skip
+        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        directory = out / "stages" / f"{stage.name}-{digest}"
+        dirs[stage.name] = str(directory)
+        resolved.append({"stage": stage, "name": stage.name, "dir": directory, **what})
+    return resolved
+
+
+def _arg(key: str, value: Any) -> str:
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value)
+        if isinstance(value, (list, dict))
+        else yaml.safe_dump(value).strip().removesuffix("...").strip()
+    )
+    return f"{key}={text}"
+
+
+def command_line(step: dict[str, Any]) -> list[str]:
+    """What runs, as a user would type it (training through `accelerate launch`)."""
+    target, _ = COMMANDS[step["command"]]
+    args = ([f"recipe={step['recipe']}"] if step["recipe"] else []) + [
+        _arg(k, v) for k, v in step["overrides"].items()
+    ]
+    args.append(f"output_dir={step['dir']}")
+    if step["command"] in TRAINING:
+        config = ROOT / "accelerate_configs" / f"{step['accelerate_config']}.yaml"
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            target,
+            *args,
+        ]
+    return [sys.executable, "-m", target, *args]
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def meta(directory: Path) -> Path:
+    """The sweep's own files of a stage (status, log, job script), beside its output directory, which stays the
+    command's alone."""
+    return directory.with_name(directory.name + ".sweep")
+
+
+def status(directory: Path) -> dict[str, Any]:
+    path = meta(directory) / STATUS
+    return json.loads(path.read_text()) if path.is_file() else {"state": "pending"}
+
+
+def set_status(directory: Path, **fields: Any) -> None:
+    atomic_write_json(meta(directory) / STATUS, {**fields, "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------- executors
+
+
+def run_local(step: dict[str, Any]) -> bool:
+    """Run one stage here, its output in `log.txt`; its status says done or failed (with the log's tail)."""
+    directory: Path = step["dir"]
+    log_path = meta(directory) / "log.txt"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(command_line(step), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc == 0:
+        set_status(directory, state="done", seconds=round(time.time() - start, 1))
+        return True
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+    set_status(directory, state="failed", exit_code=rc, error=" | ".join(tail)[-500:])
+    return False
+
+
+def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
+    """The sbatch script of one stage. Training goes through accelerate_configs/slurm_multinode.sh (one accelerate
+    launcher per node inside srun); the script writes the stage's status itself, so a re-run sees it."""
+    stage: Stage = step["stage"]
+    directory: Path = step["dir"]
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={cfg.name}-{step['name']}", f"#SBATCH --partition={cfg.slurm.partition}",
+             f"#SBATCH --nodes={stage.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cfg.slurm.time}",
+             f"#SBATCH --output={meta(directory)}/slurm-%j.out", f"#SBATCH --chdir={ROOT}"]  # fmt: skip
+    lines += [f"#SBATCH --account={cfg.slurm.account}"] if cfg.slurm.account else []
+    lines += [f"#SBATCH --gres=gpu:{stage.gpus}"] if stage.gpus else []
+    lines += [f"#SBATCH --cpus-per-task={cfg.slurm.cpus_per_task}"] if cfg.slurm.cpus_per_task else []
+    lines += [f"#SBATCH {x}" for x in cfg.slurm.extra]
+    if step["command"] in TRAINING:
+        launch = command_line(step)
+        target_args = launch[launch.index(COMMANDS[step["command"]][0]) :]
+        config = ROOT / "accelerate_configs" / f"{step['accelerate_config']}.yaml"
+        body = (f"ACCELERATE_CONFIG={shlex.quote(str(config))} GPUS_PER_NODE={max(stage.gpus, 1)} "
+                f"bash accelerate_configs/slurm_multinode.sh {shlex.join(target_args)}")  # fmt: skip
+    else:
+        body = shlex.join(command_line(step))
+    log = meta(directory) / "log.txt"
+    # the same status a local run writes: done, or failed with the log's last lines
+    status_py = ("import json, sys, time, pathlib; rc = int(sys.argv[1]); tail = pathlib.Path(sys.argv[4]).read_text("
+                 "errors='replace').strip().splitlines()[-3:]; json.dump({'state': 'done' if rc == 0 else 'failed', "
+                 "'exit_code': rc, 'job_id': sys.argv[2], 'error': ' | '.join(tail)[-500:] if rc else None, "
+                 "'at': time.strftime('%Y-%m-%dT%H:%M:%S')}, open(sys.argv[3], 'w'))")  # fmt: skip
+    lines += ["", f"{body} > {shlex.quote(str(log))} 2>&1", "rc=$?",
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(status_py)} $rc $SLURM_JOB_ID "
+              f"{shlex.quote(str(meta(directory) / STATUS))} {shlex.quote(str(log))}", "exit $rc", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def submit(cfg: SweepConfig, step: dict[str, Any], after: list[str]) -> str:
+    directory: Path = step["dir"]
+    meta(directory).mkdir(parents=True, exist_ok=True)
+    script = meta(directory) / "job.sbatch"
+    script.write_text(job_script(cfg, step))
+    cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes"]
+    cmd += [f"--dependency=afterok:{':'.join(after)}"] if after else []
+    done = subprocess.run([*cmd, str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"sbatch refused {script}: {done.stderr.strip()[:300]}")
+    job = done.stdout.strip().split(";")[0]
+    set_status(directory, state="submitted", job_id=job)
+    return job
+
+
+def in_queue(job: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def gpu_hours(cfg: SweepConfig, step: dict[str, Any], model: str | None = None) -> float | None:
+    """6 x parameters x tokens (4x with an adapter: no weight gradients) at `mfu` of `gpu_peak_tflops`."""
+    stage: Stage = step["stage"]
+    if step["command"] not in TRAINING or not stage.rows:
+        return None
+    from train.plan import PlanConfig, plan
+
+    p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], model=model), step["overrides"])
+    epochs = float(step["overrides"].get("num_train_epochs", _recipe_value(step, "num_train_epochs", 1.0)))
+    factor = 4 if p["trainable_params_million"] < 0.5 * p["params_billion"] * 1000 else 6
+    flops = factor * p["params_billion"] * 1e9 * stage.rows * stage.tokens_per_row * epochs
+    return flops / (cfg.gpu_peak_tflops * 1e12 * cfg.mfu) / 3600
+
+
+def _recipe_value(step: dict[str, Any], key: str, default: Any) -> Any:
+    from core.config import merge_recipe
+
+    return merge_recipe(COMMANDS[step["command"]][1], step["recipe"], {}).get(key, default)
+
+
+def base_model(step: dict[str, Any], makers: dict[str, dict[str, Any]]) -> str | None:
+    """The model a training stage starts from; where that is an earlier stage's output (not there yet in a dry
+    run), the model that stage starts from, and so on."""
+    model = step["overrides"].get("model_name_or_path") or _recipe_value(step, "model_name_or_path", None)
+    while model in makers:
+        step = makers[model]
+        model = step["overrides"].get("model_name_or_path") or _recipe_value(step, "model_name_or_path", None)
+    return model
+
+
+def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Print every cell and stage, each training stage's memory plan and the GPU-hours, before anything runs."""
+    from train.plan import PlanConfig, plan
+
+    total, seen = 0.0, set()
+    makers = {str(s["dir"]): s for _, steps in plan_cells for s in steps}
+    for name, steps in plan_cells:
+        print(f"cell {name}")
+        for step in steps:
+            shared = " (shared, counted once)" if step["dir"] in seen else ""
+            print(
+                f"  {step['name']:<12} {status(step['dir'])['state']:<9} {shlex.join(command_line(step))}{shared}"
+            )
+            if step["command"] in TRAINING and step["dir"] not in seen:
+                p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], gpus=max(1, step["stage"].gpus * step["stage"].nodes),
+                                    accelerate_config=step["accelerate_config"], model=base_model(step, makers)),
+                         dict(step["overrides"]))  # fmt: skip
+                hours = gpu_hours(cfg, step, base_model(step, makers))
+                total += hours or 0.0
+                print(f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
+                      f"in {p['gpu_mem_gb']:g} GB)" + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else ""))  # fmt: skip
+            seen.add(step["dir"])
+    print(f"{len(plan_cells)} cells, {len(seen)} distinct stages, ~{total:,.1f} GPU-hours of training")
+    return {"cells": len(plan_cells), "stages": len(seen), "gpu_hours": round(total, 1)}
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+def results(cfg: SweepConfig, out: Path, plan_cells: list[tuple[str, list[dict[str, Any]]]],
+            assignments: dict[str, dict[str, Any]]) -> str:  # fmt: skip
+    """One row per cell: swept keys, every metric of `score_model` (95% interval), the paper's and the gap."""
+    from eval.leaderboard import to_png
+
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, steps in plan_cells:
+        for step in steps:
+            path = step["dir"] / SCORES_FILE
+            for row in read_scores(path) if path.is_file() else []:
+                if row["model"] == cfg.score_model:
+                    table[(name, f"{row['benchmark']}/{row['metric']}")] = row
+    names = [name for name, _ in plan_cells]
+    metrics = sorted({m for _, m in table})
+    keys = list(dict.fromkeys(k for a in assignments.values() for k in a))
+    rows_md, rows_csv = [], []
+    for name in names:
+        md = {"cell": name, **{k: assignments[name].get(k) for k in keys}}
+        csv = dict(md)
+        for m in metrics:
+            r = table.get((name, m))
+            if r is not None:
+                interval = f" [{r['ci_low']:.1f}, {r['ci_high']:.1f}]" if r["ci_low"] is not None else ""
+                md[m] = f"{r['value']:.1f}{interval}"
+                csv.update({m: r["value"], f"{m}_ci_low": r["ci_low"], f"{m}_ci_high": r["ci_high"]})
+            paper = cfg.paper.get(name, {}).get(m)
+            if paper is not None:
+                md[f"{m} (paper)"], csv[f"{m}_paper"] = paper, paper
+                if r is not None:
+                    md[f"{m} (ours - paper)"] = csv[f"{m}_diff"] = round(r["value"] - paper, 2)
+        md["status"] = csv["status"] = cell_state([s["dir"] for s in dict(plan_cells)[name]])
+        rows_md.append(md)
+        rows_csv.append(csv)
+    md_columns = list(dict.fromkeys(c for r in rows_md for c in r))
+    csv_columns = list(dict.fromkeys(c for r in rows_csv for c in r))
+    text = write_table(out / "results.md", rows_md, md_columns)
+    write_table(out / "results.csv", rows_csv, csv_columns)
+    if metrics:
+        atomic_write_bytes(out / "results.png", to_png(table, names, metrics))
+    return text
+
+
+def cell_state(dirs: list[Path]) -> str:
+    states = [status(d)["state"] for d in dirs]
+    for state in ("failed", "submitted", "pending"):
+        if state in states:
+            return state
+    return "done"
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: SweepConfig) -> dict[str, Any]:
+    out = Path(cfg.output_dir or f"runs/sweeps/{cfg.name}")
+    assignments = {cell_name(a): a for a in cells(cfg)}
+    picked = {
+        n: a
+        for n, a in assignments.items()
+        if not cfg.cells or n in cfg.cells or n.rsplit("-", 1)[-1] in cfg.cells
+    }
+    if cfg.cells and not picked:
+        raise ConfigError(
+            f"cells: none of {cfg.cells} is a cell of this sweep; cells: {', '.join(assignments)}"
+        )
+    plan_cells = [(n, resolve(cfg, a, out)) for n, a in picked.items()]
+    if cfg.dry_run:
+        return dry_run(cfg, plan_cells)
+    commit = git_commit()
+    jobs: dict[Path, str] = {}
+    summary = {"done": [], "failed": [], "submitted": []}
+    for name, steps in plan_cells:
+        atomic_write_json(out / "cells" / f"{name}.json", {
+            "cell": name, "assignment": assignments[name], "git_commit": commit, "executor": cfg.executor,
+            "stages": [{"name": s["name"], "command": s["command"], "recipe": s["recipe"], "overrides": s["overrides"],
+                        "output_dir": str(s["dir"]), "command_line": shlex.join(command_line(s))} for s in steps]})  # fmt: skip
+        state = run_cell(cfg, steps, jobs)
+        summary[state].append(name)
+        print(f"cell {name}: {state}", flush=True)
+    if cfg.executor == "slurm" and cfg.wait:
+        wait_for(list(jobs.values()))
+    text = results(cfg, out, plan_cells, {n: assignments[n] for n, _ in plan_cells})
+    print(text)
+    final = {n: cell_state([s["dir"] for s in steps]) for n, steps in plan_cells}
+    return {"output_dir": str(out), "cells": final, "jobs": {str(k): v for k, v in jobs.items()}}
+
+
+def run_cell(cfg: SweepConfig, steps: list[dict[str, Any]], jobs: dict[Path, str]) -> str:
+    """Run (local) or submit (slurm) the cell's unfinished stages in order; a failed stage stops its cell."""
+    after: list[str] = []
+    for step in steps:
+        current = status(step["dir"])
+        if current["state"] == "done":
+            continue
+        if current["state"] == "failed" and not cfg.retry_failed:
+            print(
+                f"  {step['name']} failed before ({current.get('error', '')[:200]}); retry_failed=true runs it again"
+            )
+            return "failed"
+        if cfg.executor == "local":
+            if not run_local(step):
+                print(f"  {step['name']} failed: {status(step['dir']).get('error', '')[:300]}")
+                return "failed"
+            continue
+        if step["dir"] in jobs:  # a stage another cell shares, submitted in this pass
+            after = [jobs[step["dir"]]]
+        elif current["state"] == "submitted" and in_queue(current["job_id"]):
+            jobs[step["dir"]] = after_job = current["job_id"]
+            after = [after_job]
+        else:
+            jobs[step["dir"]] = submit(cfg, step, after)
+            after = [jobs[step["dir"]]]
+    return "submitted" if cfg.executor == "slurm" and after else "done"
+
+
+def wait_for(job_ids: list[str], poll: float = 2.0) -> None:
+    while any(in_queue(j) for j in job_ids):
+        time.sleep(poll)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    (cfg,) = load_config("sweeps", argv, SweepConfig)
+    result = run(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    if not cfg.dry_run and any(s == "failed" for s in result.get("cells", {}).values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

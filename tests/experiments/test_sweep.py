@@ -1,0 +1,151 @@
+"""Sweeps: axes, cell names, stage sharing, dry run, local and SLURM executors, resume, failure isolation, results."""
+
+import dataclasses
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import ConfigError, load_config
+from eval.scores import score_row, write_scores
+from experiments.sweep import Stage, SweepConfig, cell_name, cells, command_line, resolve, run, status
+
+
+def rows(path, n=12):
+    data = [{"messages": [{"role": "user", "content": f"question {i}?" + (":" if i % 4 == 0 else "")},
+                          {"role": "assistant", "content": "x" * (10 * i + 1)}], "score": float(i)} for i in range(n)]  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(data), path / "train-00000.parquet")
+    return path
+
+
+def selects(tmp_path, **kw) -> SweepConfig:
+    """Two chained selections of a small file: no model, so the executors are tested in seconds."""
+    first = Stage(
+        name="first", command="select", overrides={"input": str(rows(tmp_path / "data")), "sort_by": "score"}
+    )
+    second = Stage(name="second", command="select", overrides={"input": "{first}", "top_k": 3})
+    return SweepConfig(name="t", stages=[first, second], output_dir=str(tmp_path / "sweep"), **kw)
+
+
+def test_grid_and_zip_axes_expand_and_names_are_stable():
+    cfg = SweepConfig(stages=[Stage(name="sft", command="sft"), Stage(name="select", command="select")],
+                      grid={"sft.learning_rate": [1e-4, 3e-4], "sft.seed": [1, 2]},
+                      zip=[{"select.recipe": ["a", "b", "c"], "select.top_k": [10, 20, 30]}])  # fmt: skip
+    combos = cells(cfg)
+    assert len(combos) == 2 * 2 * 3  # the zip block varies together: 3 points, not 9
+    assert {(c["select.recipe"], c["select.top_k"]) for c in combos} == {("a", 10), ("b", 20), ("c", 30)}
+    names = [cell_name(c) for c in combos]
+    assert len(set(names)) == 12 and names == [cell_name(c) for c in cells(cfg)]  # stable across runs
+    assert names[0].startswith("learning_rate=0.0001,seed=1,recipe=a,top_k=10-")
+    with pytest.raises(ConfigError, match=r"zip\[0\]: its lists must have one length"):
+        cells(SweepConfig(stages=cfg.stages, zip=[{"select.top_k": [1, 2], "select.recipe": ["a"]}]))
+    with pytest.raises(ConfigError, match=r"axis 'train.lr': expected `cell` \(a label\) or <stage>.<key>"):
+        cells(SweepConfig(stages=cfg.stages, grid={"train.lr": [1]}))
+
+
+def test_stages_refer_to_earlier_outputs_and_identical_stages_are_shared(tmp_path):
+    cfg = selects(tmp_path, grid={"second.top_k": [2, 5]})
+    a, b = (resolve(cfg, c, tmp_path / "sweep") for c in cells(cfg))
+    assert a[0]["dir"] == b[0]["dir"]  # `first` is the same in both cells: one directory, run once
+    assert a[1]["dir"] != b[1]["dir"] and a[1]["overrides"]["input"] == str(a[0]["dir"])
+    assert command_line(a[1])[-1] == f"output_dir={a[1]['dir']}" and "top_k=2" in command_line(a[1])
+    bad = SweepConfig(
+        stages=[
+            Stage(name="x", command="select", overrides={"input": "{y}"}),
+            Stage(name="y", command="select"),
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"stage 'x' refers to \['y'\], which come later"):
+        resolve(bad, {}, tmp_path)
+
+
+def test_local_sweep_runs_resumes_isolates_a_failure_and_retries(tmp_path, capsys):
+    # cells top_k=2 and top_k=3 succeed; the third sorts by a column that does not exist and fails
+    cfg = selects(tmp_path, zip=[{"second.top_k": [2, 3, 4], "second.sort_by": ["score", "score", "nope"]}])
+    result = run(cfg)
+    assert sorted(result["cells"].values()) == ["done", "done", "failed"]
+    steps = {n: resolve(cfg, c, tmp_path / "sweep") for n, c in ((cell_name(c), c) for c in cells(cfg))}
+    failed = next(n for n, s in result["cells"].items() if s == "failed")
+    assert "sort_by: column 'nope' does not exist" in status(steps[failed][1]["dir"])["error"]
+    for name, state in result["cells"].items():  # the other cells went on, and wrote what they select
+        if state == "done":
+            selected = pq.read_table(steps[name][1]["dir"] / "train-00000.parquet")
+            assert selected.num_rows == steps[name][1]["overrides"]["top_k"]
+            record = json.loads((tmp_path / "sweep" / "cells" / f"{name}.json").read_text())
+            assert len(record["git_commit"]) == 40 and record["stages"][1]["output_dir"] == str(
+                steps[name][1]["dir"]
+            )
+    table = (tmp_path / "sweep" / "results.csv").read_text()
+    assert table.count("failed") == 1 and table.count("done") == 2
+
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "stages").glob("*.sweep/log.txt")}
+    assert len(logs) == 4  # `first` ran once for all three cells
+    again = run(cfg)  # finished stages are skipped; the failure is reported, not run again
+    assert again["cells"] == result["cells"] and "retry_failed=true runs it again" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+    retried = run(
+        dataclasses.replace(cfg, retry_failed=True)
+    )  # only the failure runs again (and fails again)
+    assert retried["cells"] == result["cells"]
+    changed = [p for p, t in logs.items() if p.stat().st_mtime_ns != t]
+    assert changed == [steps[failed][1]["dir"].with_name(steps[failed][1]["dir"].name + ".sweep") / "log.txt"]
+
+
+def test_dry_run_prints_every_stage_and_the_memory_plan_without_running(tmp_path, capsys):
+    (cfg,) = load_config(
+        "sweeps", ["recipe=demo_sweep", f"output_dir={tmp_path / 's'}", "dry_run=true"], SweepConfig
+    )
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert summary == {"cells": 4, "stages": 21, "gpu_hours": 0.0}
+    assert out.count("memory: ~") == 4 and "accelerate.commands.launch" in out
+    assert not (tmp_path / "s").exists()  # nothing ran, nothing written
+
+
+def test_table1_reproduction_dry_runs_with_its_gpu_hours(tmp_path, capsys):
+    (cfg,) = load_config(
+        "sweeps", ["recipe=magpie_table1", f"output_dir={tmp_path / 's'}", "dry_run=true"], SweepConfig
+    )
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert summary["cells"] == len(cfg.paper) and summary["gpu_hours"] > 0
+    assert "deepspeed_zero3" in out and "GPU-hours" in out
+    assert all(name in out for name in cfg.paper)  # every row of the paper's table is a cell
+
+
+def test_results_table_has_metrics_intervals_and_the_paper(tmp_path):
+    cfg = selects(tmp_path, grid={"second.top_k": [2, 3]})
+    names = [cell_name(c) for c in cells(cfg)]
+    cfg.paper = {names[0]: {"pairwise/win_rate": 40.0}}
+    result = run(cfg)
+    for k, c in enumerate(cells(cfg)):  # scores as an eval stage writes them (eval.leaderboard's contract)
+        steps = resolve(cfg, c, tmp_path / "sweep")
+        write_scores(steps[1]["dir"], [score_row("tuned", "pairwise", "win_rate", 50.0 + k, 45.0 + k, 55.0 + k),
+                                       score_row("base", "pairwise", "win_rate", 50.0 - k)])  # fmt: skip
+    result = run(cfg)
+    md = (tmp_path / "sweep" / "results.md").read_text()
+    assert (
+        "| cell | second.top_k | pairwise/win_rate | pairwise/win_rate (paper) | pairwise/win_rate (ours - paper) | status |"
+        in md
+    )
+    assert "50.0 [45.0, 55.0]" in md and "| 40.0 | 10.0 |" in md and "51.0 [46.0, 56.0]" in md
+    assert (tmp_path / "sweep" / "results.png").stat().st_size > 1000 and set(result["cells"].values()) == {
+        "done"
+    }
+
+
+@pytest.mark.integration
+def test_slurm_sweep_with_dependencies_end_to_end(tmp_path, slurm):
+    cfg = selects(tmp_path, grid={"second.top_k": [2, 3]}, executor="slurm", wait=True)
+    cfg.slurm.partition = slurm["partition"]
+    result = run(cfg)
+    assert set(result["cells"].values()) == {"done"}
+    jobs = result["jobs"]
+    assert len(jobs) == 3  # `first` is shared: submitted once; each cell's `second` depends on it
+    scripts = [p.read_text() for p in (tmp_path / "sweep" / "stages").glob("second-*.sweep/job.sbatch")]
+    assert len(scripts) == 2 and all(f"#SBATCH --partition={slurm['partition']}" in s for s in scripts)
+    assert all(status(p)["job_id"] for p in (tmp_path / "sweep" / "stages").iterdir())
+    again = run(cfg)  # everything done: nothing is submitted again
+    assert again["jobs"] == {} and set(again["cells"].values()) == {"done"}
