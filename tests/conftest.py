@@ -99,3 +99,46 @@ def openai_server(embedded_path):
     yield url
     proc.kill()
     proc.wait()
+
+
+class SlurmCluster:
+    """The SLURM the `slurm` fixture found: `partition` (default one, without sinfo's `*`) and its idle `node`."""
+
+    def __init__(self, partition: str, node: str):
+        self.partition, self.node = partition, node
+
+    def __repr__(self) -> str:
+        return f"SlurmCluster(partition={self.partition!r}, node={self.node!r})"
+
+
+@pytest.fixture(scope="session")
+def slurm() -> SlurmCluster:
+    """A real SLURM with an idle (or mixed) node: the single-node one `.ci/slurm_up.sh` starts on localhost.
+    Skips, saying why, when `sbatch` is missing or no node is idle/mixed within 30 s."""
+    import shutil
+
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        pytest.skip("SLURM not installed (no sbatch/sinfo on PATH): run `bash .ci/slurm_up.sh` as root")
+    deadline, last = time.time() + 30, ""
+    while True:
+        try:
+            proc = subprocess.run(
+                ["sinfo", "-h", "-o", "%P %T %N"],
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, min(10.0, deadline - time.time())),
+            )
+            last = (proc.stdout + proc.stderr).strip()
+            rows = [line.split() for line in proc.stdout.splitlines() if len(line.split()) == 3]
+            ready = [r for r in rows if r[1] in ("idle", "mixed")]
+            if ready:
+                # The default partition (marked `*`) if it has a ready node, else the first ready one.
+                part, _, nodes = next((r for r in ready if r[0].endswith("*")), ready[0])
+                return SlurmCluster(partition=part.rstrip("*"), node=nodes)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            last = last or repr(exc)  # keep what sinfo last said; its timeouts say little
+        if time.time() > deadline:
+            pytest.skip(
+                f"SLURM has no idle/mixed node after 30 s (sinfo: {last or 'no output'!r}): run `bash .ci/slurm_up.sh`"
+            )
+        time.sleep(1)
