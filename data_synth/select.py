@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import pyarrow as pa
 
 from core.chat import CONVERSATION_COLUMNS, first_turn
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, iter_rows, open_dataset, remapped, write_parquet
+from core.io import atomic_write_json, iter_rows, open_dataset, take_rows, write_parquet
 from data_synth.tag import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
@@ -213,7 +212,7 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     for k, start in enumerate(range(0, max(len(index), 1), ROWS_PER_SHARD)):
         write_parquet(
             out / f"train-{k:05d}.parquet",
-            remapped(ds).data.table.take(pa.array(index[start : start + ROWS_PER_SHARD])),
+            take_rows(ds, index[start : start + ROWS_PER_SHARD]),
         )
     summary = {"input_rows": len(ds), "selected_rows": len(chosen), "steps": steps}
     atomic_write_json(out / "manifest.json", summary)

@@ -681,8 +681,12 @@ def aligned_tags(tag_dir: Path, keys: pa.Array) -> pa.Table:
     n = len(keys)
     if not shards:
         return pa.table({"__tagged__": pa.array(np.zeros(n, dtype=bool))})
-    # promote: a chunk where every judgment failed has all-null (type null) columns
+    # promote: a chunk where every judgment failed has all-null (type null) columns; 64-bit offsets: text tags
+    # (base responses) of a million rows pass 2 GB, and `take` concatenates each column first
     table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
+    table = table.cast(
+        pa.schema([pa.field(f.name, _large(f.type), metadata=f.metadata) for f in table.schema])
+    )
     index = table.column("row_index").to_numpy()
     inside = (index >= 0) & (index < n)
     current = np.zeros(len(index), dtype=bool)
@@ -694,6 +698,14 @@ def aligned_tags(tag_dir: Path, keys: pa.Array) -> pa.Table:
     position[index[picked]] = picked  # in shard order, so the last shard wins
     taken = table.drop_columns(["row_index", "row_key"]).take(pa.array(position, mask=position < 0))
     return taken.append_column("__tagged__", pa.array(position >= 0))
+
+
+def _large(t: pa.DataType) -> pa.DataType:
+    if pa.types.is_string(t):
+        return pa.large_string()
+    if pa.types.is_list(t):
+        return pa.large_list(_large(t.value_type))
+    return t
 
 
 def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
