@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo demo-eval test test-fast lint format clean-venv
+.PHONY: setup demo demo-eval demo-sweep test test-fast lint format clean-venv
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ demo-eval: setup
 	$(PY) -m eval.leaderboard runs=runs/demo output_dir=runs/demo/leaderboard
 
 # Every test (~11 min on 2 CPU cores); CI runs this one.
+# An ablation in miniature (~15 min on CPU): Magpie raw vs filtered x two learning rates, LoRA, each cell against the
+# base model pairwise and AlpacaEval-style; one table (runs/sweeps/demo_sweep/results.md, .csv, .png).
+demo-sweep: setup
+	$(PY) -m experiments.sweep recipe=demo_sweep
+
 test: setup
 	$(PY) -m pytest --durations=15
 

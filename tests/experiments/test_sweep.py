@@ -137,15 +137,27 @@ def test_results_table_has_metrics_intervals_and_the_paper(tmp_path):
 
 
 @pytest.mark.integration
-def test_slurm_sweep_with_dependencies_end_to_end(tmp_path, slurm):
-    cfg = selects(tmp_path, grid={"second.top_k": [2, 3]}, executor="slurm", wait=True)
-    cfg.slurm.partition = slurm["partition"]
+def test_slurm_sweep_trains_through_accelerate_inside_srun_end_to_end(tmp_path, slurm, embedded_path):
+    """Two cells through real sbatch: a shared selection, then per cell a selection and one LoRA step of SFT
+    launched by accelerate_configs/slurm_multinode.sh (srun + accelerate launch with the cpu config)."""
+    cfg = selects(tmp_path, grid={"sft.learning_rate": [1e-4, 2e-4]}, executor="slurm", wait=True)
+    cfg.stages.append(Stage(name="sft", command="sft", recipe="demo_sft",
+                            overrides={"dataset": "{second}", "max_steps": 1, "max_length": 64, "save_strategy": "no",
+                                       "merge_lora": False, "model_name_or_path": embedded_path}))  # fmt: skip
+    cfg.slurm.partition = slurm.partition
     result = run(cfg)
-    assert set(result["cells"].values()) == {"done"}
-    jobs = result["jobs"]
-    assert len(jobs) == 3  # `first` is shared: submitted once; each cell's `second` depends on it
-    scripts = [p.read_text() for p in (tmp_path / "sweep" / "stages").glob("second-*.sweep/job.sbatch")]
-    assert len(scripts) == 2 and all(f"#SBATCH --partition={slurm['partition']}" in s for s in scripts)
-    assert all(status(p)["job_id"] for p in (tmp_path / "sweep" / "stages").iterdir())
+    assert set(result["cells"].values()) == {"done"}, result
+    assert len(result["jobs"]) == 4  # `first` and `second` are shared: submitted once; one SFT job per cell
+    sft_dirs = sorted(
+        p for p in (tmp_path / "sweep" / "stages").glob("sft-*") if not p.name.endswith(".sweep")
+    )
+    assert len(sft_dirs) == 2 and all((d / "adapter_model.safetensors").exists() for d in sft_dirs)
+    for d in sft_dirs:
+        script = (d.with_name(d.name + ".sweep") / "job.sbatch").read_text()
+        assert (
+            f"#SBATCH --partition={slurm.partition}" in script
+            and "slurm_multinode.sh train/sft.py" in script
+        )
+        assert "ACCELERATE_CONFIG=" in script and status(d)["job_id"]
     again = run(cfg)  # everything done: nothing is submitted again
     assert again["jobs"] == {} and set(again["cells"].values()) == {"done"}
