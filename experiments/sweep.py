@@ -95,9 +95,8 @@ class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     zip: list[dict[str, list[Any]]] = field(default_factory=list)
     score_model: str = "tuned"  # whose scores are the cell's (eval stages name the trained model so)
-    paper: dict[str, dict[str, float]] = field(
-        default_factory=dict
-    )  # cell name -> "benchmark/metric" -> value
+    # the paper's numbers: cell name, or its label without the hash -> "benchmark/metric" -> value
+    paper: dict[str, dict[str, float]] = field(default_factory=dict)
     executor: Literal["local", "slurm"] = "local"
     slurm: Slurm = field(default_factory=Slurm)
     wait: bool = False  # slurm: wait for every job, then write the results
@@ -418,7 +417,8 @@ def results(cfg: SweepConfig, out: Path, plan_cells: list[tuple[str, list[dict[s
                 interval = f" [{r['ci_low']:.1f}, {r['ci_high']:.1f}]" if r["ci_low"] is not None else ""
                 md[m] = f"{r['value']:.1f}{interval}"
                 csv.update({m: r["value"], f"{m}_ci_low": r["ci_low"], f"{m}_ci_high": r["ci_high"]})
-            paper = cfg.paper.get(name, {}).get(m)
+            by_cell = cfg.paper.get(name) or cfg.paper.get(name.rsplit("-", 1)[0]) or {}
+            paper = by_cell.get(m)
             if paper is not None:
                 md[f"{m} (paper)"], csv[f"{m}_paper"] = paper, paper
                 if r is not None:
@@ -463,14 +463,12 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         return dry_run(cfg, plan_cells)
     commit = git_commit()
     jobs: dict[Path, str] = {}
-    summary = {"done": [], "failed": [], "submitted": []}
     for name, steps in plan_cells:
         atomic_write_json(out / "cells" / f"{name}.json", {
             "cell": name, "assignment": assignments[name], "git_commit": commit, "executor": cfg.executor,
             "stages": [{"name": s["name"], "command": s["command"], "recipe": s["recipe"], "overrides": s["overrides"],
                         "output_dir": str(s["dir"]), "command_line": shlex.join(command_line(s))} for s in steps]})  # fmt: skip
         state = run_cell(cfg, steps, jobs)
-        summary[state].append(name)
         print(f"cell {name}: {state}", flush=True)
     if cfg.executor == "slurm" and cfg.wait:
         wait_for(list(jobs.values()))
