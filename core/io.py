@@ -263,14 +263,19 @@ def take_rows(ds: Any, indices: Any, block: int = 100_000) -> pa.Table:
     return pa.concat_tables(pieces).take(pa.array(inverse))
 
 
+def batch_rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    """A `datasets` batch (column -> values) as row dicts."""
+    names = list(batch)
+    return [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+
+
 def iter_rows(ds: Any, batch_size: int = 10_000, block: int = 100_000) -> Iterator[list[dict[str, Any]]]:
     """A dataset's rows, `batch_size` at a time as row dicts: the Python objects of one batch at a time, and the
     mapped pages of one `block` of rows at a time."""
     for start in range(0, len(ds), block):
         part = remapped(ds).select(range(start, min(len(ds), start + block)))
         for batch in part.iter(batch_size=batch_size):
-            names = list(batch)
-            yield [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            yield batch_rows(batch)
         del part
 
 

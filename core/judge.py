@@ -148,7 +148,6 @@ class Judge:
         self.cache = JudgeCache(cfg.cache or cache_path)
         self.stats = JudgeStats()
         self._engine = None
-        self._prefill = cfg.prefill
 
     @property
     def engine(self):
@@ -165,16 +164,20 @@ class Judge:
         """The judge's tokenizer alone: a fully cached run renders prompts without loading any weights."""
         return load_tokenizer(self.cfg.model, self.cfg.engine)
 
-    def prompt(self, messages: list[dict[str, str]]) -> str | list[dict[str, str]]:
-        """What the engine is sent: rendered text, or the messages themselves for a chat API (engine.chat)."""
+    def prompt(
+        self, messages: list[dict[str, str]], prefill: str | None = None
+    ) -> str | list[dict[str, str]]:
+        """What the engine is sent: rendered text ending in the reply's prefilled start (default: the config's),
+        or the messages themselves for a chat API (engine.chat)."""
+        prefill = self.cfg.prefill if prefill is None else prefill
         if self.cfg.engine.chat:
-            if self._prefill:
+            if prefill:
                 raise ConfigError(
                     "a prefilled reply (judge.prefill, or a tag's JSON prefill) needs a raw-text engine; a chat "
                     "API writes the reply's start itself"
                 )
             return messages
-        return render_prompt(self.tokenizer, messages) + self._prefill
+        return render_prompt(self.tokenizer, messages) + prefill
 
     def ask(
         self,
@@ -190,23 +193,30 @@ class Judge:
         A protocol that fixes its own reply start, sampling or retries (a tag's JSON prefill and stop, a score
         read from one token's probabilities) passes them here; otherwise the config's apply."""
         verdicts: list[Verdict[T] | None] = [None] * len(conversations)
-        prompts: dict[int, str] = {}
+        prefill = self.cfg.prefill if prefill is None else prefill
+        # The cache key is the rendered text (or the messages), so a changed chat template is a different prompt.
+        prompts = [self.prompt(m, prefill) for m in conversations]
         pending = list(range(len(conversations)))
         base = sampling or self.cfg.sampling()
-        self._prefill = self.cfg.prefill if prefill is None else prefill
+
+        def verdict(c: Completion, attempt: int) -> Verdict:
+            c = dataclasses.replace(c, text=prefill + c.text) if prefill else c  # parsers see the whole reply
+            value = parse(c)
+            return Verdict(value, c, attempt + 1, None if value is not None else "no verdict in the reply")
+
         bar = tqdm(total=len(conversations), desc=desc, unit="q")
         for attempt in range((self.cfg.retries if retries is None else retries) + 1):
             keys, misses, samplings = {}, [], {}
             for i in pending:
-                samplings[i] = self._sampling(base, self._prompt_text(i, conversations, prompts), attempt)
+                samplings[i] = self._sampling(base, prompts[i], attempt)
                 keys[i] = JudgeCache.key(self.cfg.model, prompts[i], samplings[i])
                 cached = self.cache.get(keys[i])
                 if cached is None:
                     misses.append(i)
                 else:
                     self.stats.cached += 1
-                    verdicts[i] = self._verdict(parse, cached, attempt)
-            errors = self._generate(misses, prompts, keys, samplings, parse, verdicts, attempt)
+                    verdicts[i] = verdict(cached, attempt)
+            errors = self._generate(misses, prompts, keys, samplings, verdict, verdicts, attempt)
             pending = [i for i in pending if verdicts[i] is None or verdicts[i].value is None]
             for i in pending:
                 last = verdicts[i].completion if verdicts[i] else None
@@ -219,18 +229,6 @@ class Judge:
         self.stats.failed += len(pending)
         return verdicts  # type: ignore[return-value]
 
-    def _prompt_text(self, i: int, conversations: list, prompts: dict) -> str | list[dict[str, str]]:
-        if i not in prompts:
-            # The key is the rendered text (or the messages), so a changed chat template is a different prompt.
-            prompts[i] = self.prompt(conversations[i])
-        return prompts[i]
-
-    def _verdict(self, parse: Callable, c: Completion, attempt: int) -> Verdict:
-        if self._prefill:
-            c = dataclasses.replace(c, text=self._prefill + c.text)
-        value = parse(c)
-        return Verdict(value, c, attempt + 1, None if value is not None else "no verdict in the reply")
-
     def _sampling(self, base: Sampling, prompt: str | list, attempt: int) -> Sampling:
         """Attempt 0 is the protocol's sampling, a retry samples at retry_temperature. A sampled request gets a
         seed of its own, derived from the prompt and the attempt: a seed shared by all retries would make a
@@ -240,7 +238,7 @@ class Judge:
             return s
         return dataclasses.replace(s, seed=prompt_seed(prompt, "judge", attempt))
 
-    def _generate(self, misses, prompts, keys, samplings, parse, verdicts, attempt) -> dict[int, str]:
+    def _generate(self, misses, prompts, keys, samplings, verdict, verdicts, attempt) -> dict[int, str]:
         errors: dict[int, str] = {}
         # Chunks are units of caching (a killed run keeps what was judged), not batches: the engine batches.
         chunk = max(1, self.cfg.chunk_size)
@@ -254,5 +252,5 @@ class Judge:
             self.stats.calls += len(batch)
             self.cache.put_many([(keys[i], c) for i, c in zip(batch, outs, strict=True)])
             for i, c in zip(batch, outs, strict=True):
-                verdicts[i] = self._verdict(parse, c, attempt)
+                verdicts[i] = verdict(c, attempt)
         return errors

@@ -674,16 +674,18 @@ def row_keys(ds: Any, where: str) -> pa.Array:
     return pa.array(keys, pa.string())
 
 
-def aligned_tags(tag_dir: Path, keys: pa.Array) -> pa.Table:
+def aligned_tags(tag_dir: Path, keys: pa.Array, columns: list[str] | None = None) -> pa.Table:
     """A tagger's shards as one table with a row per input row, in input order: a tag counts only where its
-    `row_key` is still that row's (a later shard overrides an earlier one); rows without one are null."""
+    `row_key` is still that row's (a later shard overrides an earlier one); rows without one are null.
+    `columns` reads only those tag columns (none: just which rows are tagged, `__tagged__`)."""
     shards = sorted(tag_dir.glob("part-*.parquet"))
     n = len(keys)
     if not shards:
         return pa.table({"__tagged__": pa.array(np.zeros(n, dtype=bool))})
     # promote: a chunk where every judgment failed has all-null (type null) columns; 64-bit offsets: text tags
     # (base responses) of a million rows pass 2 GB, and `take` concatenates each column first
-    table = pa.concat_tables([pq.read_table(s) for s in shards], promote_options="default")
+    read = None if columns is None else ["row_index", "row_key", *columns]
+    table = pa.concat_tables([pq.read_table(s, columns=read) for s in shards], promote_options="default")
     table = table.cast(
         pa.schema([pa.field(f.name, _large(f.type), metadata=f.metadata) for f in table.schema])
     )
@@ -696,8 +698,11 @@ def aligned_tags(tag_dir: Path, keys: pa.Array) -> pa.Table:
     position = np.full(n, -1, dtype=np.int64)
     picked = np.flatnonzero(current)
     position[index[picked]] = picked  # in shard order, so the last shard wins
-    taken = table.drop_columns(["row_index", "row_key"]).take(pa.array(position, mask=position < 0))
-    return taken.append_column("__tagged__", pa.array(position >= 0))
+    tagged = pa.array(position >= 0)
+    values = table.drop_columns(["row_index", "row_key"])
+    if not values.column_names:  # only which rows are tagged was asked for
+        return pa.table({"__tagged__": tagged})
+    return values.take(pa.array(position, mask=position < 0)).append_column("__tagged__", tagged)
 
 
 def _large(t: pa.DataType) -> pa.DataType:
@@ -713,7 +718,7 @@ def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
     tagger, cfg, keys = TAGGERS[name], ctx.cfg, ctx.keys
     chunk = FAST_CHUNK if tagger.fast else max(1, cfg.chunk_size)
     tag_dir = out / "tags" / name
-    done = aligned_tags(tag_dir, keys).column("__tagged__").to_numpy(zero_copy_only=False)
+    done = aligned_tags(tag_dir, keys, columns=[]).column("__tagged__").to_numpy(zero_copy_only=False)
     todo = np.flatnonzero(~done)
     if tagger.whole_set and len(todo):  # the neighbour search needs every row: redo all of it
         for shard in tag_dir.glob("part-*.parquet"):

@@ -438,7 +438,9 @@ def score_judgments(
         if len(named) > 1:
             raise ConfigError(f"judgments of category {category!r} name several baselines: {sorted(named)}")
         baseline = named.pop() if named else baseline_of(cfg, category)
-        if battles_from_judgments(group, baseline):
+        if any(
+            g.get("score") in LABELS for r in group for g in r["games"][:2]
+        ):  # a verdict to build battles from
             tables[category] = _table(group, baseline, cfg, answers)
         else:
             unscored.append(category)

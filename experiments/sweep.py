@@ -61,10 +61,7 @@ STATUS = "sweep_status.json"
 @dataclass
 class Stage:
     name: str = ""
-    command: Literal[
-        "synth", "tag", "select", "pairs", "report", "sft", "dpo", "generate", "alpaca_eval", "arena_hard",
-        "lm_eval", "pairwise",
-    ] = "select"  # fmt: skip
+    command: str = "select"  # a key of COMMANDS
     recipe: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     accelerate_config: str = "cpu"  # training stages: accelerate_configs/<name>.yaml
@@ -111,6 +108,11 @@ class SweepConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"stages: every stage needs a name of its own, got {names}")
+        for s in self.stages:
+            if s.command not in COMMANDS:
+                raise ValueError(
+                    f"stages: '{s.name}' has command '{s.command}'; choose from {list(COMMANDS)}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------- cells
@@ -182,7 +184,6 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
             if stage.fallback:
                 dirs[stage.name] = dirs[stage.fallback]
             continue
-        recipe = stage.recipe
         overrides = _refer(overrides, dirs)
         unknown = sorted(set(re.findall(r"\{(\w+)\}", json.dumps(overrides))) & {s.name for s in cfg.stages})
         if unknown:
@@ -190,7 +191,7 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
             raise ConfigError(
                 f"stage '{stage.name}' refers to {unknown}, which {why}: refer only to earlier stages"
             )
-        what = {"command": stage.command, "recipe": recipe, "overrides": overrides,
+        what = {"command": stage.command, "recipe": stage.recipe, "overrides": overrides,
                 "accelerate_config": stage.accelerate_config if stage.command in TRAINING else None}  # fmt: skip
         digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
         directory = out / "stages" / f"{stage.name}-{digest}"
@@ -210,25 +211,24 @@ def _arg(key: str, value: Any) -> str:
     return f"{key}={text}"
 
 
+def script_args(step: dict[str, Any]) -> list[str]:
+    """The command's module (or training script) and its arguments: recipe, overrides, output_dir."""
+    target, _ = COMMANDS[step["command"]]
+    args = [f"recipe={step['recipe']}"] if step["recipe"] else []
+    args += [_arg(k, v) for k, v in step["overrides"].items()]
+    return [target, *args, f"output_dir={step['dir']}"]
+
+
+def accelerate_config(step: dict[str, Any]) -> Path:
+    return ROOT / "accelerate_configs" / f"{step['accelerate_config']}.yaml"
+
+
 def command_line(step: dict[str, Any]) -> list[str]:
     """What runs, as a user would type it (training through `accelerate launch`)."""
-    target, _ = COMMANDS[step["command"]]
-    args = ([f"recipe={step['recipe']}"] if step["recipe"] else []) + [
-        _arg(k, v) for k, v in step["overrides"].items()
-    ]
-    args.append(f"output_dir={step['dir']}")
     if step["command"] in TRAINING:
-        config = ROOT / "accelerate_configs" / f"{step['accelerate_config']}.yaml"
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(config),
-            target,
-            *args,
-        ]
-    return [sys.executable, "-m", target, *args]
+        launch = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(step))]
+        return [sys.executable, *launch, *script_args(step)]
+    return [sys.executable, "-m", *script_args(step)]
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -262,20 +262,26 @@ def git_commit() -> str | None:
 # ------------------------------------------------------------------------------------------- executors
 
 
+def record_exit(directory: str | Path, exit_code: int, **fields: Any) -> bool:
+    """A stage's status from its exit code: done, or failed with its log's last lines. Both executors write it (an
+    sbatch job calls this at its end), so a re-run reads one format."""
+    directory = Path(directory)
+    if exit_code == 0:
+        set_status(directory, state="done", **fields)
+        return True
+    tail = (meta(directory) / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+    set_status(directory, state="failed", exit_code=exit_code, error=" | ".join(tail)[-500:], **fields)
+    return False
+
+
 def run_local(step: dict[str, Any]) -> bool:
-    """Run one stage here, its output in `log.txt`; its status says done or failed (with the log's tail)."""
-    directory: Path = step["dir"]
-    log_path = meta(directory) / "log.txt"
+    """Run one stage here, its output in `log.txt`."""
+    log_path = meta(step["dir"]) / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
         rc = subprocess.run(command_line(step), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc == 0:
-        set_status(directory, state="done", seconds=round(time.time() - start, 1))
-        return True
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-    set_status(directory, state="failed", exit_code=rc, error=" | ".join(tail)[-500:])
-    return False
+    return record_exit(step["dir"], rc, seconds=round(time.time() - start, 1))
 
 
 def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
@@ -291,22 +297,14 @@ def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
     lines += [f"#SBATCH --cpus-per-task={cfg.slurm.cpus_per_task}"] if cfg.slurm.cpus_per_task else []
     lines += [f"#SBATCH {x}" for x in cfg.slurm.extra]
     if step["command"] in TRAINING:
-        launch = command_line(step)
-        target_args = launch[launch.index(COMMANDS[step["command"]][0]) :]
-        config = ROOT / "accelerate_configs" / f"{step['accelerate_config']}.yaml"
-        body = (f"ACCELERATE_CONFIG={shlex.quote(str(config))} GPUS_PER_NODE={max(stage.gpus, 1)} "
-                f"bash accelerate_configs/slurm_multinode.sh {shlex.join(target_args)}")  # fmt: skip
+        body = (f"ACCELERATE_CONFIG={shlex.quote(str(accelerate_config(step)))} GPUS_PER_NODE={max(stage.gpus, 1)} "
+                f"bash accelerate_configs/slurm_multinode.sh {shlex.join(script_args(step))}")  # fmt: skip
     else:
         body = shlex.join(command_line(step))
-    log = meta(directory) / "log.txt"
-    # the same status a local run writes: done, or failed with the log's last lines
-    status_py = ("import json, sys, time, pathlib; rc = int(sys.argv[1]); tail = pathlib.Path(sys.argv[4]).read_text("
-                 "errors='replace').strip().splitlines()[-3:]; json.dump({'state': 'done' if rc == 0 else 'failed', "
-                 "'exit_code': rc, 'job_id': sys.argv[2], 'error': ' | '.join(tail)[-500:] if rc else None, "
-                 "'at': time.strftime('%Y-%m-%dT%H:%M:%S')}, open(sys.argv[3], 'w'))")  # fmt: skip
-    lines += ["", f"{body} > {shlex.quote(str(log))} 2>&1", "rc=$?",
-              f"{shlex.quote(sys.executable)} -c {shlex.quote(status_py)} $rc $SLURM_JOB_ID "
-              f"{shlex.quote(str(meta(directory) / STATUS))} {shlex.quote(str(log))}", "exit $rc", ""]  # fmt: skip
+    record = "import sys; from experiments.sweep import record_exit; record_exit(sys.argv[1], int(sys.argv[2]), job_id=sys.argv[3])"
+    lines += ["", f"{body} > {shlex.quote(str(meta(directory) / 'log.txt'))} 2>&1", "rc=$?",
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(record)} {shlex.quote(str(directory))} $rc $SLURM_JOB_ID",
+              "exit $rc", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -333,14 +331,12 @@ def in_queue(job: str) -> bool:
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def gpu_hours(cfg: SweepConfig, step: dict[str, Any], model: str | None = None) -> float | None:
-    """6 x parameters x tokens (4x with an adapter: no weight gradients) at `mfu` of `gpu_peak_tflops`."""
+def gpu_hours(cfg: SweepConfig, step: dict[str, Any], p: dict[str, Any]) -> float | None:
+    """6 x parameters x tokens (4x with an adapter: no weight gradients) at `mfu` of `gpu_peak_tflops`; `p` is the
+    stage's memory plan (train.plan), which counts its parameters."""
     stage: Stage = step["stage"]
-    if step["command"] not in TRAINING or not stage.rows:
+    if not stage.rows:
         return None
-    from train.plan import PlanConfig, plan
-
-    p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], model=model), step["overrides"])
     epochs = float(step["overrides"].get("num_train_epochs", _recipe_value(step, "num_train_epochs", 1.0)))
     factor = 4 if p["trainable_params_million"] < 0.5 * p["params_billion"] * 1000 else 6
     flops = factor * p["params_billion"] * 1e9 * stage.rows * stage.tokens_per_row * epochs
@@ -356,11 +352,11 @@ def _recipe_value(step: dict[str, Any], key: str, default: Any) -> Any:
 def base_model(step: dict[str, Any], makers: dict[str, dict[str, Any]]) -> str | None:
     """The model a training stage starts from; where that is an earlier stage's output (not there yet in a dry
     run), the model that stage starts from, and so on."""
-    model = step["overrides"].get("model_name_or_path") or _recipe_value(step, "model_name_or_path", None)
-    while model in makers:
-        step = makers[model]
+    while True:
         model = step["overrides"].get("model_name_or_path") or _recipe_value(step, "model_name_or_path", None)
-    return model
+        if model not in makers:
+            return model
+        step = makers[model]
 
 
 def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -380,7 +376,7 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
                 p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], gpus=max(1, step["stage"].gpus * step["stage"].nodes),
                                     accelerate_config=step["accelerate_config"], model=base_model(step, makers)),
                          dict(step["overrides"]))  # fmt: skip
-                hours = gpu_hours(cfg, step, base_model(step, makers))
+                hours = gpu_hours(cfg, step, p)
                 total += hours or 0.0
                 print(f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
                       f"in {p['gpu_mem_gb']:g} GB)" + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else ""))  # fmt: skip

@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 
 from core.chat import check_messages
 from core.config import ConfigError, cli
-from core.io import open_dataset
+from core.io import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 
@@ -47,9 +47,9 @@ def load_preferences(script: ScriptArgs) -> datasets.Dataset:
         ds = ds.select(range(min(script.max_samples, len(ds))))
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        names, out = list(batch), {"prompt": [], "chosen": [], "rejected": []}
-        for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
-            row = normalize_preference(dict(zip(names, values, strict=True)), f"{script.dataset}: row {i}")
+        out = {"prompt": [], "chosen": [], "rejected": []}
+        for i, raw in zip(indices, batch_rows(batch), strict=True):
+            row = normalize_preference(raw, f"{script.dataset}: row {i}")
             for key in out:
                 out[key].append(row[key])
         return out

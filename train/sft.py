@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from core.chat import CONVERSATION_COLUMNS, check_messages, to_messages
 from core.config import ConfigError, cli
-from core.io import open_dataset
+from core.io import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 
@@ -44,11 +44,11 @@ def as_messages(ds: datasets.Dataset, source: str, drop_invalid: bool) -> datase
     fails naming its source and index (or, with drop_invalid, is marked and dropped later)."""
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        names, out = list(batch), {"messages": [], "__valid__": []}
-        for i, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+        out = {"messages": [], "__valid__": []}
+        for i, row in zip(indices, batch_rows(batch), strict=True):
             where = f"{source}: row {i}"
             try:
-                messages = to_messages(dict(zip(names, values, strict=True)), where)
+                messages = to_messages(row, where)
                 check_messages(messages, where)
             except ConfigError:
                 if not drop_invalid:
