@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo demo-eval demo-sweep test test-fast lint format clean-venv
+.PHONY: setup demo demo-eval demo-sweep demo-humpback test test-fast lint format clean-venv
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ demo-eval: setup
 # base model pairwise and AlpacaEval-style; one table (runs/sweeps/demo_sweep/results.md, .csv, .png).
 demo-sweep: setup
 	$(PY) -m experiments.sweep recipe=demo_sweep
+
+# Humpback (instruction backtranslation, self-curation, two iterations) on the embedded model (~12 min on CPU).
+demo-humpback: setup
+	$(PY) -m data_synth.backtranslate recipe=humpback_demo
 
 test: setup
 	$(PY) -m pytest --durations=15

@@ -59,6 +59,27 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
+def write_chunk(out_dir: str | Path, k: int, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Chunk `k`'s outcome, atomically: its rows as `train-k.parquet` with `meta` in the file's metadata, or, with no
+    rows, `meta` alone as `_empty-k.json` (`datasets` fails on an empty Parquet file and skips `_` names). What a
+    chunked stage resumes by: a chunk is done when `chunk_meta` finds it."""
+    out_dir = Path(out_dir)
+    if table.num_rows:
+        write_parquet(
+            out_dir / f"train-{k:05d}.parquet", table.replace_schema_metadata({"chunk": json.dumps(meta)})
+        )
+    else:
+        atomic_write_json(out_dir / f"_empty-{k:05d}.json", meta)
+
+
+def chunk_meta(out_dir: str | Path, k: int) -> dict[str, Any] | None:
+    """What `write_chunk` stored for chunk `k`, or None when the chunk is not done."""
+    shard, empty = Path(out_dir) / f"train-{k:05d}.parquet", Path(out_dir) / f"_empty-{k:05d}.json"
+    if shard.is_file():
+        return json.loads(pq.read_schema(shard).metadata[b"chunk"])
+    return json.loads(empty.read_text()) if empty.is_file() else None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

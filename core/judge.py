@@ -48,6 +48,7 @@ class JudgeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_tokens: int = 1
     temperature: float = 0.0
+    top_p: float = 1.0
     logprobs: int | None = 20  # top logprobs of the first token, for weighted (probability) verdicts
     retries: int = 2  # extra attempts for a reply with no verdict (at retry_temperature, new seed each)
     retry_temperature: float = 0.7
@@ -60,7 +61,9 @@ class JudgeConfig:
     prefill: str = ""
 
     def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, max_tokens=self.max_tokens, logprobs=self.logprobs)
+        return Sampling(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, logprobs=self.logprobs
+        )
 
 
 class JudgeCache:

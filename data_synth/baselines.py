@@ -1,5 +1,5 @@
 """The comparison SFT sets, normalized to `messages`: ShareGPT, WildChat, Evol-Instruct, UltraChat, Tulu V2 Mix,
-OpenHermes 2.5.
+OpenHermes 2.5; and Humpback's seed pairs from OpenAssistant (oasst1).
 
     python -m data_synth.baselines name=sharegpt [source=FILE_OR_HUB_ID] [max_samples=N dedup=true] output_dir=DIR
 
@@ -7,6 +7,10 @@ Each set's real Hub id and split are the default `source`; a local JSON/JSONL/Pa
 same schema works too. Schemas understood: `messages` (role/content), WildChat's `conversation` (role/content
 plus metadata), ShareGPT-style `conversations` (from/value with human/gpt/system), and `instruction`/`input`/
 `output`. Broken rows are dropped and counted by reason, never silently.
+
+`oasst1` reads OpenAssistant's message trees (one row per message: `message_id`, `parent_id`, `role`
+prompter/assistant, `text`, `lang`, `rank`, `deleted`) and keeps what Humpback's seed keeps: each tree's first
+turn, English, with its highest-ranked reply (rank 0). The paper samples 3,200 of them (`max_samples=3200`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, load_rows, write_parquet
+from core.io import atomic_write_json, load_rows, open_dataset, write_parquet
 
 # name: (Hub id, split, what the paper used)
 SOURCES = {
@@ -29,7 +33,13 @@ SOURCES = {
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", "train_sft", "UltraChat, 208K"),
     "tulu_v2_mix": ("allenai/tulu-v2-sft-mixture", "train", "Tulu V2 Mix, 326K"),
     "openhermes": ("teknium/OpenHermes-2.5", "train", "OpenHermes 2.5, 1M"),
+    "oasst1": (
+        "OpenAssistant/oasst1",
+        "train",
+        "Humpback's seed: oasst1 first turns, English, rank 0 (3,200)",
+    ),
 }
+OASST_COLUMNS = ("message_id", "parent_id", "role", "text", "lang", "rank")
 # Metadata worth keeping when a schema carries it (WildChat's model, language, toxicity flags, ...).
 KEEP = (
     "id",
@@ -71,6 +81,34 @@ def baseline_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     return messages
 
 
+def oasst_first_turns(source: str, split: str) -> list[dict[str, Any]]:
+    """Each oasst1 tree's root prompt with its rank-0 reply, both English: instruction/response rows. Rows are read
+    as columns; a missing column fails naming it."""
+    ds = open_dataset(source, split)
+    missing = [c for c in OASST_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ConfigError(
+            f"{source}: not oasst1's message layout: no {missing} (columns: {', '.join(ds.column_names)})"
+        )
+    cols = {c: ds[c] for c in OASST_COLUMNS}
+    deleted = ds["deleted"] if "deleted" in ds.column_names else [False] * len(ds)
+    roots = {}
+    for i, (mid, parent, role, lang) in enumerate(
+        zip(cols["message_id"], cols["parent_id"], cols["role"], cols["lang"], strict=True)
+    ):
+        if parent is None and role == "prompter" and lang == "en" and not deleted[i]:
+            roots[mid] = i
+    rows = []
+    for i, (parent, role, lang, rank) in enumerate(
+        zip(cols["parent_id"], cols["role"], cols["lang"], cols["rank"], strict=True)
+    ):
+        if parent in roots and role == "assistant" and lang == "en" and rank == 0 and not deleted[i]:
+            root = roots[parent]
+            rows.append({"instruction": cols["text"][root], "response": cols["text"][i],
+                         "id": cols["message_id"][root], "conversation_id": cols["message_id"][root]})  # fmt: skip
+    return rows
+
+
 def run(cfg: BaselineConfig) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -78,7 +116,8 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
     hub_id, default_split, _ = SOURCES[cfg.name]
     source = cfg.source or hub_id
-    rows = load_rows(source, cfg.split or default_split)
+    split = cfg.split or default_split
+    rows = oasst_first_turns(source, split) if cfg.name == "oasst1" else load_rows(source, split)
     kept, dropped, seen, duplicates = [], {}, set(), 0
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +81,11 @@ class TagConfig:
     neighbors_k: int = 500
     neighbors_block: int = 4096  # query rows per FAISS search: memory is block x k, not rows x k
     near_duplicate_distance: float = 0.05
+    # curation (Humpback self-curation): `paper` = the judge writes its reasoning, then "Score: N" on the last line
+    # (parsed; a reply without one is retried, then failed). `probability` = the reply is prefilled "Score: " and
+    # the score is the probability-weighted 1-5 of its first token, rounded: for judges too small to follow the
+    # format (the embedded 135M model), and labelled as such in the column metadata.
+    curation: Literal["paper", "probability"] = "paper"
     # lengths
     tokenizer: str = "embedded"
     chunk_size: int = 256  # rows per resumable unit of the model-bound taggers
@@ -267,6 +273,23 @@ teaching the thirsty garden how to grow.
 ```
 """
 
+# Humpback's self-curation prompt (Li et al. 2023, Table 1 of v1), verbatim; the last two lines are the generated
+# instruction and the candidate output.
+CURATION_PROMPT = """Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good example of how AI Assistant should respond to the user's instruction. Please assign a score using the following 5-point scale:
+1: It means the answer is incomplete, vague, off-topic, controversial, or not exactly what the user asked for. For example, some content seems missing, numbered list does not start from the beginning, the opening sentence repeats user's question. Or the response is from another person’s perspective with their personal experience (e.g. taken from blog posts), or looks like an answer from a forum. Or it contains promotional text, navigation text, or other irrelevant information.
+2: It means the answer addresses most of the asks from the user. It does not directly address the user's question. For example, it only provides a high-level methodology instead of the exact solution to user's question.
+3: It means the answer is helpful but not written by an AI Assistant. It addresses all the basic asks from the user. It is complete and self contained with the drawback that the response is not written from an AI assistant's perspective, but from other people's perspective. The content looks like an excerpt from a blog post, web page, or web search results. For example, it contains personal experience or opinion, mentions comments section, or share on social media, etc.
+4: It means the answer is written from an AI assistant's perspective with a clear focus of addressing the instruction. It provide a complete, clear, and comprehensive response to user’s question or instruction without missing or irrelevant information. It is well organized, self-contained, and written in a helpful tone. It has minor room for improvement, e.g. more concise and focused.
+5: It means it is a perfect answer from an AI Assistant. It has a clear focus on being a helpful AI Assistant, where the response looks like intentionally written to address the user's question or instruction without any irrelevant sentences. The answer provides high quality content, demonstrating expert knowledge in the area, is very well written, logical, easy-to-follow, engaging and insightful.
+
+Please first provide a brief reasoning you used to derive the rating score, and then write "Score: <rating>" in the last line.
+
+{instruction}
+{response}"""
+CURATION_SCORES = ("1", "2", "3", "4", "5")
+CURATION_PREFILL = "Score: "
+SCORE_LINE = re.compile(r"score\s*:\s*\**\s*(\d+)", re.IGNORECASE)
+
 SAFETY_PROMPT = """Here is a conversation between a user and an AI assistant.
 
 User: {instruction}
@@ -328,6 +351,26 @@ def parse_judgment(text: str, parse: Callable[[dict], dict]) -> dict:
         return parse(obj)
     except KeyError as e:
         raise ValueError(f"missing field {e}") from None
+
+
+def parse_curation(c: Completion) -> dict | None:
+    """The paper's format: the score is the number after the last "Score:" in the reply, and must be 1-5; a reply
+    without one (or with another number) is None: retried, then counted as failed, never mapped to a score."""
+    found = SCORE_LINE.findall(c.text)
+    if not found or found[-1] not in CURATION_SCORES:
+        return None
+    return {"curation_score": int(found[-1]), "curation_expected": None, "curation_reply": c.text.strip()}
+
+
+def read_curation_probabilities(c: Completion) -> dict | None:
+    """Probability mode: after the prefilled "Score: ", the probability-weighted score over the digits 1-5 of the
+    first token (`curation_expected`), and that rounded as the score (so A_k keeps expected >= k - 0.5). Not the
+    most probable digit: a small judge puts "5" first for almost every pair. None when no digit 1-5 is among them."""
+    p = label_probabilities(c, CURATION_SCORES)
+    if p is None:
+        return None
+    expected = sum(int(k) * v for k, v in p.items())
+    return {"curation_score": int(expected + 0.5), "curation_expected": expected, "curation_reply": None}
 
 
 def _parsed(parse: Callable[[dict], dict]) -> Callable[[Completion], dict | None]:
@@ -442,6 +485,27 @@ def judge_score(name: str, prompt: str, column: str, low: int, high: int) -> Cal
         return [None if s is None else {column: s} for s in scores]
 
     return tag
+
+
+def tag_curation(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    """Humpback's self-curation: the (generated instruction, passage) pair scored 1-5 with the paper's prompt."""
+    cfg = ctx.cfg
+    prompts = [CURATION_PROMPT.format(instruction=q, response=a) for q, a in pairs]
+    if cfg.curation == "probability":
+        one_token = Sampling(temperature=0.0, max_tokens=1, logprobs=20)
+        return ctx.ask(prompts, read_curation_probabilities, "curate (probability)", prefill=CURATION_PREFILL,
+                       sampling=one_token, retries=0)  # fmt: skip
+    sampling = Sampling(
+        temperature=cfg.judge.temperature, top_p=cfg.judge.top_p, max_tokens=cfg.judge.max_tokens
+    )
+    return ctx.ask(prompts, parse_curation, "curate", sampling=sampling)
+
+
+def _curation_source(cfg: TagConfig) -> str:
+    if cfg.curation == "probability":
+        return (f"judge {cfg.judge.model}: Humpback's curation prompt, reply prefilled 'Score: ', the probability-"
+                "weighted 1-5 of its first token, rounded (probability mode, not the paper's reasoning-then-score reply)")  # fmt: skip
+    return f"judge {cfg.judge.model}: Humpback's curation prompt, reasoning then 'Score: N' (the paper's protocol)"
 
 
 def tag_reward(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
@@ -640,6 +704,9 @@ TAGGERS: dict[str, Tagger] = {
         {"safety": pa.string(), "safety_categories": pa.string(), "p_safe": pa.float64()},
         lambda cfg: f"guard model {cfg.safety_model}" if cfg.safety_model
         else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)", tag_safety),
+    "curation": Tagger(
+        {"curation_score": pa.int64(), "curation_expected": pa.float64(), "curation_reply": pa.string()},
+        _curation_source, tag_curation),
     "alpagasus": Tagger(
         {"alpagasus_score": pa.float64()},
         lambda cfg: f"judge {cfg.judge.model}: probability-weighted 0-5 score (not a reward model)",

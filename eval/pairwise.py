@@ -45,6 +45,8 @@ Which response is better? Answer with a single letter: A or B."""
 @dataclass
 class PairwiseConfig:
     models: dict[str, str] = field(default_factory=lambda: {"base": "embedded"})  # name -> path / Hub id
+    # model name -> the system prompt it answers with (Humpback's models answer with their training tags)
+    system_prompts: dict[str, str] = field(default_factory=dict)
     instructions: str = DEMO_INSTRUCTIONS  # JSONL with `id` and `instruction`
     max_instructions: int | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)  # answers
@@ -59,6 +61,11 @@ class PairwiseConfig:
     def __post_init__(self) -> None:
         if len(self.models) < 2:
             raise ValueError(f"models needs at least two entries to compare, got {list(self.models)}")
+        unknown = sorted(set(self.system_prompts) - set(self.models))
+        if unknown:
+            raise ValueError(
+                f"system_prompts: {unknown} are not models of this run; models: {list(self.models)}"
+            )
 
 
 def load_instructions(path: str, limit: int | None = None) -> list[dict[str, str]]:
@@ -84,6 +91,7 @@ def generate_answers(
         engine=cfg.engine,
         max_tokens=cfg.max_tokens,
         repetition_penalty=cfg.repetition_penalty,
+        system_prompt=cfg.system_prompts.get(name),
     )
     single_turn = [{"id": q["id"], "turns": [q["instruction"]]} for q in questions]
     answered = generate(gen, single_turn, out / "answers" / f"{name}.jsonl")

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config import ConfigError, cli, load_config
+from core.config import ConfigError, cli, load_config, merge_recipe
 from core.io import atomic_write_bytes, atomic_write_json
 from eval.scores import SCORES_FILE, read_scores, write_table
 
@@ -42,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # command -> (module or script, recipe folder); training runs under `accelerate launch`
 COMMANDS = {
     "synth": ("data_synth.magpie", "magpie"),
+    "baselines": ("data_synth.baselines", "baselines"),
+    "corpus": ("data_synth.corpus", "corpus"),
+    "augment": ("data_synth.augment", "augment"),
     "tag": ("data_synth.tag", "tag"),
     "select": ("data_synth.select", "select"),
     "pairs": ("data_synth.pairs", "pairs"),
@@ -74,6 +77,7 @@ class Stage:
     fallback: str | None = (
         None  # when off, later `{this stage}` references get this earlier stage's directory
     )
+    group: str | None = None  # a subdirectory of stages/ to put it in (an iteration's stages together)
 
 
 @dataclass
@@ -151,7 +155,7 @@ def cell_name(assignment: dict[str, Any]) -> str:
 
 
 def _refer(value: Any, dirs: dict[str, str]) -> Any:
-    """`{stage}` inside strings becomes that stage's output directory."""
+    """`{stage}` inside strings (values, and keys of mappings) becomes that stage's output directory."""
     if isinstance(value, str):
         for name, path in dirs.items():
             value = value.replace("{" + name + "}", path)
@@ -159,7 +163,7 @@ def _refer(value: Any, dirs: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [_refer(v, dirs) for v in value]
     if isinstance(value, dict):
-        return {k: _refer(v, dirs) for k, v in value.items()}
+        return {_refer(k, dirs): _refer(v, dirs) for k, v in value.items()}
     return value
 
 
@@ -193,8 +197,12 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
             )
         what = {"command": stage.command, "recipe": stage.recipe, "overrides": overrides,
                 "accelerate_config": stage.accelerate_config if stage.command in TRAINING else None}  # fmt: skip
-        digest = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        directory = out / "stages" / f"{stage.name}-{digest}"
+        # the recipe's content too: an edited recipe is a different stage, not a finished one to skip
+        content = merge_recipe(COMMANDS[stage.command][1], stage.recipe, {}) if stage.recipe else None
+        digest = hashlib.sha1(json.dumps([what, content], sort_keys=True, default=str).encode()).hexdigest()[
+            :10
+        ]
+        directory = out / "stages" / (stage.group or "") / f"{stage.name}-{digest}"
         dirs[stage.name] = str(directory)
         resolved.append({"stage": stage, "name": stage.name, "dir": directory, **what})
     return resolved
@@ -344,8 +352,6 @@ def gpu_hours(cfg: SweepConfig, step: dict[str, Any], p: dict[str, Any]) -> floa
 
 
 def _recipe_value(step: dict[str, Any], key: str, default: Any) -> Any:
-    from core.config import merge_recipe
-
     return merge_recipe(COMMANDS[step["command"]][1], step["recipe"], {}).get(key, default)
 
 

@@ -26,6 +26,9 @@ COMMANDS = {
     "lm_eval": ("eval.lm_eval", ["LmEvalConfig"]),
     "pairwise": ("eval.pairwise", ["PairwiseConfig"]),
     "sweeps": ("experiments.sweep", ["SweepConfig"]),
+    "corpus": ("data_synth.corpus", ["CorpusConfig"]),
+    "augment": ("data_synth.augment", ["AugmentConfig"]),
+    "backtranslate": ("data_synth.backtranslate", ["BacktranslateConfig"]),
 }
 
 

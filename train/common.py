@@ -27,6 +27,12 @@ class ScriptArgs:
     dataset_split: str = "train"
     dataset_mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; replaces `dataset`
     mixture_seed: int = 42
+    # source (`dataset`, or a key of `dataset_mixture`) -> a system prompt added to each of its rows (appended to
+    # one the row has): Humpback tags seed and augmented data apart this way
+    system_prompts: dict[str, str] = field(default_factory=dict)
+    # train on (response -> instruction): each row's first exchange with its roles swapped, as Humpback's
+    # backward model M_yx learns to predict the instruction a text answers
+    reverse_pairs: bool = False
     max_samples: int | None = None
     drop_invalid: bool = False  # drop (and count) rows that are not valid conversations instead of failing
     peft: Literal["none", "lora", "qlora"] = "lora"

@@ -15,7 +15,7 @@ import sys
 import datasets
 from trl import SFTConfig, SFTTrainer
 
-from core.chat import CONVERSATION_COLUMNS, check_messages, to_messages
+from core.chat import CONVERSATION_COLUMNS, check_messages, first_turn, to_messages
 from core.config import ConfigError, cli
 from core.io import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
@@ -38,10 +38,29 @@ def mixture(script: ScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def as_messages(ds: datasets.Dataset, source: str, drop_invalid: bool) -> datasets.Dataset:
+def reversed_pair(messages: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    """The first exchange backwards: its response as the user turn, its instruction as the reply to learn."""
+    instruction, response = first_turn({"messages": messages}, where)
+    return [{"role": "user", "content": response}, {"role": "assistant", "content": instruction}]
+
+
+def with_system_prompt(messages: list[dict[str, str]], prompt: str) -> list[dict[str, str]]:
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']} {prompt}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
+
+
+def as_messages(
+    ds: datasets.Dataset,
+    source: str,
+    drop_invalid: bool,
+    reverse: bool = False,
+    system_prompt: str | None = None,
+) -> datasets.Dataset:
     """`messages` (and whether the row is valid) for every row, converted in Arrow batches by `datasets.map`:
-    ShareGPT `conversations`, instruction/response and the other layouts become chat messages, and a bad row
-    fails naming its source and index (or, with drop_invalid, is marked and dropped later)."""
+    ShareGPT `conversations`, instruction/response and the other layouts become chat messages (reversed, and with
+    the source's system prompt, when asked), and a bad row fails naming its source and index (or, with
+    drop_invalid, is marked and dropped later)."""
 
     def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = {"messages": [], "__valid__": []}
@@ -49,6 +68,10 @@ def as_messages(ds: datasets.Dataset, source: str, drop_invalid: bool) -> datase
             where = f"{source}: row {i}"
             try:
                 messages = to_messages(row, where)
+                if reverse:
+                    messages = reversed_pair(messages, where)
+                if system_prompt:
+                    messages = with_system_prompt(messages, system_prompt)
                 check_messages(messages, where)
             except ConfigError:
                 if not drop_invalid:
@@ -61,9 +84,13 @@ def as_messages(ds: datasets.Dataset, source: str, drop_invalid: bool) -> datase
     columns = [c for c in CONVERSATION_COLUMNS if c in ds.column_names]
     if not columns:  # no conversation anywhere: fail on the first row, which names what was expected
         to_messages(ds[0], f"{source}: row 0")
+    # One schema for every source, so a mixture concatenates whatever string types its files use
+    features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+                                  "__valid__": datasets.Value("bool")})  # fmt: skip
     return ds.select_columns(columns).map(
-        convert, batched=True, with_indices=True, remove_columns=columns, desc=f"messages of {source}"
-    )
+        convert, batched=True, with_indices=True, remove_columns=columns, features=features,
+        desc=f"messages of {source}",
+    )  # fmt: skip
 
 
 def load_conversations(script: ScriptArgs) -> datasets.Dataset:
@@ -71,9 +98,14 @@ def load_conversations(script: ScriptArgs) -> datasets.Dataset:
     Every row is validated: a bad one fails naming its source and index, or with `drop_invalid=true` is dropped
     and counted."""
     names = list(script.dataset_mixture) if script.dataset_mixture else [script.dataset]
+    unknown = sorted(set(script.system_prompts) - set(names))
+    if unknown:
+        raise ConfigError(f"system_prompts: {unknown} are not sources of this run; sources: {names}")
     converted = [
-        as_messages(open_dataset(name, script.dataset_split), name, script.drop_invalid) for name in names
-    ]
+        as_messages(open_dataset(name, script.dataset_split), name, script.drop_invalid, script.reverse_pairs,
+                    script.system_prompts.get(name))
+        for name in names
+    ]  # fmt: skip
     offsets = [0, *itertools.accumulate(len(ds) for ds in converted)]
     picked = mixture(script, [len(ds) for ds in converted])
     if script.max_samples is not None:
