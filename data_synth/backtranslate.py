@@ -75,6 +75,7 @@ class BacktranslateConfig:
         default_factory=dict
     )  # M0 trains on the seed alone (paper: 500 steps)
     curate: Step = field(default_factory=Step)  # data_synth.tag (taggers=[curation] is set here)
+    report: Step = field(default_factory=Step)  # data_synth.report: each iteration's data card and plots
     evaluate: Step = field(default_factory=Step)  # eval.pairwise
     seed_system_prompt: str = S_A
     augmented_system_prompt: str = S_W
@@ -102,54 +103,37 @@ def _stage(name: str, command: str, step: Step, overrides: dict[str, Any], group
                  accelerate_config=step.accelerate_config, gpus=step.gpus, nodes=step.nodes, group=group)  # fmt: skip
 
 
+def _adapter(step: Step) -> bool:
+    """Whether a training step trains an adapter (LoRA/QLoRA): its model is then served from the merged copy."""
+    return {**merge_recipe("sft", step.recipe, {}), **step.overrides}.get("peft", "lora") != "none"
+
+
 def trained(step: Step, name: str) -> str:
-    """Where stage `name`'s model is for inference: its merged copy when it trains an adapter."""
-    peft = {**merge_recipe("sft", step.recipe, {}), **step.overrides}.get("peft", "lora")
-    return f"{{{name}}}/merged" if peft != "none" else f"{{{name}}}"
-
-
-def _adapter(step: Step) -> dict[str, Any]:
-    peft = {**merge_recipe("sft", step.recipe, {}), **step.overrides}.get("peft", "lora")
-    return {"merge_lora": True} if peft != "none" else {}
+    """Where training stage `name`'s model is for inference."""
+    return f"{{{name}}}/merged" if _adapter(step) else f"{{{name}}}"
 
 
 def stages(cfg: BacktranslateConfig) -> list[Stage]:
     """The loop unrolled: every step a stage, iteration i's under stages/iter<i>/."""
     seed = cfg.seed_data or "{seed}"
+    merge = {"merge_lora": True} if _adapter(cfg.model) else {}
     out = [] if cfg.seed_data else [_stage("seed", cfg.seed.command, cfg.seed, {})]
     out += [
         _stage("corpus", "corpus", cfg.corpus, {}),
-        _stage(
-            "backward",
-            "sft",
-            cfg.backward,
-            {"dataset": seed, "reverse_pairs": True, **_adapter(cfg.backward)},
-        ),
-        _stage(
-            "augment",
-            "augment",
-            cfg.augment,
-            {"model": trained(cfg.backward, "backward"), "input": "{corpus}"},
-        ),
-        _stage(
-            "m0",
-            "sft",
-            cfg.model,
-            {"dataset": seed, **_adapter(cfg.model), **cfg.m0_overrides},
-            group="iter0",
-        ),
-    ]
+        _stage("backward", "sft", cfg.backward,
+               {"dataset": seed, "reverse_pairs": True, **({"merge_lora": True} if _adapter(cfg.backward) else {})}),
+        _stage("augment", "augment", cfg.augment, {"model": trained(cfg.backward, "backward"), "input": "{corpus}"}),
+        _stage("m0", "sft", cfg.model, {"dataset": seed, **merge, **cfg.m0_overrides}, group="iter0"),
+    ]  # fmt: skip
     for i in range(1, cfg.iterations + 1):
-        group, kept = f"iter{i}", f"{{select{i}}}"
+        group, kept, judge = f"iter{i}", f"{{select{i}}}", trained(cfg.model, f"m{i - 1}")
+        keep = [{"column": "curation_score", "op": ">=", "value": cfg.threshold}]
         out += [
-            _stage(f"curate{i}", "tag", cfg.curate,
-                   {"input": "{augment}", "taggers": ["curation"], "judge.model": trained(cfg.model, f"m{i - 1}")}, group),
-            Stage(name=f"select{i}", command="select", group=group, overrides={
-                "input": f"{{curate{i}}}", "filters": [{"column": "curation_score", "op": ">=", "value": cfg.threshold}]}),
-            _stage(f"m{i}", "sft", cfg.model, {
-                "dataset_mixture": {seed: 1.0, kept: 1.0},
-                "system_prompts": {seed: cfg.seed_system_prompt, kept: cfg.augmented_system_prompt},
-                **_adapter(cfg.model)}, group),
+            _stage(f"curate{i}", "tag", cfg.curate, {"input": "{augment}", "taggers": ["curation"], "judge.model": judge}, group),
+            _stage(f"report{i}", "report", cfg.report, {"input": f"{{curate{i}}}", "name": f"candidates scored by m{i - 1}"}, group),
+            Stage(name=f"select{i}", command="select", group=group, overrides={"input": f"{{curate{i}}}", "filters": keep}),
+            _stage(f"m{i}", "sft", cfg.model, {"dataset_mixture": {seed: 1.0, kept: 1.0}, **merge,
+                   "system_prompts": {seed: cfg.seed_system_prompt, kept: cfg.augmented_system_prompt}}, group),
         ]  # fmt: skip
     models = {f"m{i}": trained(cfg.model, f"m{i}") for i in range(cfg.iterations + 1)}
     prompts = {f"m{i}": cfg.inference_system_prompt for i in range(1, cfg.iterations + 1)}
@@ -217,7 +201,7 @@ def report(cfg: BacktranslateConfig, result: dict[str, Any]) -> str | None:
     for i in range(1, cfg.iterations + 1):
         tag = _manifest(dirs[f"curate{i}"])
         summary = curation_summary(dirs[f"curate{i}"], cfg.threshold)
-        summary.update(judge=f"m{i - 1}", protocol=tag.get("sources", {}).get("curation"), dir=str(dirs[f"curate{i}"].parent),
+        summary.update(judge=f"m{i - 1}", card=str(dirs[f"report{i}"] / "README.md"), protocol=tag.get("sources", {}).get("curation"), dir=str(dirs[f"curate{i}"].parent),
                        judge_calls=tag.get("judge_calls"), training_rows={"seed": seed_rows, "curated": summary["kept"]})  # fmt: skip
         data["iterations"].append(summary)
     board = dirs["evaluate"] / "leaderboard.md"
@@ -236,7 +220,7 @@ def report(cfg: BacktranslateConfig, result: dict[str, Any]) -> str | None:
              f"({aug.get('failed')} failed, {aug.get('truncated')} instructions cut at max_tokens).", "",
              "## Self-curation", "", markdown_table(rows, list(rows[0]))]  # fmt: skip
     for i, it in enumerate(data["iterations"], 1):
-        lines += [f"Iteration {i} scoring: {it['protocol']}.", ""]
+        lines += [f"Iteration {i} scoring: {it['protocol']}. Data card and plots: `{it['card']}`.", ""]
         for kind in ("kept", "rejected"):
             for ex in it[f"examples_{kind}"]:
                 lines += [f"- {kind}, score {ex['score']}: **{ex['instruction']}** -> {ex['passage']}"]

@@ -42,7 +42,7 @@ class ReportConfig:
 
 # What the card and plots read besides the conversation: small tag columns, read as columns (not rows)
 STAT_COLUMNS = ("task_category", "input_quality", "difficulty", "language", "instruct_reward", "reward_difference",
-                "min_neighbor_distance", "repeat_count", "generator")  # fmt: skip
+                "min_neighbor_distance", "repeat_count", "generator", "curation_score")  # fmt: skip
 
 
 def _frame(path: str) -> tuple[pd.DataFrame, Any]:
@@ -92,6 +92,12 @@ def plots(
         for ax, (column, order) in zip(axes[0], ordinal, strict=True):
             _bar(ax, Counter(df[column].dropna()), order, column.replace("_", " ").capitalize())
         images.append(_save(fig, out / "quality_difficulty.png"))
+    if "curation_score" in df:  # Humpback's self-curation scores, the failed ones counted apart
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        scores = df["curation_score"]
+        _bar(ax, Counter(str(int(v)) for v in scores.dropna()), ["1", "2", "3", "4", "5"],
+             f"Curation score ({scores.isna().sum()} unparseable)")  # fmt: skip
+        images.append(_save(fig, out / "curation_score.png"))
     rewards = [c for c in ("instruct_reward", "reward_difference") if c in df and df[c].notna().any()]
     if rewards:
         fig, axes = plt.subplots(1, len(rewards), figsize=(6 * len(rewards), 3.5), squeeze=False)
@@ -143,7 +149,7 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
               f"| user turns per conversation (mean) | {df['user_turns'].mean():.2f} |",
               f"| instruction length, characters (median) | {df['instruction_chars'].median():.0f} |",
               f"| response length, characters (median) | {df['response_chars'].median():.0f} |"]  # fmt: skip
-    for column in ("input_quality", "difficulty", "task_category", "language"):
+    for column in ("input_quality", "difficulty", "task_category", "language", "curation_score"):
         if column in df:
             top = Counter(df[column].dropna()).most_common(12)
             lines += ["", f"**{column}** ({df[column].isna().sum()} missing): "

@@ -288,7 +288,7 @@ Please first provide a brief reasoning you used to derive the rating score, and 
 {response}"""
 CURATION_SCORES = ("1", "2", "3", "4", "5")
 CURATION_PREFILL = "Score: "
-SCORE_LINE = re.compile(r"score\s*:\s*\**\s*(\d+)", re.IGNORECASE)
+SCORE_LINE = re.compile(r"score\s*:\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)  # "4.5" is read whole, and fails
 
 SAFETY_PROMPT = """Here is a conversation between a user and an AI assistant.
 

@@ -387,7 +387,13 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
                 print(f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
                       f"in {p['gpu_mem_gb']:g} GB)" + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else ""))  # fmt: skip
             seen.add(step["dir"])
-    print(f"{len(plan_cells)} cells, {len(seen)} distinct stages, ~{total:,.1f} GPU-hours of training")
+    counted = any(s["stage"].rows for _, steps in plan_cells for s in steps if s["command"] in TRAINING)
+    hours = (
+        f"~{total:,.1f} GPU-hours of training"
+        if counted
+        else "no GPU-hours estimate (no training stage sets `rows`)"
+    )
+    print(f"{len(plan_cells)} cells, {len(seen)} distinct stages, {hours}")
     return {"cells": len(plan_cells), "stages": len(seen), "gpu_hours": round(total, 1)}
 
 

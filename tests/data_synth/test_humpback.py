@@ -177,7 +177,7 @@ def test_backward_pairs_are_reversed_and_each_source_carries_its_system_prompt(t
 @pytest.mark.parametrize(
     ("reply", "score"),
     [("The answer is on topic and complete.\nScore: 4", 4), ("Score: 2\nOn reflection... Score: 5", 5),
-     ("**Score:** 3", 3), ("Score: 7", None), ("A fine answer, I would say four.", None), ("", None)],
+     ("**Score:** 3", 3), ("Score: 4.", 4), ("Score: 4.5", None), ("Score: 7", None), ("A fine answer, I would say four.", None), ("", None)],
 )  # fmt: skip
 def test_a_curation_score_is_the_last_score_line_and_never_a_guess(reply, score):
     parsed = tag.parse_curation(Completion(reply, 5, "stop"))
@@ -298,8 +298,8 @@ def test_augmentation_seeds_each_request_and_resumes_a_lost_chunk(embedded_path,
 def test_the_loop_unrolls_iterations_with_the_previous_model_curating():
     cfg = backtranslate.BacktranslateConfig(iterations=2, threshold=4, seed_data="seed.jsonl")
     stages = {s.name: s for s in backtranslate.stages(cfg)}
-    assert list(stages) == ["corpus", "backward", "augment", "m0", "curate1", "select1", "m1", "curate2", "select2",
-                            "m2", "evaluate"]  # fmt: skip
+    assert list(stages) == ["corpus", "backward", "augment", "m0", "curate1", "report1", "select1", "m1", "curate2",
+                            "report2", "select2", "m2", "evaluate"]  # fmt: skip
     assert stages["backward"].overrides["reverse_pairs"] is True
     assert stages["curate2"].overrides["judge.model"] == "{m1}/merged" and stages["curate2"].group == "iter2"
     assert stages["select1"].overrides["filters"] == [{"column": "curation_score", "op": ">=", "value": 4}]
@@ -360,3 +360,5 @@ def test_the_whole_loop_on_the_embedded_model_resumes_after_a_kill(tmp_path):
     assert sorted(trained["system_prompts"].values()) == sorted([S_A, S_W])
     assert (m2 / "merged" / "config.json").is_file()
     assert "Humpback 65B 83.71" in (tmp_path / "loop" / "report.md").read_text()
+    card = Path(report["iterations"][1]["card"])  # data_synth.report's card of the second curation
+    assert "**curation_score** (" in card.read_text() and (card.parent / "curation_score.png").is_file()
