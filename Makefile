@@ -62,7 +62,7 @@ demo-eval: setup
 demo-sweep: setup
 	$(PY) -m experiments.sweep recipe=demo_sweep
 
-# Humpback (instruction backtranslation, self-curation, two iterations) on the embedded model (~12 min on CPU).
+# Humpback (instruction backtranslation, self-curation, two iterations) on the embedded model (~9 min on CPU).
 demo-humpback: setup
 	$(PY) -m data_synth.backtranslate recipe=humpback_demo
 

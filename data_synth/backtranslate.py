@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from core.config import cli, load_config, merge_recipe
+from core.config import cli, config_yaml, load_config, merge_recipe, resolved
 from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset
 from eval.scores import markdown_table
 from experiments.sweep import Slurm, Stage, SweepConfig, status
@@ -236,7 +236,10 @@ def report(cfg: BacktranslateConfig, result: dict[str, Any]) -> str | None:
 def run(cfg: BacktranslateConfig) -> dict[str, Any]:
     if cfg.seed_data is not None:
         open_dataset(cfg.seed_data)  # fail now, naming it, not inside the first training stage
-    result = run_sweep(sweep_config(cfg))
+    sweep = sweep_config(cfg)
+    if not cfg.dry_run:  # what this loop was asked to run, beside its report (the stages keep their own)
+        atomic_write_text(Path(sweep.output_dir) / "config.yaml", config_yaml(resolved(cfg)))
+    result = run_sweep(sweep)
     if not cfg.dry_run:
         text = report(cfg, result)
         if text:

@@ -348,6 +348,7 @@ def test_the_whole_loop_on_the_embedded_model_resumes_after_a_kill(tmp_path):
     )
     # the rows the killed run had scored are not asked again
     assert json.loads((curate1 / "manifest.json").read_text())["judge_calls"]["calls"] < 6
+    assert "threshold: 1" in (tmp_path / "loop" / "config.yaml").read_text()
     report = json.loads((tmp_path / "loop" / "report.json").read_text())
     assert report["augment"]["passages"] == 6 and report["augment"]["rows"] + report["augment"]["failed"] == 6
     for it in report["iterations"]:  # every candidate has a real score or is counted unparseable
