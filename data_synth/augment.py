@@ -73,10 +73,10 @@ def generate_chunk(
         pending = [i for i in pending if not done[i].text.strip()]
         if not pending:
             break
-    rows, failures = [], []
+    rows, failures, failed = [], [], set(pending)
     for i, text in enumerate(texts):
         c = done[i]
-        if i in pending:
+        if i in failed:
             failures.append(
                 {"passage_index": first + i, "reason": "empty instruction", "finish_reason": c.finish_reason}
             )
