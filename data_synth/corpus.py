@@ -153,29 +153,15 @@ def fingerprint(text: str) -> bytes:
     return hashlib.sha1(" ".join(text.lower().split()).encode()).digest()
 
 
-def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
-    """(doc_id, text) of every document of the source, streamed."""
-    if cfg.source == EMBEDDED:
-        from pydoc_data.topics import topics
+def _text_files(files: list[Path]) -> Iterator[tuple[str, str]]:
+    for f in files:
+        try:
+            yield f.name, f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{f}: not UTF-8 text (byte {e.start})") from None
 
-        yield from sorted(topics.items())
-        return
-    path = Path(cfg.source)
-    if path.is_dir() and sorted(path.glob("*.txt")):
-        for f in sorted(path.glob("*.txt")):
-            try:
-                yield f.name, f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{f}: not UTF-8 text (byte {e.start})") from None
-        return
-    if path.is_file() and path.suffix == ".txt":
-        yield path.name, path.read_text(encoding="utf-8")
-        return
-    ds = open_dataset(cfg.source, cfg.split)
-    for column in (cfg.text_column, cfg.title_column):
-        if column and column not in ds.column_names:
-            raise ConfigError(f"{cfg.source}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
-                              "set text_column= (and title_column=)")  # fmt: skip
+
+def _rows(ds: Any, cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
     n = 0
     for batch in iter_rows(ds.select_columns([c for c in (cfg.text_column, cfg.title_column) if c])):
         for row in batch:
@@ -186,6 +172,25 @@ def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
                 )
             yield str(row[cfg.title_column]) if cfg.title_column else str(n), text
             n += 1
+
+
+def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) of every document of the source, streamed; a missing source or column fails here, at once."""
+    if cfg.source == EMBEDDED:
+        from pydoc_data.topics import topics
+
+        return iter(sorted(topics.items()))
+    path = Path(cfg.source)
+    if path.is_dir() and sorted(path.glob("*.txt")):
+        return _text_files(sorted(path.glob("*.txt")))
+    if path.is_file() and path.suffix == ".txt":
+        return _text_files([path])
+    ds = open_dataset(cfg.source, cfg.split)
+    for column in (cfg.text_column, cfg.title_column):
+        if column and column not in ds.column_names:
+            raise ConfigError(f"{cfg.source}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                              "set text_column= (and title_column=)")  # fmt: skip
+    return _rows(ds, cfg)
 
 
 def segment(
@@ -226,6 +231,7 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
             )
         start_chunk += 1
     chunk: list[tuple[int, str, str]] = []
+    docs = documents(cfg)
     bar = tqdm(desc="segment", unit="doc")
 
     def flush(k: int) -> None:
@@ -240,7 +246,7 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
         chunk.clear()
 
     k = 0
-    for doc_index, (doc_id, text) in enumerate(documents(cfg)):
+    for doc_index, (doc_id, text) in enumerate(docs):
         if k < start_chunk:  # a finished chunk: skip its documents
             if (doc_index + 1) % cfg.docs_per_shard == 0:
                 k += 1
