@@ -80,6 +80,16 @@ def chunk_meta(out_dir: str | Path, k: int) -> dict[str, Any] | None:
     return json.loads(empty.read_text()) if empty.is_file() else None
 
 
+def finished_chunks(out_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """Every chunk `write_chunk` finished in `out_dir`: chunk number -> its metadata."""
+    out_dir = Path(out_dir)
+    numbers = {
+        int(f.stem.rsplit("-", 1)[1])
+        for f in [*out_dir.glob("train-*.parquet"), *out_dir.glob("_empty-*.json")]
+    }
+    return {k: chunk_meta(out_dir, k) for k in sorted(numbers)}
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import atomic_write_json, chunk_meta, open_dataset, table_block, write_chunk
+from core.io import atomic_write_json, finished_chunks, open_dataset, table_block, write_chunk
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema([("messages", pa.list_(MESSAGE)), ("passage_index", pa.int64()), ("title", pa.string()),
@@ -49,6 +50,10 @@ class AugmentConfig:
     chunk_size: int = 256  # passages per shard: the resumable unit (the engine batches itself)
     output_dir: str = "runs/humpback/augment"
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size: at least 1, got {self.chunk_size}")
 
 
 def generate_chunk(
@@ -87,6 +92,15 @@ def generate_chunk(
     return rows, failures
 
 
+def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """(first, count) spans of at most `size` passages over the runs of passages not yet covered."""
+    spans = []
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], covered.astype(np.int8), [1]])))
+    for start, stop in zip(edges[::2], edges[1::2], strict=True):  # each run of uncovered passages
+        spans += [(int(i), int(min(size, stop - i))) for i in range(start, stop, size)]
+    return spans
+
+
 def run(cfg: AugmentConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
@@ -96,32 +110,33 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
             f"{cfg.input}: no column '{cfg.text_column}' (columns: {', '.join(ds.column_names)})"
         )
     n = len(ds) if cfg.max_passages is None else min(len(ds), cfg.max_passages)
-    chunks = range(0, n, max(1, cfg.chunk_size))
-    todo = [k for k, _ in enumerate(chunks) if chunk_meta(out, k) is None]
-    engine = make_engine(cfg.model, cfg.engine) if todo else None
-    bar = tqdm(
-        total=n,
-        initial=n - sum(min(cfg.chunk_size, n - chunks[k]) for k in todo),
-        desc="augment",
-        unit="passage",
-    )
-    for k in todo:
-        first = chunks[k]
-        block = table_block(ds, first, min(cfg.chunk_size, n - first))
-        rows, failures = generate_chunk(engine, cfg, block, first)
+    # Resume: each finished chunk records the passages it covered, so a changed chunk_size neither repeats nor skips any
+    covered = np.zeros(n, dtype=bool)
+    for meta in finished_chunks(out).values():
+        covered[meta["first"] : meta["first"] + meta["count"]] = True
+    spans = uncovered(covered, cfg.chunk_size)
+    engine = make_engine(cfg.model, cfg.engine) if spans else None
+    bar = tqdm(total=n, initial=int(covered.sum()), desc="augment", unit="passage")
+    k = max(finished_chunks(out), default=-1) + 1
+    for first, count in spans:
+        rows, failures = generate_chunk(engine, cfg, table_block(ds, first, count), first)
         # The chunk's failures travel with its rows: one atomic file holds the whole chunk's outcome.
-        truncated = sum(r["finish_reason"] == "length" for r in rows)
-        meta = {"rows": len(rows), "truncated": truncated, "failures": failures}
+        meta = {"first": first, "count": count, "rows": len(rows), "failures": failures,
+                "truncated": sum(r["finish_reason"] == "length" for r in rows)}  # fmt: skip
         write_chunk(out, k, pa.Table.from_pylist(rows, schema=SCHEMA), meta)
-        bar.update(block.num_rows)
+        k += 1
+        bar.update(count)
     bar.close()
-    metas = [chunk_meta(out, k) for k in range(len(chunks))]
+    metas = list(finished_chunks(out).values())
     failures = [f for m in metas for f in m["failures"]]
     summary = {"model": cfg.model, "passages": n, "rows": sum(m["rows"] for m in metas), "failed": len(failures),
                "truncated": sum(m["truncated"] for m in metas),
                "failures": failures[:1000], "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
                "max_tokens": cfg.max_tokens, "seed": "per request: (seed, passage index, attempt)"}}  # fmt: skip
     atomic_write_json(out / "manifest.json", summary)
+    if summary["rows"] == 0:
+        raise ConfigError(f"{cfg.model}: no instruction for any of {n} passages ({len(failures)} empty after "
+                          f"{cfg.retries} retries; see {out / 'manifest.json'})")  # fmt: skip
     return summary
 
 

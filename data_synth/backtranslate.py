@@ -103,30 +103,37 @@ def _stage(name: str, command: str, step: Step, overrides: dict[str, Any], group
                  accelerate_config=step.accelerate_config, gpus=step.gpus, nodes=step.nodes, group=group)  # fmt: skip
 
 
-def _adapter(step: Step) -> bool:
+def _adapter(step: Step, extra: dict[str, Any] | None = None) -> bool:
     """Whether a training step trains an adapter (LoRA/QLoRA): its model is then served from the merged copy."""
-    return {**merge_recipe("sft", step.recipe, {}), **step.overrides}.get("peft", "lora") != "none"
+    return {**merge_recipe("sft", step.recipe, {}), **step.overrides, **(extra or {})}.get(
+        "peft", "lora"
+    ) != "none"
 
 
-def trained(step: Step, name: str) -> str:
+def trained(step: Step, name: str, extra: dict[str, Any] | None = None) -> str:
     """Where training stage `name`'s model is for inference."""
-    return f"{{{name}}}/merged" if _adapter(step) else f"{{{name}}}"
+    return f"{{{name}}}/merged" if _adapter(step, extra) else f"{{{name}}}"
 
 
 def stages(cfg: BacktranslateConfig) -> list[Stage]:
     """The loop unrolled: every step a stage, iteration i's under stages/iter<i>/."""
     seed = cfg.seed_data or "{seed}"
     merge = {"merge_lora": True} if _adapter(cfg.model) else {}
+
+    def model(i: int) -> str:  # where M_i is served from (M0 may train otherwise: m0_overrides)
+        return trained(cfg.model, f"m{i}", cfg.m0_overrides if i == 0 else None)
+
     out = [] if cfg.seed_data else [_stage("seed", cfg.seed.command, cfg.seed, {})]
     out += [
         _stage("corpus", "corpus", cfg.corpus, {}),
         _stage("backward", "sft", cfg.backward,
                {"dataset": seed, "reverse_pairs": True, **({"merge_lora": True} if _adapter(cfg.backward) else {})}),
         _stage("augment", "augment", cfg.augment, {"model": trained(cfg.backward, "backward"), "input": "{corpus}"}),
-        _stage("m0", "sft", cfg.model, {"dataset": seed, **merge, **cfg.m0_overrides}, group="iter0"),
+        _stage("m0", "sft", cfg.model, {"dataset": seed, **({"merge_lora": True} if _adapter(cfg.model, cfg.m0_overrides) else {}),
+                                        **cfg.m0_overrides}, group="iter0"),
     ]  # fmt: skip
     for i in range(1, cfg.iterations + 1):
-        group, kept, judge = f"iter{i}", f"{{select{i}}}", trained(cfg.model, f"m{i - 1}")
+        group, kept, judge = f"iter{i}", f"{{select{i}}}", model(i - 1)
         keep = [{"column": "curation_score", "op": ">=", "value": cfg.threshold}]
         out += [
             _stage(f"curate{i}", "tag", cfg.curate, {"input": "{augment}", "taggers": ["curation"], "judge.model": judge}, group),
@@ -135,7 +142,7 @@ def stages(cfg: BacktranslateConfig) -> list[Stage]:
             _stage(f"m{i}", "sft", cfg.model, {"dataset_mixture": {seed: 1.0, kept: 1.0}, **merge,
                    "system_prompts": {seed: cfg.seed_system_prompt, kept: cfg.augmented_system_prompt}}, group),
         ]  # fmt: skip
-    models = {f"m{i}": trained(cfg.model, f"m{i}") for i in range(cfg.iterations + 1)}
+    models = {f"m{i}": model(i) for i in range(cfg.iterations + 1)}
     prompts = {f"m{i}": cfg.inference_system_prompt for i in range(1, cfg.iterations + 1)}
     out.append(_stage("evaluate", "pairwise", cfg.evaluate,
                       {"models": models, "system_prompts": prompts if cfg.inference_system_prompt else {}}))  # fmt: skip

@@ -69,6 +69,8 @@ class CorpusConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        if self.docs_per_shard < 1:
+            raise ValueError(f"docs_per_shard: at least 1, got {self.docs_per_shard}")
         if not 0 < self.min_chars <= self.max_chars:
             raise ValueError(
                 f"min_chars/max_chars: need 0 < min_chars <= max_chars, got {self.min_chars}/{self.max_chars}"
@@ -181,6 +183,8 @@ def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
 
         return iter(sorted(topics.items()))
     path = Path(cfg.source)
+    if path.is_dir() and not any(path.glob(f"*.{x}") for x in ("txt", "parquet", "jsonl", "json")):
+        raise ConfigError(f"{path}: no .txt, .parquet, .jsonl or .json files in this directory")
     if path.is_dir() and sorted(path.glob("*.txt")):
         return _text_files(sorted(path.glob("*.txt")))
     if path.is_file() and path.suffix == ".txt":
@@ -230,6 +234,10 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
                 fingerprint(t) for t in pq.read_table(shard, columns=["text"]).column("text").to_pylist()
             )
         start_chunk += 1
+    for later in [*out.glob("train-*.parquet"), *out.glob("_empty-*.json")]:  # after a gap: redone, not kept
+        if int(later.stem.rsplit("-", 1)[1]) > start_chunk:
+            later.unlink()
+    done_documents = totals["documents"]  # what finished chunks read, whatever docs_per_shard was then
     chunk: list[tuple[int, str, str]] = []
     docs = documents(cfg)
     bar = tqdm(desc="segment", unit="doc")
@@ -245,11 +253,9 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
         bar.update(len(chunk))
         chunk.clear()
 
-    k = 0
+    k = start_chunk
     for doc_index, (doc_id, text) in enumerate(docs):
-        if k < start_chunk:  # a finished chunk: skip its documents
-            if (doc_index + 1) % cfg.docs_per_shard == 0:
-                k += 1
+        if doc_index < done_documents:
             continue
         if cfg.max_passages is not None and totals["passages"] >= cfg.max_passages:
             break

@@ -3,6 +3,7 @@ augmentation's seeds, and the whole loop on the embedded model with a kill in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -121,20 +122,25 @@ def test_corpus_cuts_at_headings_packs_paragraphs_and_counts_every_drop(tmp_path
     assert rows[2]["text"].startswith("x\n\nWhen the Sun")
 
 
-def test_corpus_of_pythons_own_docs_resumes_after_a_lost_chunk_without_repeating_a_passage(tmp_path):
+def test_corpus_of_pythons_own_docs_resumes_after_a_lost_chunk_without_losing_or_repeating_a_passage(
+    tmp_path,
+):
+    """A chunk lost to a kill is redone; so are the chunks after it, even when the resumed run cuts its chunks
+    differently (docs_per_shard may change on resume)."""
     cfg = corpus.CorpusConfig(
         source="pydoc", min_chars=200, max_chars=900, docs_per_shard=20, output_dir=str(tmp_path / "c")
     )
     first = corpus.run(cfg)
-    before = pq.read_table(sorted((tmp_path / "c").glob("train-*.parquet"))).to_pylist()
+    texts = [r["text"] for r in pq.read_table(sorted((tmp_path / "c").glob("train-*.parquet"))).to_pylist()]
     assert first["documents"] == 79 and first["passages"] > 300  # the 79 topics of pydoc_data
-    (tmp_path / "c" / "train-00003.parquet").unlink()  # a run killed before its last chunk
-    (tmp_path / "c" / "manifest.json").unlink()
-    again = corpus.run(cfg)
-    after = pq.read_table(sorted((tmp_path / "c").glob("train-*.parquet"))).to_pylist()
-    assert after == before and again == first
-    texts = [r["text"] for r in after]
     assert len(set(texts)) == len(texts)
+    for lost, per_shard in (("train-00001.parquet", 7), ("train-00003.parquet", 30)):
+        (tmp_path / "c" / lost).unlink()
+        again = corpus.run(dataclasses.replace(cfg, docs_per_shard=per_shard))
+        after = [
+            r["text"] for r in pq.read_table(sorted((tmp_path / "c").glob("train-*.parquet"))).to_pylist()
+        ]
+        assert after == texts and again == first
 
 
 def test_corpus_names_a_missing_text_column(tmp_path):
@@ -286,9 +292,10 @@ def test_augmentation_seeds_each_request_and_resumes_a_lost_chunk(embedded_path,
     instructions = [r["messages"][0]["content"] for r in rows]
     assert first["rows"] + first["failed"] == 4 and len(set(instructions)) == len(instructions) >= 3
     assert all(r["messages"][1]["content"] == passage for r in rows)
-    (tmp_path / "aug" / "train-00001.parquet").unlink()
-    again = augment.run(cfg)
-    assert pq.read_table(sorted((tmp_path / "aug").glob("train-*.parquet"))).to_pylist() == rows
+    (tmp_path / "aug" / "train-00000.parquet").unlink()  # a lost chunk, redone in chunks of another size
+    again = augment.run(dataclasses.replace(cfg, chunk_size=1))
+    redone = pq.read_table(sorted((tmp_path / "aug").glob("train-*.parquet"))).to_pylist()
+    assert sorted(redone, key=lambda r: r["passage_index"]) == rows
     assert again["rows"] == first["rows"]
 
 
@@ -305,6 +312,10 @@ def test_the_loop_unrolls_iterations_with_the_previous_model_curating():
     assert stages["select1"].overrides["filters"] == [{"column": "curation_score", "op": ">=", "value": 4}]
     assert stages["m2"].overrides["system_prompts"] == {"seed.jsonl": S_A, "{select2}": S_W}
     assert stages["evaluate"].overrides["system_prompts"] == {"m1": f"{S_A} {S_W}", "m2": f"{S_A} {S_W}"}
+    full_m0 = backtranslate.stages(dataclasses.replace(cfg, m0_overrides={"peft": "none"}))
+    assert (
+        next(s for s in full_m0 if s.name == "curate1").overrides["judge.model"] == "{m0}"
+    )  # no merged copy
     with pytest.raises(ValueError, match="threshold: a score of 1-5"):
         backtranslate.BacktranslateConfig(threshold=6)
 
@@ -356,9 +367,14 @@ def test_the_whole_loop_on_the_embedded_model_resumes_after_a_kill(tmp_path):
         assert it["kept"] == sum(it["scores"].values())  # threshold 1 keeps every scored pair
     assert [it["judge"] for it in report["iterations"]] == ["m0", "m1"]
     assert {"m0", "m1", "m2"} <= set(report["leaderboard"].split())
-    m2 = next(d for d in (tmp_path / "loop" / "stages" / "iter2").glob("m2-*") if d.suffix != ".sweep")
+    m2, select2 = (next(d for d in (tmp_path / "loop" / "stages" / "iter2").glob(f"{name}-*") if d.suffix != ".sweep")
+                   for name in ("m2", "select2"))  # fmt: skip
     trained = json.loads(json.dumps(__import__("yaml").safe_load((m2 / "config.yaml").read_text())))
-    assert sorted(trained["system_prompts"].values()) == sorted([S_A, S_W])
+    seed_tag, curated_tag = trained["system_prompts"][str(seed)], trained["system_prompts"][str(select2)]
+    assert (seed_tag, curated_tag) == (S_A, S_W) and set(trained["dataset_mixture"]) == {
+        str(seed),
+        str(select2),
+    }
     assert (m2 / "merged" / "config.json").is_file()
     assert "Humpback 65B 83.71" in (tmp_path / "loop" / "report.md").read_text()
     card = Path(report["iterations"][1]["card"])  # data_synth.report's card of the second curation

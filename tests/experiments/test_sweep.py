@@ -61,6 +61,22 @@ def test_stages_refer_to_earlier_outputs_and_identical_stages_are_shared(tmp_pat
         resolve(bad, {}, tmp_path)
 
 
+def test_an_edited_recipe_is_a_new_stage_groups_nest_and_mapping_keys_refer(tmp_path):
+    """A stage's directory hashes its recipe's content (an edited recipe is not skipped as finished), `group` puts it
+    in a subdirectory, and `{stage}` is resolved in a mapping's keys too (a mixture's sources)."""
+    recipe = tmp_path / "keep.yaml"
+    recipe.write_text("top_k: 3\n")
+    stages = [Stage(name="a", command="select", recipe=str(recipe), group="iter1"),
+              Stage(name="b", command="sft", overrides={"dataset_mixture": {"{a}": 1.0}})]  # fmt: skip
+    cfg = SweepConfig(name="t", stages=stages, output_dir=str(tmp_path / "sweep"))
+    a, b = resolve(cfg, {}, tmp_path / "sweep")
+    assert a["dir"].parent == tmp_path / "sweep" / "stages" / "iter1"
+    assert b["overrides"]["dataset_mixture"] == {str(a["dir"]): 1.0}
+    recipe.write_text("top_k: 4\n")
+    edited, _ = resolve(cfg, {}, tmp_path / "sweep")
+    assert edited["dir"] != a["dir"]
+
+
 def test_local_sweep_runs_resumes_isolates_a_failure_and_retries(tmp_path, capsys):
     # cells top_k=2 and top_k=3 succeed; the third sorts by a column that does not exist and fails
     cfg = selects(tmp_path, zip=[{"second.top_k": [2, 3, 4], "second.sort_by": ["score", "score", "nope"]}])
