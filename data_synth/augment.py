@@ -111,13 +111,14 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
         )
     n = len(ds) if cfg.max_passages is None else min(len(ds), cfg.max_passages)
     # Resume: each finished chunk records the passages it covered, so a changed chunk_size neither repeats nor skips any
+    done = finished_chunks(out)
     covered = np.zeros(n, dtype=bool)
-    for meta in finished_chunks(out).values():
+    for meta in done.values():
         covered[meta["first"] : meta["first"] + meta["count"]] = True
     spans = uncovered(covered, cfg.chunk_size)
     engine = make_engine(cfg.model, cfg.engine) if spans else None
     bar = tqdm(total=n, initial=int(covered.sum()), desc="augment", unit="passage")
-    k = max(finished_chunks(out), default=-1) + 1
+    k = max(done, default=-1) + 1
     for first, count in spans:
         rows, failures = generate_chunk(engine, cfg, table_block(ds, first, count), first)
         # The chunk's failures travel with its rows: one atomic file holds the whole chunk's outcome.

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 
 from core.config import cli, config_yaml, load_config, merge_recipe, resolved
-from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset
+from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset, take_rows
 from eval.scores import markdown_table
 from experiments.sweep import Slurm, Stage, SweepConfig, status
 from experiments.sweep import run as run_sweep
@@ -169,32 +169,33 @@ def _excerpt(text: str | None, n: int = 240) -> str:
 
 
 def curation_summary(curate_dir: Path, threshold: int, examples: int = 2) -> dict[str, Any]:
-    """Score distribution, unparseable rate, kept counts (A_k for every k) and examples, from one curate stage."""
-    files = data_files(curate_dir)
-    table = pq.read_table(files, columns=["messages", "curation_score", "curation_failed", "curation_reply"])
+    """Score distribution, unparseable rate, kept counts (A_k for every k) and examples, from one curate stage. Only
+    the score columns are read whole; the example rows are taken alone."""
+    table = pq.read_table(data_files(curate_dir), columns=["curation_score", "curation_failed"])
     scores = table.column("curation_score").to_pylist()
     failed = sum(bool(f) for f in table.column("curation_failed").to_pylist())
     counts = Counter(s for s in scores if s is not None)
-    rows = table.to_pylist()
+    kept = [i for i, s in enumerate(scores) if (s or 0) >= threshold][:examples]
+    rejected = sorted(
+        (i for i, s in enumerate(scores) if s is not None and s < threshold), key=lambda i: scores[i]
+    )
+    picked = take_rows(open_dataset(curate_dir), kept + rejected[:examples]).to_pylist()
 
     def example(r: dict[str, Any]) -> dict[str, Any]:
         return {"score": r["curation_score"], "instruction": _excerpt(r["messages"][0]["content"], 200),
                 "passage": _excerpt(r["messages"][1]["content"]), "judge_reply": _excerpt(r["curation_reply"], 200)}  # fmt: skip
 
-    kept = [example(r) for r in rows if (r["curation_score"] or 0) >= threshold][:examples]
-    rejected = [
-        example(r) for r in rows if r["curation_score"] is not None and r["curation_score"] < threshold
-    ]
-    rejected = sorted(rejected, key=lambda r: r["score"])[:examples]
     return {
         "candidates": len(scores), "scores": {str(k): counts.get(k, 0) for k in SCORES}, "unparseable": failed,
         "unparseable_rate": round(failed / max(1, len(scores)), 4),
         "kept_at": {f"A{k}": sum(v for s, v in counts.items() if s >= k) for k in (5, 4, 3)},
-        "kept": sum(v for s, v in counts.items() if s >= threshold), "examples_kept": kept, "examples_rejected": rejected,
+        "kept": sum(v for s, v in counts.items() if s >= threshold),
+        "examples_kept": [example(r) for r in picked[: len(kept)]],
+        "examples_rejected": [example(r) for r in picked[len(kept) :]],
     }  # fmt: skip
 
 
-def report(cfg: BacktranslateConfig, result: dict[str, Any]) -> str | None:
+def report(cfg: BacktranslateConfig) -> str | None:
     """report.md and report.json in the loop's directory, from the finished stages' own files."""
     sweep = sweep_config(cfg)
     out = Path(sweep.output_dir)
@@ -248,7 +249,7 @@ def run(cfg: BacktranslateConfig) -> dict[str, Any]:
         atomic_write_text(Path(sweep.output_dir) / "config.yaml", config_yaml(resolved(cfg)))
     result = run_sweep(sweep)
     if not cfg.dry_run:
-        text = report(cfg, result)
+        text = report(cfg)
         if text:
             print(text)
     return result

@@ -286,7 +286,7 @@ Please first provide a brief reasoning you used to derive the rating score, and 
 
 {instruction}
 {response}"""
-CURATION_SCORES = ("1", "2", "3", "4", "5")
+CURATION_SCORES = ("1", "2", "3", "4", "5")  # the only replies parse_curation accepts
 CURATION_PREFILL = "Score: "
 SCORE_LINE = re.compile(r"score\s*:\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)  # "4.5" is read whole, and fails
 
@@ -366,10 +366,9 @@ def read_curation_probabilities(c: Completion) -> dict | None:
     """Probability mode: after the prefilled "Score: ", the probability-weighted score over the digits 1-5 of the
     first token (`curation_expected`), and that rounded as the score (so A_k keeps expected >= k - 0.5). Not the
     most probable digit: a small judge puts "5" first for almost every pair. None when no digit 1-5 is among them."""
-    p = label_probabilities(c, CURATION_SCORES)
-    if p is None:
+    expected = expected_score(c, 1, 5)
+    if expected is None:
         return None
-    expected = sum(int(k) * v for k, v in p.items())
     return {"curation_score": int(expected + 0.5), "curation_expected": expected, "curation_reply": None}
 
 
@@ -495,10 +494,9 @@ def tag_curation(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) ->
         one_token = Sampling(temperature=0.0, max_tokens=1, logprobs=20)
         return ctx.ask(prompts, read_curation_probabilities, "curate (probability)", prefill=CURATION_PREFILL,
                        sampling=one_token, retries=0)  # fmt: skip
-    sampling = Sampling(
-        temperature=cfg.judge.temperature, top_p=cfg.judge.top_p, max_tokens=cfg.judge.max_tokens
-    )
-    return ctx.ask(prompts, parse_curation, "curate", sampling=sampling)
+    return ctx.ask(
+        prompts, parse_curation, "curate"
+    )  # the judge config's own sampling: the paper's is nucleus
 
 
 def _curation_source(cfg: TagConfig) -> str:
