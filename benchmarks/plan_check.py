@@ -27,10 +27,10 @@ import torch  # noqa: F401  (the libraries are part of the baseline)
 from trl import SFTConfig
 from core.config import build
 from train.sft import build_trainer
-from train.common import ScriptArgs
+from train.sft import SFTScriptArgs
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 peft, out, data = sys.argv[1], sys.argv[2], sys.argv[3]
-script = ScriptArgs(model_name_or_path="embedded", dataset=data, peft=peft, torch_dtype="float32")
+script = SFTScriptArgs(model_name_or_path="embedded", dataset=data, peft=peft, torch_dtype="float32")
 (args,) = build({"output_dir": out, "max_steps": 3, "per_device_train_batch_size": 4, "max_length": 256,
                  "learning_rate": 1e-4, "save_strategy": "no", "report_to": "none", "bf16": False,
                  "activation_checkpointing": False, "logging_steps": 1, "padding_free": False}, SFTConfig)

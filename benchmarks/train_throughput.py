@@ -24,8 +24,7 @@ from trl import SFTConfig
 
 from core.config import build
 from core.io import atomic_write_json
-from train.common import ScriptArgs
-from train.sft import build_trainer
+from train.sft import SFTScriptArgs, build_trainer
 
 
 def matmul_flops(n: int = 1024, repeats: int = 20) -> float:
@@ -54,7 +53,9 @@ class Timer(TrainerCallback):
 
 
 def run(data: Path, packing: bool, steps: int, out: Path) -> dict:
-    script = ScriptArgs(model_name_or_path="embedded", dataset=str(data), peft="none", torch_dtype="float32")
+    script = SFTScriptArgs(
+        model_name_or_path="embedded", dataset=str(data), peft="none", torch_dtype="float32"
+    )
     (args,) = build({"output_dir": str(out), "max_steps": steps + 1, "per_device_train_batch_size": 4, "max_length": 256,
                      "packing": packing, "learning_rate": 1e-5, "save_strategy": "no", "report_to": "none", "bf16": False,
                      "activation_checkpointing": False, "logging_steps": 1, "padding_free": False}, SFTConfig)  # fmt: skip

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 import sys
+import time
 import types
 import typing
 from pathlib import Path
@@ -325,8 +327,9 @@ def config_yaml(config: dict[str, Any]) -> str:
 
 # Settings that change how a run executes, not what it produces: they may change when a run resumes (a dead
 # server dropped from base_urls, a larger batch). Matched on the last part of a dotted key, in any group.
-EXECUTION_ONLY = {"batch_size", "concurrency", "timeout", "base_urls", "max_retries", "rows_per_shard", "chunk_size",
-                  "overwrite", "output_dir", "device", "reward_batch_size", "embed_batch_size"}  # fmt: skip
+EXECUTION_ONLY = {"batch_size", "concurrency", "timeout", "base_urls", "api_key_env", "max_retries", "rows_per_shard",
+                  "chunk_size", "overwrite", "output_dir", "device", "reward_batch_size", "embed_batch_size",
+                  "max_engine_errors"}  # fmt: skip
 
 _LOCKS: dict[str, int] = {}  # output directories this process holds: path -> open lock file descriptor
 
@@ -335,7 +338,6 @@ def lock_output_dir(out: Path) -> None:
     """Hold `out/.lock` (flock) for the rest of this process, so two runs never write one directory; a second
     run fails at once naming the holder's PID. The kernel drops the lock when the process ends, however it ends."""
     import fcntl
-    import os
 
     key = str(out.resolve())
     if key in _LOCKS:
@@ -357,8 +359,6 @@ def lock_output_dir(out: Path) -> None:
 
 def release_output_dir(out: str | Path) -> None:
     """Let go of a directory this process holds (tests and notebooks that run a stage, then another process)."""
-    import os
-
     fd = _LOCKS.pop(str(Path(out).resolve()), None)
     if fd is not None:
         os.close(fd)
@@ -373,59 +373,138 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# `may_differ=(ANY_KEY,)`: a command whose outputs are recomputed whole on every run (a leaderboard, a sweep's
+# table) may be re-run in its own directory with other settings.
+ANY_KEY = "*"
+HEADER = "# magpie-harness: written by {command}; re-run the same command here to resume it\n"
+
+
+def _writer(cfg_file: Path) -> str | None:
+    """The command named in a config.yaml's first line (`HEADER`), or None when another tool wrote the file."""
+    with open(cfg_file, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    prefix = HEADER.partition("{command}")[0]
+    return first[len(prefix) :].split(";")[0].strip() if first.startswith(prefix) else None
+
+
+def _check_not_inside(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
+    """An output directory never is, or holds, what its run reads: rewriting or moving it aside would take the
+    input with it."""
+    target = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():  # Hub ids, `embedded`, server model names
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(
+                f"output_dir {out} {'is' if source == target else 'holds'} this run's input {item}: "
+                "write the output to another directory"
+            )
+
+
+def _results(out: Path) -> list[Path]:
+    """What a run left in `out` besides its config and hidden files (the lock, temp files)."""
+    return [p for p in out.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
+
+
+def _check_ours(out: Path, command: str, overwrite: bool) -> None:
+    """Refuse a directory that holds another command's run, or files and no config.yaml of ours."""
+    if not out.is_dir():
+        return
+    cfg_file = out / "config.yaml"
+    writer = _writer(cfg_file) if cfg_file.is_file() else None
+    if cfg_file.is_file() and writer not in (None, command):
+        raise ConfigError(
+            f"output_dir {out} holds a run of {writer}, not of {command}: choose another output_dir"
+        )
+    if not _results(out):
+        return
+    if overwrite and writer != command:
+        raise ConfigError(
+            f"overwrite=true: output_dir {out} holds no config.yaml written by {command}, so it is not a previous "
+            "run of this command; nothing was moved. Choose another output_dir, or clear it yourself"
+        )
+    if not cfg_file.is_file():
+        raise ConfigError(
+            f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. "
+            "Choose a new output_dir."
+        )
+
+
+def _move_aside(out: Path, entries: list[Path]) -> Path:
+    """`overwrite=true`: the previous run's files go to a sibling `<dir>.old-<time>`, never deleted (the lock stays)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = out.with_name(f"{out.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = out.with_name(f"{out.name}.old-{stamp}-{n}"), n + 1
+    try:
+        aside.mkdir()
+        for entry in entries:
+            os.rename(entry, aside / entry.name)  # a rename: symlinks move as links, nothing is copied
+    except OSError as e:
+        raise ConfigError(
+            f"overwrite: could not move the previous run in {out} aside to {aside} ({e.strerror})"
+        ) from None
+    return aside
+
+
 def prepare_output_dir(
     output_dir: str | Path,
     config: dict[str, Any],
     *,
+    command: str,
+    inputs: tuple[str | Path | None, ...] = (),
     may_differ: tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> bool:
-    """Claim `output_dir` for a run (an exclusive lock) and write its `config.yaml`; return True when resuming.
+    """Claim `output_dir` for a run of `command` (an exclusive lock) and write its `config.yaml`; return True when
+    resuming.
 
-    A directory that holds another run's results (a different config, or files and no config) is an error,
-    never silently overwritten. Settings that only change execution (`EXECUTION_ONLY`) and keys in
-    `may_differ` (e.g. a larger `n_conversations`) may change on resume. A directory with a config but no
-    results yet (a run that failed before writing anything) takes the new config.
+    A directory that holds another run's results (a different config, another command's, or files and no config)
+    is an error, never silently overwritten. Settings that only change execution (`EXECUTION_ONLY`) and keys in
+    `may_differ` (e.g. a larger `n_conversations`) may change on resume. A directory with a config but no results
+    yet (a run that failed before writing anything) takes the new config. `overwrite=true` moves a previous run of
+    the same command aside (`<dir>.old-<time>`); it never deletes, and never touches another command's directory,
+    a directory without our config.yaml, or `inputs` (the run's input files and models: the output directory must
+    not be or hold one of them).
     """
     out = Path(output_dir)
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"output_dir {out} is a symlink to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a directory")
+    _check_not_inside(out, inputs)
+    _check_ours(out, command, overwrite)  # before the lock, so a refused directory gets no .lock file either
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out)
     except PermissionError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
+    _check_ours(out, command, overwrite)  # again under the lock
     cfg_file = out / "config.yaml"
-    results = [p for p in out.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
     resuming = False
-    if results and not overwrite:
-        if not cfg_file.is_file():
-            raise ConfigError(
-                f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. "
-                "Choose a new output_dir (or pass overwrite=true to replace it)."
-            )
+    if _results(out) and overwrite:
+        entries = [p for p in out.iterdir() if p.name != ".lock"]
+        print(f"overwrite: moved the previous run aside to {_move_aside(out, entries)}", file=sys.stderr)
+    elif _results(out):
         previous = _flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
         current = _flatten(to_plain(config))
         diff = sorted(
             k
             for k in set(previous) | set(current)
             if k.split(".")[-1] not in EXECUTION_ONLY and k.split(".")[0] not in may_differ
-            and previous.get(k) != current.get(k)
+            and ANY_KEY not in may_differ and previous.get(k) != current.get(k)
         )  # fmt: skip
         if diff:
             shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             raise ConfigError(
-                f"output_dir {out} holds a run with a different config ({shown}). "
-                "Use a new output_dir, re-run with the same settings to resume, or pass overwrite=true."
+                f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, "
+                "re-run with the same settings to resume, or pass overwrite=true to move that run aside."
             )
         resuming = True
-    elif results and overwrite:
-        import shutil
-
-        for p in results:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
     try:
-        atomic_write_text(cfg_file, config_yaml(to_plain(config)))
+        atomic_write_text(cfg_file, HEADER.format(command=command) + config_yaml(to_plain(config)))
     except PermissionError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
     return resuming

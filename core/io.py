@@ -19,11 +19,30 @@ import pyarrow.parquet as pq
 from core.errors import ConfigError
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (Linux exposes it in /proc; elsewhere set and restored)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temp file in `path`'s directory with the mode a plain `open()` would give (0644 under umask 022):
+    `mkstemp` makes it 0600, and the rename would carry that private mode onto shared cluster filesystems."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,8 +59,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """A temp path beside `path` to write to; on success it is fsynced and renamed over `path`, on failure removed.
     For writers that want a file name rather than bytes (Parquet, large files)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.io import umask
+
 EMBEDDED_MODEL_NAMES = ("embedded", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 EMBEDDED_EMBEDDER_NAMES = ("embedded-embedder", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,6 +65,7 @@ def embedded_model_path() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".SmolLM2-135M-Instruct."))
     try:
+        tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide the shared cache from other users
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # Loaded from GGUF the model still counts as quantized and refuses to save; the weights are

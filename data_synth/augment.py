@@ -103,7 +103,8 @@ def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
 
 def run(cfg: AugmentConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    prepare_output_dir(out, resolved(cfg), command="data_synth.augment", inputs=(cfg.input, cfg.model),
+                       overwrite=cfg.overwrite)  # fmt: skip
     ds = open_dataset(cfg.input)
     if cfg.text_column not in ds.column_names:
         raise ConfigError(

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from core.config import cli, config_yaml, load_config, merge_recipe, resolved
+from core.config import ANY_KEY, cli, load_config, merge_recipe, prepare_output_dir, resolved
 from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset, take_rows
 from eval.scores import markdown_table
 from experiments.sweep import Slurm, Stage, SweepConfig, status
@@ -246,8 +246,9 @@ def run(cfg: BacktranslateConfig) -> dict[str, Any]:
         open_dataset(cfg.seed_data)  # fail now, naming it, not inside the first training stage
     sweep = sweep_config(cfg)
     if not cfg.dry_run:  # what this loop was asked to run, beside its report (the stages keep their own)
-        atomic_write_text(Path(sweep.output_dir) / "config.yaml", config_yaml(resolved(cfg)))
-    result = run_sweep(sweep)
+        prepare_output_dir(sweep.output_dir, resolved(cfg), command="data_synth.backtranslate",
+                           inputs=(cfg.seed_data,), may_differ=(ANY_KEY,))  # fmt: skip
+    result = run_sweep(sweep, claimed=True)
     if not cfg.dry_run:
         text = report(cfg)
         if text:

@@ -113,9 +113,11 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
     import pyarrow as pa
 
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
     hub_id, default_split, _ = SOURCES[cfg.name]
     source = cfg.source or hub_id
+    prepare_output_dir(
+        out, resolved(cfg), command="data_synth.baselines", inputs=(source,), overwrite=cfg.overwrite
+    )
     split = cfg.split or default_split
     rows = oasst_first_turns(source, split) if cfg.name == "oasst1" else load_rows(source, split)
     kept, dropped, seen, duplicates = [], {}, set(), 0

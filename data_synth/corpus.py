@@ -222,7 +222,8 @@ def segment(
 
 def run(cfg: CorpusConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("docs_per_shard",), overwrite=cfg.overwrite)
+    prepare_output_dir(out, resolved(cfg), command="data_synth.corpus", inputs=(cfg.source,),
+                       may_differ=("docs_per_shard",), overwrite=cfg.overwrite)  # fmt: skip
     seen: set[bytes] = set()
     totals: Counter = Counter()
     start_chunk = 0  # resume: finished chunks (a prefix, written in order) keep their counts and passages

@@ -200,12 +200,8 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
             f"{cfg.n_conversations}; pass n_conversations={on_disk} or more to extend it, or read the first "
             f"{cfg.n_conversations} rows of it"
         )
-    prepare_output_dir(
-        out,
-        resolved(cfg),
-        may_differ=("n_conversations", "chunk_size", "output_dir"),
-        overwrite=cfg.overwrite,
-    )
+    prepare_output_dir(out, resolved(cfg), command="data_synth.magpie", inputs=(cfg.model,),
+                       may_differ=("n_conversations",), overwrite=cfg.overwrite)  # fmt: skip
     tokenizer = load_tokenizer(cfg.model, cfg.engine)
     choices = cfg.steering()
     # Every template is built before any model loads: a model without a usable chat template fails here.

@@ -101,7 +101,8 @@ def pair_row(
 
 def run(cfg: PairsConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("chunk_size",), overwrite=cfg.overwrite)
+    prepare_output_dir(out, resolved(cfg), command="data_synth.pairs", overwrite=cfg.overwrite,
+                       inputs=(cfg.input, cfg.model, cfg.reward_model, cfg.judge.model))  # fmt: skip
     rows = load_rows(cfg.input)
     if "responses" in rows[0]:  # responses already sampled and scored: pick the pairs, as the authors did
         results = [pair_row(i, *prescored(r, f"{cfg.input}: row {i}")) for i, r in enumerate(rows)]

@@ -173,7 +173,8 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    prepare_output_dir(out, resolved(cfg), command="data_synth.report", inputs=(cfg.input, *cfg.compare, cfg.embedder),
+                       overwrite=cfg.overwrite)  # fmt: skip
     name = cfg.name or Path(cfg.input).name
     cfg.name = name
     df, ds = _frame(cfg.input)

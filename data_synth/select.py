@@ -190,7 +190,9 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
 
 def run(cfg: SelectConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    prepare_output_dir(
+        out, resolved(cfg), command="data_synth.select", inputs=(cfg.input,), overwrite=cfg.overwrite
+    )
     ds = open_dataset(cfg.input)  # Arrow, memory-mapped
     # Only the columns the rules read become a frame; derived ones are computed batch by batch.
     present = [c for c in needed_columns(cfg) if c in ds.column_names]

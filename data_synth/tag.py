@@ -823,7 +823,16 @@ def instructions(ds: Any, where: str) -> list[tuple[str, str]]:
 
 def run(cfg: TagConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("taggers", "chunk_size"), overwrite=cfg.overwrite)
+    models = (
+        cfg.judge.model,
+        cfg.reward_model,
+        cfg.base_model,
+        cfg.safety_model,
+        cfg.embedder,
+        cfg.tokenizer,
+    )
+    prepare_output_dir(out, resolved(cfg), command="data_synth.tag", inputs=(cfg.input, *models),
+                       may_differ=("taggers",), overwrite=cfg.overwrite)  # fmt: skip
     ds = open_dataset(cfg.input)  # Arrow, memory-mapped: never the whole set as Python objects
     start = time.time()
     ctx = Context(cfg, out, row_keys(ds, cfg.input))

@@ -250,7 +250,8 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
             "give model_outputs=PATH to judge, or annotations=PATH to score existing annotations"
         )
     out = Path(cfg.output_dir or Path(cfg.model_outputs).parent / ANNOTATOR)
-    prepare_output_dir(out, resolved(cfg))
+    prepare_output_dir(out, resolved(cfg), command="eval.alpaca_eval",
+                       inputs=(cfg.model_outputs, cfg.reference_outputs, cfg.df_gamed, cfg.judge.model))  # fmt: skip
     model = load_outputs(cfg.model_outputs)
     reference = load_outputs(reference_path(cfg))
     if cfg.max_instances is not None:

@@ -293,6 +293,10 @@ class ArenaHardConfig:
     )
 
 
+# Keys that only change how judgments are scored (or which of them): a re-run in the same directory may change them
+RESCORING = ("n_bootstrap", "style_control", "models", "layout")
+
+
 def baseline_of(cfg: ArenaHardConfig, category: str | None) -> str:
     return cfg.category_baselines.get(category or "", cfg.baseline)
 
@@ -389,9 +393,8 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
         raise ConfigError("output_dir is required when answers lists several directories")
     files = answer_files(cfg.answers)  # before anything is written: a wrong path leaves no trace
     out = Path(cfg.output_dir or Path(cfg.answers[0]).parent)
-    prepare_output_dir(
-        out / "arena_hard", resolved(cfg), may_differ=("n_bootstrap", "style_control", "models", "layout")
-    )
+    prepare_output_dir(out / "arena_hard", resolved(cfg), command="eval.arena_hard",
+                       inputs=(*cfg.answers, cfg.questions, cfg.judge.model), may_differ=RESCORING)  # fmt: skip
     all_questions = load_questions(cfg.bench, cfg.questions)
     questions = all_questions[: cfg.max_questions] if cfg.max_questions else all_questions
     baselines = sorted({baseline_of(cfg, q["category"]) for q in questions})
@@ -516,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             answers = {name: read_answers(p) for name, p in answer_files(cfg.answers).items()}
         result = score_judgments(rows, cfg, answers)
         if cfg.output_dir:
+            prepare_output_dir(cfg.output_dir, resolved(cfg), command="eval.arena_hard",
+                               inputs=(cfg.judgments, *cfg.answers), may_differ=RESCORING)  # fmt: skip
             write_outputs(result, Path(cfg.output_dir))
     elif cfg.answers:
         result = run(cfg)

@@ -265,9 +265,8 @@ def style_metadata(text: str, token_len: int) -> dict[str, Any]:
 
 def run(cfg: GenerateConfig) -> Path:
     out = Path(cfg.output_dir)
-    prepare_output_dir(
-        out, resolved(cfg), may_differ=("max_questions", "chunk_size"), overwrite=cfg.overwrite
-    )
+    prepare_output_dir(out, resolved(cfg), command="eval.generate", inputs=(cfg.questions, cfg.model),
+                       may_differ=("max_questions",), overwrite=cfg.overwrite)  # fmt: skip
     questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
     answered = generate(cfg, questions, out / "answers.jsonl")
     return export(cfg.bench, model_name(cfg), answered, out, cfg.layout)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import ConfigError, cli, load_config
+from core.config import ANY_KEY, ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_bytes
 from eval.scores import SCORES_FILE, read_scores, write_table
 
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = load_config("leaderboard", argv, LeaderboardConfig)
     if not cfg.runs:
         raise ConfigError("runs is empty: give runs=DIR[,DIR...] (directories holding scores.jsonl files)")
+    # Its own directory, locked; a re-run with other runs= replaces its own tables, never another command's files.
+    prepare_output_dir(cfg.output_dir, resolved(cfg), command="eval.leaderboard", inputs=tuple(cfg.runs),
+                       may_differ=(ANY_KEY,))  # fmt: skip
     print(build(cfg.runs, cfg.output_dir))
     print(f"-> {cfg.output_dir}/leaderboard.md, leaderboard.csv, leaderboard.png")
 

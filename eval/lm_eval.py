@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     check_tasks(cfg.tasks, task_manager.all_tasks)
 
     out = Path(cfg.output_dir)
-    resuming = prepare_output_dir(out, resolved(cfg), overwrite=cfg.overwrite)
+    resuming = prepare_output_dir(out, resolved(cfg), command="eval.lm_eval", inputs=(cfg.model, cfg.include_path),
+                                  overwrite=cfg.overwrite)  # fmt: skip
     previous = results_files(out)
     if resuming and previous:
         results = json.loads(previous[-1].read_text())

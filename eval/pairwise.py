@@ -182,7 +182,8 @@ def leaderboard(
 
 def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), may_differ=("models", "n_bootstrap"), overwrite=cfg.overwrite)
+    prepare_output_dir(out, resolved(cfg), command="eval.pairwise", may_differ=("models", "n_bootstrap"),
+                       inputs=(cfg.instructions, *cfg.models.values(), cfg.judge.model), overwrite=cfg.overwrite)  # fmt: skip
     questions = load_instructions(cfg.instructions, cfg.max_instructions)
     answers = {name: generate_answers(name, model, questions, cfg, out) for name, model in cfg.models.items()}
     judgments = judge_pairs(answers, cfg, out)

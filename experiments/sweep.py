@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config import ConfigError, cli, load_config, merge_recipe
+from core.config import ANY_KEY, ConfigError, cli, load_config, merge_recipe, prepare_output_dir, resolved
 from core.io import atomic_write_bytes, atomic_write_json
 from eval.scores import SCORES_FILE, read_scores, write_table
 
@@ -170,7 +170,7 @@ def _refer(value: Any, dirs: dict[str, str]) -> Any:
 def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """The cell's stages with their overrides, recipe and output directory (named by a hash of what runs)."""
     dirs: dict[str, str] = {}
-    resolved = []
+    steps = []
     off: set[str] = set()
     for stage in cfg.stages:
         overrides = dict(stage.overrides)
@@ -204,8 +204,8 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
         ]
         directory = out / "stages" / (stage.group or "") / f"{stage.name}-{digest}"
         dirs[stage.name] = str(directory)
-        resolved.append({"stage": stage, "name": stage.name, "dir": directory, **what})
-    return resolved
+        steps.append({"stage": stage, "name": stage.name, "dir": directory, **what})
+    return steps
 
 
 def _arg(key: str, value: Any) -> str:
@@ -454,7 +454,9 @@ def cell_state(dirs: list[Path]) -> str:
 # ------------------------------------------------------------------------------------------------- run
 
 
-def run(cfg: SweepConfig) -> dict[str, Any]:
+def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
+    """Run (or plan, with dry_run) every cell; `claimed`: the caller (data_synth.backtranslate) already holds the
+    output directory as its own."""
     out = Path(cfg.output_dir or f"runs/sweeps/{cfg.name}")
     assignments = {cell_name(a): a for a in cells(cfg)}
     picked = {
@@ -469,6 +471,8 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     plan_cells = [(n, resolve(cfg, a, out)) for n, a in picked.items()]
     if cfg.dry_run:
         return dry_run(cfg, plan_cells)
+    if not claimed:  # stages are keyed by hashes, so another grid or cell list may run in the same directory
+        prepare_output_dir(out, resolved(cfg), command="experiments.sweep", may_differ=(ANY_KEY,))
     commit = git_commit()
     jobs: dict[Path, str] = {}
     for name, steps in plan_cells:

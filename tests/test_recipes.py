@@ -18,7 +18,7 @@ COMMANDS = {
     "select": ("data_synth.select", ["SelectConfig"]),
     "pairs": ("data_synth.pairs", ["PairsConfig"]),
     "report": ("data_synth.report", ["ReportConfig"]),
-    "sft": ("train.sft", ["ScriptArgs", "SFTConfig"]),
+    "sft": ("train.sft", ["SFTScriptArgs", "SFTConfig"]),
     "dpo": ("train.dpo", ["ScriptArgs", "DPOConfig"]),
     "generate": ("eval.generate", ["GenerateConfig"]),
     "alpaca_eval": ("eval.alpaca_eval", ["AlpacaEvalConfig"]),

@@ -22,19 +22,12 @@ from core.models import resolve_model
 
 @dataclass
 class ScriptArgs:
+    """The keys sft.py and dpo.py share (sft.py adds its data options in `SFTScriptArgs`)."""
+
     model_name_or_path: str = "embedded"
     dataset: str = "runs/demo/magpie"  # a local Parquet/JSONL file or directory, or a Hub dataset id
     dataset_split: str = "train"
-    dataset_mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; replaces `dataset`
-    mixture_seed: int = 42
-    # source (`dataset`, or a key of `dataset_mixture`) -> a system prompt added to each of its rows (appended to
-    # one the row has): Humpback tags seed and augmented data apart this way
-    system_prompts: dict[str, str] = field(default_factory=dict)
-    # train on (response -> instruction): each row's first exchange with its roles swapped, as Humpback's
-    # backward model M_yx learns to predict the instruction a text answers
-    reverse_pairs: bool = False
     max_samples: int | None = None
-    drop_invalid: bool = False  # drop (and count) rows that are not valid conversations instead of failing
     peft: Literal["none", "lora", "qlora"] = "lora"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -50,8 +43,14 @@ class ScriptArgs:
     init_untrained_template_tokens: bool = True
     overwrite: bool = False
 
+    def inputs(self) -> tuple[str, ...]:
+        """What the run reads (its output directory must not be or hold any of them)."""
+        return (self.model_name_or_path, self.dataset)
 
-def start(stage: str, argv: list[str] | None, config_class: type) -> tuple[ScriptArgs, Any, PartialState]:
+
+def start(
+    stage: str, argv: list[str] | None, script_class: type[ScriptArgs], config_class: type
+) -> tuple[Any, Any, PartialState]:
     """Parse `recipe=NAME key=value ...`, claim the output directory (main process only), seed."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available():
@@ -63,12 +62,11 @@ def start(stage: str, argv: list[str] | None, config_class: type) -> tuple[Scrip
         deepspeed.init_distributed(dist_backend="gloo")
         if not any(a.startswith("ddp_backend=") for a in argv):
             argv.append("ddp_backend=gloo")
-    script, args = load_config(stage, argv, ScriptArgs, config_class)
+    script, args = load_config(stage, argv, script_class, config_class)
     state = PartialState()
     if state.is_main_process:
-        prepare_output_dir(
-            args.output_dir, resolved(script, args), may_differ=("overwrite",), overwrite=script.overwrite
-        )
+        prepare_output_dir(args.output_dir, resolved(script, args), command=f"train/{stage}.py",
+                           inputs=script.inputs(), overwrite=script.overwrite)  # fmt: skip
     state.wait_for_everyone()
     set_seed(args.seed)
     return script, args, state

@@ -71,7 +71,7 @@ def build_trainer(script: ScriptArgs, args: DPOConfig) -> DPOTrainer:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    script, args, state = start("dpo", argv, DPOConfig)
+    script, args, state = start("dpo", argv, ScriptArgs, DPOConfig)
     trainer = build_trainer(script, args)
     train_and_save(trainer, script, args, state, "DPO")
 

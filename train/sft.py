@@ -3,7 +3,8 @@
     accelerate launch [--config_file accelerate_configs/X.yaml] train/sft.py recipe=NAME [key=value ...]
     python train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft
 
-Keys are the shared `ScriptArgs` (train/common.py) plus every field of trl's `SFTConfig`.
+Keys are `SFTScriptArgs` (the shared `ScriptArgs` of train/common.py and SFT's data options) plus every field of
+trl's `SFTConfig`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 import sys
+from dataclasses import dataclass, field
 
 import datasets
 from trl import SFTConfig, SFTTrainer
@@ -21,7 +23,25 @@ from core.io import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 
-def mixture(script: ScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
+@dataclass
+class SFTScriptArgs(ScriptArgs):
+    """The shared keys plus SFT's own data options (dpo.py refuses these: it does not read them)."""
+
+    dataset_mixture: dict[str, float] = field(default_factory=dict)  # source -> weight; replaces `dataset`
+    mixture_seed: int = 42
+    # source (`dataset`, or a key of `dataset_mixture`) -> a system prompt added to each of its rows (appended to
+    # one the row has): Humpback tags seed and augmented data apart this way
+    system_prompts: dict[str, str] = field(default_factory=dict)
+    # train on (response -> instruction): each row's first exchange with its roles swapped, as Humpback's
+    # backward model M_yx learns to predict the instruction a text answers
+    reverse_pairs: bool = False
+    drop_invalid: bool = False  # drop (and count) rows that are not valid conversations instead of failing
+
+    def inputs(self) -> tuple[str, ...]:
+        return (*super().inputs(), *self.dataset_mixture)
+
+
+def mixture(script: SFTScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
     """(source number, row index) for `dataset`, or for every source of `dataset_mixture` (of `sizes` rows) at its
     weight: the share of its rows to take, sampled with the seed; a weight above 1 repeats the source."""
     if not script.dataset_mixture:
@@ -93,7 +113,7 @@ def as_messages(
     )  # fmt: skip
 
 
-def load_conversations(script: ScriptArgs) -> datasets.Dataset:
+def load_conversations(script: SFTScriptArgs) -> datasets.Dataset:
     """A `datasets.Dataset` with only the `messages` column, Arrow end to end (`load_dataset`, `map`, `select`).
     Every row is validated: a bad one fails naming its source and index, or with `drop_invalid=true` is dropped
     and counted."""
@@ -117,7 +137,7 @@ def load_conversations(script: ScriptArgs) -> datasets.Dataset:
     return valid
 
 
-def build_trainer(script: ScriptArgs, args: SFTConfig) -> SFTTrainer:
+def build_trainer(script: SFTScriptArgs, args: SFTConfig) -> SFTTrainer:
     """Data, tokenizer, model and trainer, in that order (alignment-handbook's shape)."""
     dataset = load_conversations(script)
     tokenizer = load_tokenizer(script, args, assistant_only_loss=args.assistant_only_loss)
@@ -129,7 +149,7 @@ def build_trainer(script: ScriptArgs, args: SFTConfig) -> SFTTrainer:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    script, args, state = start("sft", argv, SFTConfig)
+    script, args, state = start("sft", argv, SFTScriptArgs, SFTConfig)
     trainer = build_trainer(script, args)
     train_and_save(trainer, script, args, state, "SFT")
 

@@ -97,20 +97,20 @@ def test_trl_config_validates_keys_and_types():
 
 def test_output_dir_written_resumed_and_protected(tmp_path):
     out = tmp_path / "run"
-    assert prepare_output_dir(out, {"a": 1, "n": 5}) is False
+    assert prepare_output_dir(out, {"a": 1, "n": 5}, command="test") is False
     assert OmegaConf.load(out / "config.yaml") == {"a": 1, "n": 5}
     (out / "data.parquet").write_text("x")
-    assert prepare_output_dir(out, {"a": 1, "n": 5}) is True  # same config: resume
-    assert prepare_output_dir(out, {"a": 1, "n": 9}, may_differ=("n",)) is True
+    assert prepare_output_dir(out, {"a": 1, "n": 5}, command="test") is True  # same config: resume
+    assert prepare_output_dir(out, {"a": 1, "n": 9}, may_differ=("n",), command="test") is True
     with pytest.raises(ConfigError, match=r"different config \(a: 1 -> 2\)"):
-        prepare_output_dir(out, {"a": 2, "n": 9})
+        prepare_output_dir(out, {"a": 2, "n": 9}, command="test")
     assert (out / "data.parquet").read_text() == "x"  # nothing was touched
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "results.csv").write_text("precious")
     with pytest.raises(ConfigError, match="no config.yaml"):
-        prepare_output_dir(foreign, {"a": 1})
+        prepare_output_dir(foreign, {"a": 1}, command="test")
     assert (foreign / "results.csv").read_text() == "precious"
 
 

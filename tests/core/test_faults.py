@@ -50,7 +50,7 @@ def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_holder(tmp_path
     out = tmp_path / "m"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from core.config import prepare_output_dir; "
-         f"prepare_output_dir({str(out)!r}, {{'model': 'embedded'}}); print('held', flush=True); time.sleep(60)"],
+         f"prepare_output_dir({str(out)!r}, {{'model': 'embedded'}}, command='data_synth.magpie'); print('held', flush=True); time.sleep(60)"],
         env=ENV, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -63,7 +63,9 @@ def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_holder(tmp_path
     finally:
         holder.kill()
         holder.wait()
-    assert prepare_output_dir(out, {"model": "embedded"}) is False  # the holder's death frees it
+    assert (
+        prepare_output_dir(out, {"model": "embedded"}, command="data_synth.magpie") is False
+    )  # the holder's death frees it
     release_output_dir(out)
 
 
@@ -222,14 +224,14 @@ def test_a_conversation_without_a_user_turn_is_named_not_a_stop_iteration():
 def test_output_dir_that_is_a_file_or_read_only(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
-        prepare_output_dir(tmp_path / "f", {"a": 1})
+        prepare_output_dir(tmp_path / "f", {"a": 1}, command="test")
     if (
         os.geteuid() == 0
         and subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True).returncode == 0
     ):
         try:
             with pytest.raises(ConfigError, match="is not writable"):
-                prepare_output_dir(tmp_path / "new", {"a": 1})
+                prepare_output_dir(tmp_path / "new", {"a": 1}, command="test")
         finally:
             subprocess.run(["chattr", "-i", str(tmp_path)])
 
@@ -249,20 +251,26 @@ def test_engine_settings_fail_in_one_line_and_never_echo_a_key():
 
 
 def test_a_run_that_wrote_nothing_does_not_block_a_corrected_command(tmp_path):
-    assert prepare_output_dir(tmp_path / "r", {"input": "typo.jsonl"}) is False  # then it failed on the input
-    assert prepare_output_dir(tmp_path / "r", {"input": "right.jsonl"}) is False
+    assert (
+        prepare_output_dir(tmp_path / "r", {"input": "typo.jsonl"}, command="test") is False
+    )  # then it failed on the input
+    assert prepare_output_dir(tmp_path / "r", {"input": "right.jsonl"}, command="test") is False
     release_output_dir(tmp_path / "r")
 
 
 def test_execution_settings_may_change_on_resume_and_the_changed_key_is_named(tmp_path):
     out = tmp_path / "r"
     first = {"model": "m", "engine": {"batch_size": 16, "base_urls": ["a", "b"], "temperature": 1.0}}
-    prepare_output_dir(out, first)
+    prepare_output_dir(out, first, command="test")
     (out / "train-00000.parquet").write_bytes(b"finished work")
     changed = {"model": "m", "engine": {"batch_size": 64, "base_urls": ["b"], "temperature": 1.0}}
-    assert prepare_output_dir(out, changed) is True  # a dead server dropped, a larger batch: resumes
+    assert (
+        prepare_output_dir(out, changed, command="test") is True
+    )  # a dead server dropped, a larger batch: resumes
     with pytest.raises(ConfigError, match=r"engine\.temperature: 1\.0 -> 0\.7\)") as err:
-        prepare_output_dir(out, {**changed, "engine": {**changed["engine"], "temperature": 0.7}})
+        prepare_output_dir(
+            out, {**changed, "engine": {**changed["engine"], "temperature": 0.7}}, command="test"
+        )
     assert "batch_size" not in str(err.value)
     release_output_dir(out)
 
@@ -271,7 +279,7 @@ def test_a_smaller_n_conversations_than_on_disk_is_refused_and_the_config_stays_
     from data_synth.magpie import MagpieConfig, run
 
     out = tmp_path / "m"
-    prepare_output_dir(out, {"n_conversations": 8})
+    prepare_output_dir(out, {"n_conversations": 8}, command="data_synth.magpie")
     release_output_dir(out)
     write_parquet(out / "train-00000.parquet", [conversation(f"q{i}") for i in range(8)])
     before = (out / "config.yaml").read_text()

@@ -155,8 +155,7 @@ def test_corpus_names_a_missing_text_column(tmp_path):
 def test_backward_pairs_are_reversed_and_each_source_carries_its_system_prompt(tmp_path):
     import pyarrow as pa
 
-    from train.common import ScriptArgs
-    from train.sft import load_conversations
+    from train.sft import SFTScriptArgs, load_conversations
 
     seed, curated = tmp_path / "seed.jsonl", tmp_path / "curated.parquet"
     seed.write_text(json.dumps({"instruction": "Q1", "response": "A1"}) + "\n")
@@ -164,17 +163,17 @@ def test_backward_pairs_are_reversed_and_each_source_carries_its_system_prompt(t
     message = pa.struct([("role", pa.string()), ("content", pa.large_string())])
     turns = [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "passage 2"}]
     pq.write_table(pa.table({"messages": pa.array([turns], pa.list_(message))}), curated)
-    backward = load_conversations(ScriptArgs(dataset=str(seed), reverse_pairs=True))
+    backward = load_conversations(SFTScriptArgs(dataset=str(seed), reverse_pairs=True))
     assert backward["messages"] == [
         [{"role": "user", "content": "A1"}, {"role": "assistant", "content": "Q1"}]
     ]
-    mixed = load_conversations(ScriptArgs(dataset_mixture={str(seed): 1.0, str(curated): 1.0},
+    mixed = load_conversations(SFTScriptArgs(dataset_mixture={str(seed): 1.0, str(curated): 1.0},
                                           system_prompts={str(seed): S_A, str(curated): S_W}))  # fmt: skip
     by_user = {m[1]["content"]: m[0] for m in mixed["messages"]}
     assert by_user == {"Q1": {"role": "system", "content": "Answer in the style of an AI Assistant."},
                        "Q2": {"role": "system", "content": "Answer with knowledge from web search."}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"system_prompts: \['other'\] are not sources"):
-        load_conversations(ScriptArgs(dataset=str(seed), system_prompts={"other": S_A}))
+        load_conversations(SFTScriptArgs(dataset=str(seed), system_prompts={"other": S_A}))
 
 
 # --------------------------------------------------------------------------------------------- curation

@@ -10,7 +10,7 @@ from trl import SFTConfig
 
 from core.chat import ConversationError
 from core.config import build
-from train.sft import ScriptArgs, build_trainer, load_conversations
+from train.sft import SFTScriptArgs, build_trainer, load_conversations
 
 ROOT = Path(__file__).resolve().parents[2]
 CONVERSATIONS = [
@@ -58,7 +58,7 @@ def sft_args(out: Path, **overrides) -> SFTConfig:
 
 @pytest.mark.integration
 def test_lora_sft_on_the_embedded_model_changes_every_lora_parameter(tmp_path, data_file):
-    script = ScriptArgs(
+    script = SFTScriptArgs(
         model_name_or_path="embedded", dataset=str(data_file), peft="lora", lora_r=8, lora_alpha=16
     )
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
@@ -74,7 +74,7 @@ def test_lora_sft_on_the_embedded_model_changes_every_lora_parameter(tmp_path, d
 
 @pytest.mark.integration
 def test_assistant_only_loss_masks_everything_but_assistant_turns(tmp_path, data_file):
-    script = ScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="lora")
+    script = SFTScriptArgs(model_name_or_path="embedded", dataset=str(data_file), peft="lora")
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
     tok = trainer.processing_class
     row = trainer.train_dataset[2]  # system + two user/assistant rounds
@@ -92,10 +92,10 @@ def test_bad_rows_fail_naming_the_row(tmp_path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConversationError, match=r"bad.jsonl: row 1: roles out of order"):
-        load_conversations(ScriptArgs(dataset=str(path)))
+        load_conversations(SFTScriptArgs(dataset=str(path)))
     path.write_text(json.dumps({"text": "no messages"}) + "\n")
     with pytest.raises(ValueError, match=r"row 0: no conversation \(expected messages"):
-        load_conversations(ScriptArgs(dataset=str(path)))
+        load_conversations(SFTScriptArgs(dataset=str(path)))
 
 
 @pytest.mark.integration
@@ -129,7 +129,7 @@ def test_weighted_mixture_oversamples_and_converts_sharegpt(tmp_path, data_file)
         json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]})
         + "\n"
     )
-    script = ScriptArgs(dataset_mixture={str(data_file): 0.5, str(sharegpt): 3.0})
+    script = SFTScriptArgs(dataset_mixture={str(data_file): 0.5, str(sharegpt): 3.0})
     ds = load_conversations(script)
     texts = [r["messages"][-1]["content"] for r in ds]
     assert len(ds) == 2 + 3 and texts.count("Hello!") == 3  # half of 4 rows, and the one row three times
@@ -139,7 +139,7 @@ def test_invalid_rows_can_be_dropped_and_counted(tmp_path, capsys):
     path = tmp_path / "mixed.jsonl"
     rows = [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "no answer"}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert len(load_conversations(ScriptArgs(dataset=str(path), drop_invalid=True))) == 1
+    assert len(load_conversations(SFTScriptArgs(dataset=str(path), drop_invalid=True))) == 1
     assert "dropped 1 invalid rows of 2" in capsys.readouterr().out
 
 
@@ -180,7 +180,7 @@ def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embe
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         weights[name][tok_ids] = 0.0
     save_file(weights, model_path / "model.safetensors", metadata={"format": "pt"})
-    script = ScriptArgs(
+    script = SFTScriptArgs(
         model_name_or_path=str(model_path),
         dataset=str(data_file),
         peft=peft,
@@ -217,7 +217,7 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
     every adapter parameter changes."""
     import bitsandbytes as bnb
 
-    script = ScriptArgs(
+    script = SFTScriptArgs(
         model_name_or_path="embedded", dataset=str(data_file), peft="qlora", lora_r=8, lora_alpha=16
     )
     trainer = build_trainer(script, sft_args(tmp_path / "out"))
