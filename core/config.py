@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import sys
 import time
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +194,92 @@ def _unknown_key_message(key: str, prefix: str, schemas: tuple[type, ...]) -> st
     return f"unknown key '{full}' (not a field of {names}).{hint}"
 
 
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a type hint, converting where the intent is unambiguous (int -> float)."""
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: [low, high], either end open or absent, plus `also` (-1 = no limit)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, x: float) -> bool:
+        if x in self.also:
+            return True
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below and math.isfinite(x)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return text + "".join(f" or {a:g}" for a in self.also)
+
+
+COUNT, NONNEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
+FRACTION, PROBABILITY = Bounds(0, 1, high_open=True), Bounds(0, 1)
+# Every numeric setting, by the last part of its key, whatever command or group it is in: checked when the config
+# loads, so a value that makes no sense is one line naming the key and the range, never a silent truncation, an
+# empty result or a hang. A `None` (where the field allows it) means "no limit"; 0 is refused unless listed here.
+# tests/core/test_ranges.py fails for a numeric field of ours that is missing here.
+RANGES: dict[str, Bounds] = {
+    # sizes of work: chunks, batches, shards, limits
+    **dict.fromkeys(["batch_size", "chunk_size", "concurrency", "cpus_per_task", "docs_per_shard", "embed_batch_size",
+                     "iterations", "limit", "max_instances", "max_instructions", "max_model_len", "max_passages",
+                     "max_points", "max_prompts", "max_questions", "max_samples", "max_tokens", "base_max_tokens",
+                     "n_conversations", "n_turns", "neighbors_block", "neighbors_k", "nodes", "reward_batch_size",
+                     "rows", "rows_per_shard", "tensor_parallel_size", "tokens_per_row", "top_k", "lora_r",
+                     "min_chars", "max_chars", "logprobs"], COUNT),
+    "n_samples": Bounds(2),  # a pair needs two responses
+    "n_bootstrap": Bounds(10),  # fewer resamples give intervals of noise (and 0 a zero-width or NaN one)
+    "threshold": Bounds(1, 5),  # Humpback's curation scores
+    "dataset_mixture": NONNEGATIVE,  # a source's weight: the share of its rows to take (above 1 repeats it)
+    "system_prompt_mix": PROBABILITY,
+    **dict.fromkeys(["gpus", "retries", "max_retries", "num_fewshot", "seed", "mixture_seed", "data_seed",
+                     "dataloader_num_workers", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "near_duplicate_distance"], NONNEGATIVE),
+    # sampling
+    **dict.fromkeys(["temperature", "retry_temperature"], NONNEGATIVE),
+    "top_p": Bounds(0, 1, low_open=True),
+    "repetition_penalty": POSITIVE,
+    # shares and fractions
+    **dict.fromkeys(["share", "min_letter_share", "max_engine_errors"], PROBABILITY),
+    **dict.fromkeys(["test_size", "lora_dropout"], FRACTION),
+    **dict.fromkeys(["gpu_memory_utilization", "mfu"], Bounds(0, 1, low_open=True)),
+    **dict.fromkeys(["timeout", "gpu_peak_tflops", "lora_alpha"], POSITIVE),
+    # trl's SFTConfig / DPOConfig (transformers accepts a negative learning rate or a batch of 0 without a word)
+    **dict.fromkeys(["learning_rate", "num_train_epochs", "beta", "logging_steps", "save_steps", "eval_steps"],
+                    POSITIVE),
+    **dict.fromkeys(["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_length", "max_prompt_length", "max_completion_length", "save_total_limit"], COUNT),
+    "max_steps": Bounds(1, also=(-1,)),  # -1: train for num_train_epochs
+    "label_smoothing": Bounds(0, 0.5),
+}  # fmt: skip
+
+
+class RangeError(ConfigError):
+    """A number of the right type outside its setting's range."""
+
+
+def coerce(value: Any, hint: Any, key: str, setting: str | None = None) -> Any:
+    """Check `value` against a type hint, converting where the intent is unambiguous (int -> float), and a number
+    against the range of its setting (`RANGES`; the setting is the key's last part, or the mapping it is in)."""
+    value = _coerce_type(value, hint, key)
+    bounds = RANGES.get(setting or key.rsplit(".", 1)[-1])
+    if (
+        bounds is not None
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value not in bounds
+    ):
+        raise RangeError(f"key '{key}': must be {bounds}, got {value!r}")
+    return value
+
+
+def _coerce_type(value: Any, hint: Any, key: str) -> Any:
     if hint is Any or hint is None or isinstance(hint, str):
         return value
     origin = typing.get_origin(hint)
@@ -207,7 +293,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         ordered = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
         for arg in ordered:
             try:
-                return coerce(value, arg, key)
+                return _coerce_type(value, arg, key)
+            except RangeError:  # a field of a nested group out of range: the alternatives will not fit better
+                raise
             except ConfigError:
                 continue
         quote = (
@@ -234,7 +322,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"key '{key}': expected a mapping, got {value!r} ({type(value).__name__})")
         if len(args) == 2:
-            return {k: coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+            return {k: coerce(v, args[1], f"{key}.{k}", key.rsplit(".", 1)[-1]) for k, v in value.items()}
         return value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
@@ -246,8 +334,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         for k in value:
             if k not in names:
                 raise ConfigError(_unknown_key_message(k, key + ".", (hint,)))
+        fields = {k: coerce(v, field_hints[k], f"{key}.{k}") for k, v in value.items()}
         try:
-            return hint(**{k: coerce(v, field_hints[k], f"{key}.{k}") for k, v in value.items()})
+            return hint(**fields)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"key '{key}': {e}") from e
     if isinstance(hint, type) and issubclass(hint, enum.Enum):

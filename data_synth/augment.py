@@ -51,10 +51,6 @@ class AugmentConfig:
     output_dir: str = "runs/humpback/augment"
     overwrite: bool = False
 
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size: at least 1, got {self.chunk_size}")
-
 
 def generate_chunk(
     engine: Any, cfg: AugmentConfig, block: pa.Table, first: int

@@ -90,10 +90,6 @@ class BacktranslateConfig:
     output_dir: str | None = None  # default runs/backtranslate/<name>
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"iterations: need at least 1, got {self.iterations}")
-        if self.threshold not in SCORES:
-            raise ValueError(f"threshold: a score of 1-5, got {self.threshold}")
         if self.seed_data is None and self.seed.command not in ("baselines", "synth"):
             raise ValueError(f"seed.command: baselines or synth, got {self.seed.command!r}")
 

@@ -69,11 +69,9 @@ class CorpusConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.docs_per_shard < 1:
-            raise ValueError(f"docs_per_shard: at least 1, got {self.docs_per_shard}")
-        if not 0 < self.min_chars <= self.max_chars:
+        if self.min_chars > self.max_chars:
             raise ValueError(
-                f"min_chars/max_chars: need 0 < min_chars <= max_chars, got {self.min_chars}/{self.max_chars}"
+                f"min_chars/max_chars: need min_chars <= max_chars, got {self.min_chars}/{self.max_chars}"
             )
 
 

@@ -99,10 +99,6 @@ class MagpieConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.n_conversations <= 0:
-            raise ValueError(f"n_conversations must be > 0, got {self.n_conversations}")
-        if self.n_turns < 1:
-            raise ValueError(f"n_turns must be >= 1, got {self.n_turns}")
         shares = sum(p.share for p in self.instruction.grid)
         if not self.instruction.grid or abs(shares - 1.0) > 1e-6:
             raise ValueError(f"instruction.grid shares must sum to 1, got {shares:g}")

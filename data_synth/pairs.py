@@ -49,12 +49,6 @@ class PairsConfig:
     chunk_size: int = 64  # prompts per resumable unit (x n_samples requests), not a batch size
     overwrite: bool = False
 
-    def __post_init__(self) -> None:
-        if self.n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2 to form a pair, got {self.n_samples}")
-        if not 0 <= self.test_size < 1:
-            raise ValueError(f"test_size must be in [0, 1), got {self.test_size}")
-
 
 def best_and_worst(scores: list[float | None]) -> tuple[int, int] | None:
     """Indices of the highest and lowest score, the first of equals (as the Magpie authors' notebook, with

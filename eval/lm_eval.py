@@ -43,8 +43,6 @@ class LmEvalConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("tasks is empty: name at least one lm-eval task")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit must be positive, got {self.limit}")
 
 
 def check_model(model: str) -> str:

@@ -49,8 +49,6 @@ def mixture(script: SFTScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
     rng = random.Random(script.mixture_seed)
     out = []
     for k, (source, weight) in enumerate(script.dataset_mixture.items()):
-        if weight < 0:
-            raise ConfigError(f"dataset_mixture.{source}: weight must be >= 0, got {weight}")
         rows = range(sizes[k])
         full, rest = divmod(round(weight * len(rows)), len(rows)) if rows else (0, 0)
         out += [(k, i) for i in [*rows] * full + rng.sample(rows, rest)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError
+from core.config import ConfigError, build
 from core.engines import Completion
 from core.judge import JudgeConfig
 from data_synth import backtranslate, baselines, corpus, select, tag
@@ -315,8 +315,8 @@ def test_the_loop_unrolls_iterations_with_the_previous_model_curating():
     assert (
         next(s for s in full_m0 if s.name == "curate1").overrides["judge.model"] == "{m0}"
     )  # no merged copy
-    with pytest.raises(ValueError, match="threshold: a score of 1-5"):
-        backtranslate.BacktranslateConfig(threshold=6)
+    with pytest.raises(ConfigError, match=r"key 'threshold': must be in \[1, 5\], got 6"):
+        build({"threshold": 6}, backtranslate.BacktranslateConfig)
 
 
 SEED = [("What is a list in Python?", "A list is an ordered, mutable collection of items."),

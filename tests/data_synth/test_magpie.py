@@ -24,8 +24,10 @@ def test_grid_assignment_follows_shares():
 
 
 def test_bad_settings_fail_before_generation():
-    with pytest.raises(ValueError, match="n_conversations must be > 0"):
-        MagpieConfig(n_conversations=0)
+    from core.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="key 'n_conversations': must be >= 1, got 0"):
+        build({"n_conversations": 0}, MagpieConfig)
     with pytest.raises(ValueError, match="shares must sum to 1"):
         MagpieConfig(instruction=_grid(0.5))
 
@@ -43,7 +45,7 @@ def test_cli_rejects_nonpositive_n_naming_the_field():
         capture_output=True,
         text=True,
     )
-    assert out.returncode == 2 and "n_conversations must be > 0" in out.stderr
+    assert out.returncode == 2 and "key 'n_conversations': must be >= 1, got 0" in out.stderr
 
 
 def test_magpie_writes_parseable_conversations_and_resumes(tmp_path, embedded_path):

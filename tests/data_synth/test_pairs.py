@@ -42,8 +42,10 @@ def test_pairs_on_the_embedded_model_in_trl_format(tmp_path):
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="n_samples must be >= 2"):
-        PairsConfig(n_samples=1)
+    from core.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match="key 'n_samples': must be >= 2, got 1"):
+        build({"n_samples": 1}, PairsConfig)
 
 
 def test_ties_for_best_or_worst_go_to_the_first_index():
