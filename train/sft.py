@@ -48,7 +48,7 @@ def mixture(script: SFTScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
         return [(0, i) for i in range(sizes[0])]
     rng = random.Random(script.mixture_seed)
     out = []
-    for k, (source, weight) in enumerate(script.dataset_mixture.items()):
+    for k, weight in enumerate(script.dataset_mixture.values()):
         rows = range(sizes[k])
         full, rest = divmod(round(weight * len(rows)), len(rows)) if rows else (0, 0)
         out += [(k, i) for i in [*rows] * full + rng.sample(rows, rest)]
