@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from core.errors import OutageError
 from core.models import resolve_model
 
 
@@ -52,7 +53,8 @@ class Engine(Protocol):
 
 
 class EngineError(RuntimeError):
-    """An engine that could not produce completions (dead server, bad model, ...)."""
+    """An engine that cannot start (a missing model, an unset API key variable, no server URL): a user error.
+    A request that fails once the engine runs is an `OutageError` instead."""
 
 
 @dataclass
@@ -211,6 +213,15 @@ class TransformersEngine:
             return batcher.run(prompts, samplings)
 
 
+def _retry_after(error: Exception) -> float:
+    """Seconds a 429 or 503 asks the client to wait (its Retry-After header), at most a minute; else 0."""
+    response = getattr(error, "response", None)
+    try:
+        return min(60.0, float(response.headers.get("retry-after", 0))) if response is not None else 0.0
+    except ValueError:  # an HTTP date instead of seconds: fall back to the backoff
+        return 0.0
+
+
 def _ids(x: int | list[int] | None) -> list[int]:
     if x is None:
         return []
@@ -254,11 +265,25 @@ class OpenAIEngine:
         return load_tokenizer(self.model_name, self.cfg)
 
     def complete(self, prompts: list, sampling: Sampling | list[Sampling]) -> list[Completion]:
-        """Rendered prompts, or chat messages when `engine.chat` is set."""
+        """Rendered prompts, or chat messages when `engine.chat` is set. When requests fail (after their retries),
+        OutageError, carrying the completions that did come back so a caller can keep them."""
         samplings = _as_list(sampling, len(prompts))
         workers = max(1, min(len(prompts), self.cfg.concurrency * len(self.urls)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(self._one, prompts, samplings))
+            futures = [pool.submit(self._one, p, s) for p, s in zip(prompts, samplings, strict=True)]
+        done: list[Completion | None] = []
+        errors: list[str] = []
+        for future in futures:
+            try:
+                done.append(future.result())
+            except OutageError as e:
+                done.append(None)
+                errors.append(str(e))
+        if errors:
+            raise OutageError(
+                f"{len(errors)} of {len(prompts)} requests failed; the first: {errors[0]}", done
+            )
+        return done  # type: ignore[return-value]
 
     def _body(self, prompt: str | list[dict[str, str]], s: Sampling) -> dict:
         if self.cfg.chat != isinstance(prompt, list):
@@ -305,16 +330,16 @@ class OpenAIEngine:
                     raise httpx.HTTPStatusError(
                         f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r
                     )
-                if r.status_code >= 400:  # our request is wrong: retrying will not help
-                    raise EngineError(
+                if r.status_code >= 400:  # a wrong key, model name or request: retrying will not help
+                    raise OutageError(
                         f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}"
                     )
                 return self._parse(r.json(), s, self.cfg.chat)
             except (httpx.TransportError, httpx.HTTPStatusError, ValueError, KeyError) as e:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 if attempt < self.cfg.max_retries:
-                    time.sleep(min(30.0, 0.5 * 2**attempt) * (0.5 + random.random()))
-        raise EngineError(
+                    time.sleep(max(_retry_after(e), min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())))
+        raise OutageError(
             f"completion failed after {self.cfg.max_retries + 1} attempts; last error {errors[-1]}"
             + (
                 f" (servers tried: {', '.join(sorted(set(e.split(': ')[0] for e in errors)))})"

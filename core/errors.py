@@ -1,5 +1,18 @@
-"""The errors a user can fix. The `cli` wrapper (core/config.py) turns them into one line and exit code 2."""
+"""The errors a user can act on. The `cli` wrapper (core/config.py) turns them into one line and an exit code:
+2 for bad input (fix it), 3 for an outage (re-run the same command once the engine is back)."""
 
 
 class ConfigError(ValueError):
     """Bad user input (a recipe, an override, a file, a row): the message names it and says what was expected."""
+
+
+class OutageError(RuntimeError):
+    """An engine or judge did not answer (connection refused, timeout, HTTP 5xx or 429 after retries, authentication,
+    a rejected request). What it would have produced is missing, never a result: nothing is written for it, and
+    re-running the same command redoes only what is missing."""
+
+    def __init__(self, message: str, completions: list | None = None):
+        super().__init__(message)
+        self.completions = (
+            completions  # from one engine call: what did come back, None where a request failed
+        )

@@ -6,7 +6,13 @@ The cache (SQLite, one file) is keyed by the judge's name, the exact prompt and 
 re-running a finished evaluation makes zero judge calls, and a judge that already saw a (question, answer,
 baseline) triple in another run is not asked again when runs share the file. A reply the parser cannot read
 is asked again (`retries` times) at a small temperature with a new seed; whatever still fails is returned as a
-failure with its reason, for the report to count, never dropped.
+failure with its reason, for the report to count, never dropped: an unreadable reply is a result.
+
+A request the engine never answered (an outage: connection refused, timeout, HTTP 5xx or 429 after the engine's
+retries, a wrong key) is not: its verdict is `missing`, callers write nothing for it, and a re-run asks again.
+A stage then calls `raise_for_outages`, which fails when more than `max_engine_errors` of its results are missing.
+A judge that is down stops the run at once: with the default `max_engine_errors=0`, at the first chunk in which
+every request failed (the stage would fail anyway); with a tolerance, after `DOWN_AFTER` failed requests in a row.
 """
 
 from __future__ import annotations
@@ -27,17 +33,12 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError
-from core.engines import (
-    Completion,
-    EngineConfig,
-    EngineError,
-    Sampling,
-    load_tokenizer,
-    make_engine,
-    prompt_seed,
-)
+from core.engines import Completion, EngineConfig, Sampling, load_tokenizer, make_engine, prompt_seed
+from core.errors import OutageError
 
 T = TypeVar("T")
+# Requests in a row without one answer after which the judge counts as down, whatever max_engine_errors tolerates
+DOWN_AFTER = 64
 
 
 @dataclass
@@ -59,6 +60,9 @@ class JudgeConfig:
     # Text that starts the judge's reply (e.g. "My final verdict is [[" for small local judges that wander);
     # parsers see it in front of the reply. Empty = the benchmark's protocol.
     prefill: str = ""
+    # The share of requests that may go unanswered (engine errors) before the stage fails (exit 3). They are never
+    # results either way: a tolerated share is reported as missing, and a re-run asks for it again.
+    max_engine_errors: float = 0.0
 
     def sampling(self) -> Sampling:
         return Sampling(
@@ -130,14 +134,16 @@ class Verdict(Generic[T]):
     value: T | None  # the parsed verdict; None = failed
     completion: Completion | None  # the reply the verdict came from (the last one tried when it failed)
     attempts: int
-    error: str | None = None  # why it failed: "no verdict in the reply" or the engine's error
+    error: str | None = None  # why it failed: "no verdict in the reply" or "engine error: ..."
+    missing: bool = False  # the engine never answered: no result at all (a re-run asks again)
 
 
 @dataclass
 class JudgeStats:
-    calls: int = 0  # completions requested from the engine (cache misses)
+    calls: int = 0  # completions the engine returned (cache misses)
     cached: int = 0  # completions served from the cache
-    failed: int = 0  # requests with no verdict after every retry
+    unparsed: int = 0  # requests whose replies held no verdict after every retry: results, counted as failed
+    engine_errors: int = 0  # requests the engine never answered: missing, never results
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -150,6 +156,8 @@ class Judge:
         self.cfg = cfg
         self.cache = JudgeCache(cfg.cache or cache_path)
         self.stats = JudgeStats()
+        self.outage: str | None = None  # the first engine error, for the message that names the cause
+        self._failed_in_a_row = 0
         self._engine = None
 
     @property
@@ -219,18 +227,28 @@ class Judge:
                 else:
                     self.stats.cached += 1
                     verdicts[i] = verdict(cached, attempt)
-            errors = self._generate(misses, prompts, keys, samplings, verdict, verdicts, attempt)
-            pending = [i for i in pending if verdicts[i] is None or verdicts[i].value is None]
-            for i in pending:
-                last = verdicts[i].completion if verdicts[i] else None
-                verdicts[i] = Verdict(None, last, attempt + 1, errors.get(i, "no verdict in the reply"))
+            self._generate(misses, prompts, keys, samplings, verdict, verdicts, attempt)
+            # Only an unreadable reply is asked again; a request the engine never answered stays missing (a retry
+            # would change its sampling, and the engine has already retried it).
+            pending = [i for i in pending if not verdicts[i].missing and verdicts[i].value is None]
             bar.update(len(conversations) - len(pending) - bar.n)
             if not pending:
                 break
         bar.update(len(conversations) - bar.n)
         bar.close()
-        self.stats.failed += len(pending)
+        self.stats.unparsed += len(pending)
+        self.stats.engine_errors += sum(v.missing for v in verdicts)
         return verdicts  # type: ignore[return-value]
+
+    def raise_for_outages(self, missing: int, total: int, what: str) -> None:
+        """Fail (OutageError: exit 3, naming the cause) when more than `max_engine_errors` of a stage's `total`
+        results (`what`) are `missing` because the engine never answered. Nothing was written for them, so
+        re-running the command redoes exactly those."""
+        if missing > self.cfg.max_engine_errors * total:
+            raise OutageError(
+                f"judge {self.cfg.model}: {missing} of {total} {what} have no verdict because the engine failed "
+                f"(judge.max_engine_errors={self.cfg.max_engine_errors:g} tolerates a share): {self.outage}"
+            )
 
     def _sampling(self, base: Sampling, prompt: str | list, attempt: int) -> Sampling:
         """Attempt 0 is the protocol's sampling, a retry samples at retry_temperature. A sampled request gets a
@@ -241,19 +259,33 @@ class Judge:
             return s
         return dataclasses.replace(s, seed=prompt_seed(prompt, "judge", attempt))
 
-    def _generate(self, misses, prompts, keys, samplings, verdict, verdicts, attempt) -> dict[int, str]:
-        errors: dict[int, str] = {}
+    def _generate(self, misses, prompts, keys, samplings, verdict, verdicts, attempt) -> None:
+        if not misses:
+            return
+        # Built here, outside the per-chunk handling: a judge that cannot start (a missing model, an unset API key
+        # variable) is the user's error to fix, never a verdict.
+        engine = self.engine
         # Chunks are units of caching (a killed run keeps what was judged), not batches: the engine batches.
-        chunk = max(1, self.cfg.chunk_size)
-        for start in range(0, len(misses), chunk):
-            batch = misses[start : start + chunk]
+        for start in range(0, len(misses), self.cfg.chunk_size):
+            batch = misses[start : start + self.cfg.chunk_size]
+            cause = None
             try:
-                outs = self.engine.complete([prompts[i] for i in batch], [samplings[i] for i in batch])
-            except EngineError as e:  # the engine already retried; count these as failures, keep going
-                errors.update({i: f"engine error: {e}" for i in batch})
-                continue
-            self.stats.calls += len(batch)
-            self.cache.put_many([(keys[i], c) for i, c in zip(batch, outs, strict=True)])
+                outs = engine.complete([prompts[i] for i in batch], [samplings[i] for i in batch])
+            except OutageError as e:  # the engine already retried each request; keep what did come back
+                outs, cause = e.completions or [None] * len(batch), str(e)
+                self.outage = self.outage or cause
+            answered = [(i, c) for i, c in zip(batch, outs, strict=True) if c is not None]
+            self._failed_in_a_row = 0 if answered else self._failed_in_a_row + len(batch)
+            if self._failed_in_a_row and (
+                self.cfg.max_engine_errors == 0 or self._failed_in_a_row >= DOWN_AFTER
+            ):
+                raise OutageError(  # the judge is down: stop now (what was judged is cached)
+                    f"judge {self.cfg.model}: the last {self._failed_in_a_row} requests all failed: {cause}"
+                )
+            self.stats.calls += len(answered)
+            self.cache.put_many([(keys[i], c) for i, c in answered])
             for i, c in zip(batch, outs, strict=True):
-                verdicts[i] = verdict(c, attempt)
-        return errors
+                verdicts[i] = (
+                    verdict(c, attempt) if c is not None
+                    else Verdict(None, None, attempt + 1, f"engine error: {cause}", missing=True)
+                )  # fmt: skip

@@ -22,7 +22,6 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
@@ -33,6 +32,7 @@ from core.io import (
     atomic_write_json,
     iter_rows,
     open_dataset,
+    read_parquet,
     remapped,
     shard_bounds,
     table_block,
@@ -395,6 +395,10 @@ class Context:
     def __init__(self, cfg: Any, out: Path, keys: pa.Array | None = None):
         self.cfg, self.out, self.keys = cfg, out, keys  # cfg: TagConfig, or any config with its fields
         self._cache: dict[str, Any] = {}
+        # Positions (in the pairs a tagger was given) whose judge request the engine never answered: no result, so
+        # the caller writes nothing for them and a re-run asks again. Every judge call of a tagger asks one prompt
+        # per pair, in order, so a position names its pair. The caller clears it before each chunk.
+        self.missing: set[int] = set()
 
     def get(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -410,6 +414,7 @@ class Context:
         verdicts = self.judge.ask(
             [[{"role": "user", "content": p}] for p in prompts], parse, desc, **protocol
         )
+        self.missing.update(i for i, v in enumerate(verdicts) if v.missing)
         return [v.value for v in verdicts]
 
     def scores(self, prompts: list[str], low: int, high: int, desc: str) -> list[float | None]:
@@ -750,7 +755,7 @@ def aligned_tags(tag_dir: Path, keys: pa.Array, columns: list[str] | None = None
     # promote: a chunk where every judgment failed has all-null (type null) columns; 64-bit offsets: text tags
     # (base responses) of a million rows pass 2 GB, and `take` concatenates each column first
     read = None if columns is None else ["row_index", "row_key", *columns]
-    table = pa.concat_tables([pq.read_table(s, columns=read) for s in shards], promote_options="default")
+    table = pa.concat_tables([read_parquet(s, columns=read) for s in shards], promote_options="default")
     table = table.cast(
         pa.schema([pa.field(f.name, _large(f.type), metadata=f.metadata) for f in table.schema])
     )
@@ -778,8 +783,9 @@ def _large(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
-    """Tag every row not yet tagged, one shard per chunk (the unit a killed run redoes)."""
+def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> int:
+    """Tag every row not yet tagged, one shard per chunk (the unit a killed run redoes); return how many rows stay
+    untagged because the judge never answered for them (a re-run asks again)."""
     tagger, cfg, keys = TAGGERS[name], ctx.cfg, ctx.keys
     chunk = FAST_CHUNK if tagger.fast else max(1, cfg.chunk_size)
     tag_dir = out / "tags" / name
@@ -792,19 +798,25 @@ def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> None:
     writer = ShardWriter(tag_dir, rows_per_shard=chunk, split="part")
     bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"tag {name}", unit="row")
     step = len(todo) if tagger.whole_set else chunk
+    missing = 0
     for start in range(0, len(todo), max(1, step)):
         idx = todo[start : start + step]
         pairs = instructions(ds, cfg.input) if tagger.whole_set else first_turns(ds, idx, cfg.input)
+        ctx.missing.clear()
         results = tagger.tag(ctx, pairs, idx)
         row_keys_ = keys.take(pa.array(idx)).to_pylist()
+        # A failed judgment (an unreadable reply) is a result; a row the engine never answered is left untagged
         rows = [{"row_index": int(i), "row_key": key, f"{name}_failed": res is None,
                  **{c: (res or {}).get(c) for c in tagger.columns}}
-                for i, key, res in zip(idx, row_keys_, results, strict=True)]  # fmt: skip
+                for k, (i, key, res) in enumerate(zip(idx, row_keys_, results, strict=True))
+                if k not in ctx.missing]  # fmt: skip
         for block in range(0, len(rows), chunk):
             writer.add(rows[block : block + chunk])
             writer.flush()
+        missing += len(ctx.missing)
         bar.update(len(idx))
     bar.close()
+    return missing
 
 
 def first_turns(ds: Any, idx: np.ndarray, where: str) -> list[tuple[str, str]]:
@@ -839,12 +851,17 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     for name in in_order(cfg.taggers):
         t0 = time.time()
-        run_tagger(name, ds, ctx, out)
+        missing = run_tagger(name, ds, ctx, out)
         timings[name] = round(time.time() - t0, 2)
+        if (
+            missing
+        ):  # rows the judge never answered stay untagged; past the tolerated share the stage fails here
+            ctx.judge.raise_for_outages(missing, len(ctx.keys), f"rows of tagger '{name}'")
+    if "judge" in ctx._cache:
+        ctx.judge.close()
     summary = merge(ds, ctx.keys, cfg, out)
     summary["seconds_per_tagger"] = timings
     if "judge" in ctx._cache:
-        ctx.judge.close()
         summary["judge_calls"] = ctx.judge.stats.as_dict()
     summary["wall_seconds"] = round(time.time() - start, 2)
     atomic_write_json(out / "manifest.json", summary)

@@ -125,9 +125,12 @@ def judge_pairs(answers: dict[str, list[dict]], cfg: PairwiseConfig, out: Path) 
     judge = Judge(cfg.judge, out / "judge_cache.sqlite")
     verdicts = judge.ask(conversations, preference_a, desc="judging")
     judge.close()
+    # A verdict the judge never gave is no result: past the tolerated share nothing is written; a re-run asks for it
+    judge.raise_for_outages(sum(v.missing for v in verdicts), len(verdicts), "judgments")
     rows = [
         {"id": answers[a][i]["id"], "model_a": a, "model_b": b, "judge": cfg.judge.model, "preference_a": v.value,
-         "raw": v.completion.text if v.completion else None, "failed": v.value is None, "error": v.error}
+         "raw": v.completion.text if v.completion else None, "failed": v.value is None, "missing": v.missing,
+         "error": v.error}
         for (a, b, i), v in zip(pairs, verdicts, strict=True)
     ]  # fmt: skip
     write_jsonl(out / "judgments.jsonl", rows)
@@ -187,6 +190,13 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     questions = load_instructions(cfg.instructions, cfg.max_instructions)
     answers = {name: generate_answers(name, model, questions, cfg, out) for name, model in cfg.models.items()}
     judgments = judge_pairs(answers, cfg, out)
+    for name in answers:  # before any table is written: a leaderboard of NaNs is no leaderboard
+        own = [r for r in judgments if name in (r["model_a"], r["model_b"])]
+        if all(r["failed"] for r in own):
+            raise ConfigError(
+                f"pairwise: no judgment of {name} could be read ({len(own)} of {len(own)} replies of judge "
+                f"{cfg.judge.model} held no verdict; see {out / 'judgments.jsonl'})"
+            )
     rows = leaderboard(judgments, answers, cfg.n_bootstrap, cfg.seed)
     write_table(out / "leaderboard.csv", rows, list(rows[0]))
     write_table(out / "leaderboard.md", rows, list(rows[0]))
@@ -198,8 +208,13 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
 @cli
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = load_config("pairwise", argv, PairwiseConfig)
-    for name, model in cfg.models.items():
-        if not Path(model).exists() and resolve_model(model) == model and "/" not in model:
+    for name, model in cfg.models.items():  # a server's own model name (openai backend) can be anything
+        if (
+            cfg.engine.backend != "openai"
+            and not Path(model).exists()
+            and resolve_model(model) == model
+            and "/" not in model
+        ):
             raise ConfigError(f"models.{name}: '{model}' is neither a local path, 'embedded', nor a Hub id")
     rows = run(cfg)
     print(

@@ -5,8 +5,12 @@
 It speaks the subset the harness uses (prompt, max_tokens, temperature, top_p, stop, seed, logprobs) and
 returns the OpenAI response shape, so the `openai` engine is tested over real HTTP, not against a mock.
 With `--table` (a JSON list of [substring or list of substrings, reply] pairs) it loads no weights and answers
-each prompt with the reply of the first entry whose substrings the prompt all contains (else ""), cut at the first stop string as vLLM cuts it: a judge
-that really returns valid JSON, for testing what the harness does with good labels.
+each prompt with the reply of the first entry whose substrings the prompt all contains (else ""), cut at the first
+stop string as vLLM cuts it: a judge that really returns valid JSON, for testing what the harness does with good
+labels. A reply may also be `{"text": ..., "top_logprobs": {token: logprob}}` (a first-token distribution),
+`{"cycle": [text, ...]}` (the n-th request of a prompt gets the n-th text: a sampler that gives each sample of one
+prompt another text) or `{"status": 500}` (that HTTP error, as an overloaded or broken server answers: an outage,
+not a reply).
 """
 
 from __future__ import annotations
@@ -31,15 +35,34 @@ class TableEngine:
 
     def __init__(self, table: list[list[str]]):
         self.table = table
+        self.asked: dict[str, int] = {}  # requests per prompt so far, for `cycle` replies
 
     def complete(self, prompts: list[str], s: Sampling) -> list[Completion]:
         out = []
         for prompt in prompts:
-            text = next((reply for keys, reply in self.table if _matches(keys, prompt)), "")
+            reply = next((reply for keys, reply in self.table if _matches(keys, prompt)), "")
+            reply = reply if isinstance(reply, dict) else {"text": reply}
+            if "status" in reply:
+                raise HTTPStatus(reply["status"])
+            if "cycle" in reply:
+                n = self.asked[prompt] = self.asked.get(prompt, -1) + 1
+                text = reply["cycle"][n % len(reply["cycle"])]
+            else:
+                text = reply["text"]
             cuts = [text.index(stop) for stop in s.stop if stop in text]
             text = text[: min(cuts)] if cuts else text
-            out.append(Completion(text=text, n_tokens=len(text.split()), finish_reason="stop"))
+            top = reply.get("top_logprobs") if s.logprobs else None
+            out.append(
+                Completion(text=text, n_tokens=len(text.split()), finish_reason="stop", top_logprobs=top)
+            )
         return out
+
+
+class HTTPStatus(Exception):
+    """A table reply that is an HTTP error."""
+
+    def __init__(self, status: int):
+        self.status = status
 
 
 def serve(model: str, port: int, api_key: str | None = None, table: str | None = None) -> ThreadingHTTPServer:
@@ -91,8 +114,12 @@ def serve(model: str, port: int, api_key: str | None = None, table: str | None =
                 seed=body.get("seed"),
                 logprobs=body.get("logprobs"),
             )
-            with lock:
-                (c,) = engine.complete([body["prompt"]], s)
+            try:
+                with lock:
+                    (c,) = engine.complete([body["prompt"]], s)
+            except HTTPStatus as e:
+                self._send(e.status, {"error": {"message": f"table says HTTP {e.status}"}})
+                return
             choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
             if c.top_logprobs is not None:
                 choice["logprobs"] = {"top_logprobs": [c.top_logprobs]}

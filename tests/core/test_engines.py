@@ -12,6 +12,7 @@ from core.engines import (
     request_seed,
     vllm_sampling_kwargs,
 )
+from core.errors import OutageError
 
 PRE_QUERY = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
 
@@ -95,7 +96,7 @@ def test_openai_engine_survives_a_dead_server(openai_server, monkeypatch):
 def test_openai_engine_dead_url_fails_naming_it():
     dead = _dead_url()
     cfg = EngineConfig(backend="openai", base_urls=[dead], max_retries=1, timeout=5)
-    with pytest.raises(EngineError, match=dead.replace(".", r"\.")):
+    with pytest.raises(OutageError, match=dead.replace(".", r"\.")):
         OpenAIEngine("m", cfg).complete(["hi"], Sampling(max_tokens=2))
 
 
@@ -109,7 +110,7 @@ def test_openai_engine_api_key_comes_from_the_environment(openai_server, monkeyp
     engine = OpenAIEngine(
         "m", EngineConfig(backend="openai", base_urls=[openai_server], api_key_env="WRONG_KEY")
     )
-    with pytest.raises(EngineError, match="HTTP 401") as err:
+    with pytest.raises(OutageError, match="HTTP 401") as err:
         engine.complete(["hi"], Sampling(max_tokens=2))
     assert "sk-wrong" not in str(err.value)  # keys never reach messages
 

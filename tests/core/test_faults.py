@@ -101,7 +101,7 @@ def test_tags_follow_their_rows_when_the_input_changes(tmp_path):
 
 
 @pytest.mark.integration
-def test_an_evaluation_where_no_judgment_succeeded_fails(tmp_path):
+def test_an_evaluation_with_a_dead_judge_exits_3_and_scores_nothing(tmp_path):
     outputs = [{"instruction": f"Question {i}?", "output": f"Answer {i}.", "generator": g, "dataset": "x"}
                for i in range(3) for g in ("m",)]  # fmt: skip
     ref = [{**o, "generator": "ref", "output": "Other."} for o in outputs]
@@ -114,8 +114,12 @@ def test_an_evaluation_where_no_judgment_succeeded_fails(tmp_path):
               "judge.model=gpt-4", "judge.engine.backend=openai", f"judge.engine.base_urls=[{dead}]",
               "judge.engine.max_retries=0", "judge.engine.tokenizer=embedded", "judge.retries=0",
               f"output_dir={tmp_path / 'ae'}")  # fmt: skip
-    assert out.returncode == 2, out.stderr[-800:]
-    assert "no judgment succeeded (3 failed)" in out.stderr
+    assert out.returncode == 3, out.stderr[-800:]  # an outage: nothing was judged, nothing is scored
+    assert "judge gpt-4: the last 3 requests all failed" in out.stderr and "Connection refused" in out.stderr
+    assert (
+        not (tmp_path / "ae" / "annotations.json").exists()
+        and not (tmp_path / "ae" / "scores.jsonl").exists()
+    )
     assert "Traceback" not in out.stderr
 
 

@@ -1,6 +1,9 @@
 """The judgment cache and failure accounting, with the real embedded judge."""
 
+import pytest
+
 from core.engines import EngineConfig
+from core.errors import OutageError
 from core.judge import Judge, JudgeConfig
 
 QUESTIONS = [[{"role": "user", "content": f"Is {n} an even number? Answer yes or no."}] for n in (2, 7, 10)]
@@ -26,15 +29,16 @@ def test_rerun_is_served_from_the_cache_without_touching_the_engine(embedded_pat
     )
     again = Judge(JudgeConfig(**{**cfg.__dict__, "engine": dead}), tmp_path / "cache.sqlite")
     second = again.ask(QUESTIONS, first_word)
-    assert again.stats.calls == 0 and again.stats.cached == 3 and again.stats.failed == 0
+    assert again.stats.calls == 0 and again.stats.cached == 3 and again.stats.unparsed == 0
     assert [v.value for v in second] == [v.value for v in first]
     assert [v.completion.text for v in second] == [v.completion.text for v in first]
 
-    # A different sampling setting is a different key: it is not served from the cache.
+    # A different sampling setting is a different key: it is not served from the cache, and the dead judge is
+    # an outage, not a verdict.
     other = Judge(JudgeConfig(**{**cfg.__dict__, "engine": dead, "max_tokens": 4}), tmp_path / "cache.sqlite")
-    failed = other.ask(QUESTIONS[:1], first_word)
-    assert failed[0].value is None and failed[0].error.startswith("engine error")
-    assert other.stats.failed == 1 and other.stats.calls == 0
+    with pytest.raises(OutageError, match=r"the last 1 requests all failed: .*127\.0\.0\.1:9"):
+        other.ask(QUESTIONS[:1], first_word)
+    assert other.stats.unparsed == 0 and other.stats.calls == 0 and len(other.cache) == 3
 
 
 def test_a_reply_without_verdict_is_retried_then_reported(embedded_path, tmp_path):
@@ -44,14 +48,14 @@ def test_a_reply_without_verdict_is_retried_then_reported(embedded_path, tmp_pat
     judge = Judge(cfg, tmp_path / "cache.sqlite")
     verdicts = judge.ask(QUESTIONS[:2], lambda c: None)  # a parser that never finds a verdict
     assert judge.stats.calls == 2 * 3  # first try + two retries each
-    assert judge.stats.failed == 2
+    assert judge.stats.unparsed == 2 and judge.stats.engine_errors == 0
     for v in verdicts:
         assert v.value is None and v.attempts == 3 and v.error == "no verdict in the reply"
         assert v.completion is not None  # the last reply is kept for the report
     # The retries are cached too: the failed evaluation re-runs with zero calls and the same failures.
     again = Judge(cfg, tmp_path / "cache.sqlite")
     assert [v.value for v in again.ask(QUESTIONS[:2], lambda c: None)] == [None, None]
-    assert again.stats.calls == 0 and again.stats.failed == 2
+    assert again.stats.calls == 0 and again.stats.unparsed == 2
 
 
 def test_prefill_starts_the_reply_and_parsers_see_it(embedded_path, tmp_path):

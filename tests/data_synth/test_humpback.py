@@ -246,7 +246,12 @@ def test_paper_curation_over_http_scores_retries_counts_failures_and_keeps_a5(
     assert [r["curation_score"] for r in rows] == [5, 3, None, 4]
     assert [r["curation_failed"] for r in rows] == [False, False, True, False]
     assert rows[0]["curation_reply"].endswith("Score: 5")
-    assert summary["judge_calls"] == {"calls": 5, "cached": 0, "failed": 1}  # 4 asks + 1 retry
+    assert summary["judge_calls"] == {
+        "calls": 5,
+        "cached": 0,
+        "unparsed": 1,
+        "engine_errors": 0,
+    }  # 4 + 1 retry
     source = (
         pq.read_schema(tmp_path / "curate" / "train-00000.parquet")
         .field("curation_score")

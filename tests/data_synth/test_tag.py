@@ -216,7 +216,7 @@ def test_json_labels_from_a_judge_that_answers_them_end_to_end(embedded_path, tm
     assert tagged[1]["other_task_category"] == ["Brainstorming"]  # the primary tag is not repeated
     assert summary["failures"]["quality"] == {"failed": 1, "untagged": 0}
     # 12 prompts, plus one retry of the reply that was not JSON; a rerun asks nothing (the judge's cache)
-    assert summary["judge_calls"] == {"calls": 13, "cached": 0, "failed": 1}
+    assert summary["judge_calls"] == {"calls": 13, "cached": 0, "unparsed": 1, "engine_errors": 0}
 
     selected = select.run(select.SelectConfig(input=str(tmp_path / "tagged"), output_dir=str(tmp_path / "sel"),
                                               filters=[select.Filter("input_quality", ">=", "good")]))  # fmt: skip

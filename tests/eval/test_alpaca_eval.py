@@ -101,7 +101,7 @@ def test_embedded_judge_on_embedded_answers_and_a_cached_rerun(embedded_path, tm
     assert {s["metric"] for s in scores} == {"lc_win_rate", "win_rate"}
 
     again = ae.run(cfg)  # a finished evaluation re-runs from the judgment cache
-    assert again["judge_calls"] == {"calls": 0, "cached": 3, "failed": 0}
+    assert again["judge_calls"] == {"calls": 0, "cached": 3, "unparsed": 0, "engine_errors": 0}
     assert again["win_rate"] == first["win_rate"]
 
     (tmp_path / "ref.json").write_text(json.dumps(reference[::-1]))  # the model's outputs no longer line up
