@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import atomic_write_json, finished_chunks, open_dataset, table_block, write_chunk
+from core.io import (
+    atomic_write_json,
+    digest,
+    drop_chunk,
+    finished_chunks,
+    open_dataset,
+    table_block,
+    write_chunk,
+)
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema([("messages", pa.list_(MESSAGE)), ("passage_index", pa.int64()), ("title", pa.string()),
@@ -88,6 +96,10 @@ def generate_chunk(
     return rows, failures
 
 
+def passages_digest(ds: Any, cfg: AugmentConfig, first: int, count: int) -> str:
+    return digest(table_block(ds, first, count).column(cfg.text_column).to_pylist())
+
+
 def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
     """(first, count) spans of at most `size` passages over the runs of passages not yet covered."""
     spans = []
@@ -107,11 +119,16 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
             f"{cfg.input}: no column '{cfg.text_column}' (columns: {', '.join(ds.column_names)})"
         )
     n = len(ds) if cfg.max_passages is None else min(len(ds), cfg.max_passages)
-    # Resume: each finished chunk records the passages it covered, so a changed chunk_size neither repeats nor skips any
+    # Resume: each finished chunk records the passages it covered (so a changed chunk_size neither repeats nor skips
+    # any) and a digest of their text: a chunk whose passages changed under the same path is redone, never kept.
     done = finished_chunks(out)
     covered = np.zeros(n, dtype=bool)
-    for meta in done.values():
-        covered[meta["first"] : meta["first"] + meta["count"]] = True
+    for k, meta in done.items():
+        first, count = meta["first"], meta["count"]
+        if first + count > len(ds) or meta.get("digest") != passages_digest(ds, cfg, first, count):
+            drop_chunk(out, k)  # ours, computed from passages that are no longer there
+            continue
+        covered[first : first + count] = True
     spans = uncovered(covered, cfg.chunk_size)
     engine = make_engine(cfg.model, cfg.engine) if spans else None
     bar = tqdm(total=n, initial=int(covered.sum()), desc="augment", unit="passage")
@@ -119,8 +136,8 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
     for first, count in spans:
         rows, failures = generate_chunk(engine, cfg, table_block(ds, first, count), first)
         # The chunk's failures travel with its rows: one atomic file holds the whole chunk's outcome.
-        meta = {"first": first, "count": count, "rows": len(rows), "failures": failures,
-                "truncated": sum(r["finish_reason"] == "length" for r in rows)}  # fmt: skip
+        meta = {"first": first, "count": count, "digest": passages_digest(ds, cfg, first, count), "rows": len(rows),
+                "failures": failures, "truncated": sum(r["finish_reason"] == "length" for r in rows)}  # fmt: skip
         write_chunk(out, k, pa.Table.from_pylist(rows, schema=SCHEMA), meta)
         k += 1
         bar.update(count)

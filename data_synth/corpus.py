@@ -12,26 +12,28 @@ duplicate (after case and whitespace folding) of an earlier one are dropped and 
 `manifest.json`. Output: `train-NNNNN.parquet` with `text`, `title`, `doc_id`, `doc_index`, `segment_index`.
 
 Documents are processed in chunks, one shard each, in order; a killed run keeps its finished shards and resumes
-after them (each chunk's drop counts travel with its shard, so the manifest stays exact).
+after them (each chunk's drop counts travel with its shard, so the manifest stays exact). Each chunk also records a
+digest of its documents: when the source changed under the same path, the chunks from the first changed one on are
+redone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, chunk_meta, iter_rows, open_dataset, write_chunk
+from core.io import atomic_write_json, chunk_meta, digest, iter_rows, open_dataset, read_parquet, write_chunk
 
 EMBEDDED = "pydoc"
 SCHEMA = pa.schema([("text", pa.large_string()), ("title", pa.string()), ("doc_id", pa.string()),
@@ -218,24 +220,39 @@ def segment(
     return rows
 
 
+def documents_digest(docs: Iterable[tuple[str, str]]) -> str:
+    return digest(f"{doc_id}\x00{text}" for doc_id, text in docs)
+
+
+def finished_prefix(cfg: CorpusConfig, out: Path) -> int:
+    """How many finished chunks (a prefix, written in order) still match the documents they were made from. A chunk
+    records a digest of its documents, so one whose documents changed under the same source, and every chunk after
+    it (or after a gap), is ours to redo: removed here, never kept."""
+    keep, docs = 0, documents(cfg)
+    while (meta := chunk_meta(out, keep)) is not None:
+        if meta.get("digest") != documents_digest(itertools.islice(docs, meta["documents"])):
+            break
+        keep += 1
+    for later in [*out.glob("train-*.parquet"), *out.glob("_empty-*.json")]:
+        if int(later.stem.rsplit("-", 1)[1]) >= keep:
+            later.unlink()
+    return keep
+
+
 def run(cfg: CorpusConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resolved(cfg), command="data_synth.corpus", inputs=(cfg.source,),
                        may_differ=("docs_per_shard",), overwrite=cfg.overwrite)  # fmt: skip
     seen: set[bytes] = set()
     totals: Counter = Counter()
-    start_chunk = 0  # resume: finished chunks (a prefix, written in order) keep their counts and passages
-    while (counts := chunk_meta(out, start_chunk)) is not None:
-        totals.update(counts)
-        shard = out / f"train-{start_chunk:05d}.parquet"
+    start_chunk = finished_prefix(cfg, out)  # resume: finished chunks keep their counts and passages
+    for k in range(start_chunk):
+        totals.update({key: v for key, v in chunk_meta(out, k).items() if key != "digest"})
+        shard = out / f"train-{k:05d}.parquet"
         if shard.is_file():
             seen.update(
-                fingerprint(t) for t in pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+                fingerprint(t) for t in read_parquet(shard, columns=["text"]).column("text").to_pylist()
             )
-        start_chunk += 1
-    for later in [*out.glob("train-*.parquet"), *out.glob("_empty-*.json")]:  # after a gap: redone, not kept
-        if int(later.stem.rsplit("-", 1)[1]) > start_chunk:
-            later.unlink()
     done_documents = totals["documents"]  # what finished chunks read, whatever docs_per_shard was then
     chunk: list[tuple[int, str, str]] = []
     docs = documents(cfg)
@@ -247,7 +264,8 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
         if cfg.max_passages is not None:
             rows = rows[: max(0, cfg.max_passages - totals["passages"])]
         counts = {"documents": len(chunk), "passages": len(rows), **{r: drops[r] for r in REASONS}}
-        write_chunk(out, k, pa.Table.from_pylist(rows, schema=SCHEMA), counts)
+        meta = {**counts, "digest": documents_digest((d, t) for _, d, t in chunk)}
+        write_chunk(out, k, pa.Table.from_pylist(rows, schema=SCHEMA), meta)
         totals.update(counts)
         bar.update(len(chunk))
         chunk.clear()

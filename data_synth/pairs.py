@@ -11,6 +11,7 @@ responses) are dropped and counted. Rows are trl's conversational preference for
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from core.chat import first_turn, render_prompt, to_messages
+from core.chat import first_turn, render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, load_rows, write_parquet
@@ -103,44 +104,62 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         return write_pairs(
             cfg, out, results, "scores given in the input (responses + scores / rewards_armorm)"
         )
-    for i, row in enumerate(rows):
-        to_messages(row, f"{cfg.input}: row {i}")  # any layout with a conversation; none fails naming the row
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
+    # Progress is keyed by the instruction itself: a reordered or edited input never pairs responses with another
+    # row, and an instruction that appears twice is sampled once (its seeds are named by its text, not its row).
+    questions = [first_turn(row, f"{cfg.input}: row {i}")[0] for i, row in enumerate(rows)]
+    keys = [prompt_key(q) for q in questions]
+    first: dict[str, int] = {}  # each distinct instruction's first row, in input order
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
-    done = {r["source_index"] for r in work.rows()}
-    todo = [i for i in range(len(rows)) if i not in done]
+    done = {prompt_key(r["prompt"][0]["content"]) for r in work.rows()}
+    todo = [i for k, i in first.items() if k not in done]
     engine = None
     scorer = Context(
         cfg, out
     )  # the taggers' scorer: PairsConfig has the reward_model and judge fields it reads
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="pairs", unit="prompt")
+    bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="pairs", unit="prompt")
+    missing = 0
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
         engine = engine or make_engine(cfg.model, cfg.engine)
-        questions = [first_turn(rows[i])[0] for i in idx]
-        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
-        # n_samples of one prompt must differ: each request its own seed, named by (row, sample).
-        samplings = [
-            Sampling(
-                cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", i, 0, k)
-            )
-            for i in idx
-            for k in range(cfg.n_samples)
-        ]
+        asked = [questions[i] for i in idx]
+        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in asked]
+        # n_samples of one prompt must differ: each request its own seed, named by (instruction, sample).
+        samplings = [Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", keys[i], 0, k))
+                     for i in idx for k in range(cfg.n_samples)]  # fmt: skip
         outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], samplings)
         responses = [
             [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]
             for k in range(len(idx))
         ]
-        flat = [(q, r) for q, rs in zip(questions, responses, strict=True) for r in rs]
+        flat = [(q, r) for q, rs in zip(asked, responses, strict=True) for r in rs]
+        scorer.missing.clear()
         flat_scores = scorer.rewards(flat)  # the reward model, or the judge's labelled score
-        for k, (i, q, rs) in enumerate(zip(idx, questions, responses, strict=True)):
-            work.add([pair_row(i, q, rs, flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples])])
+        unanswered = {position // cfg.n_samples for position in scorer.missing}
+        missing += len(unanswered)
+        for k, (i, q, rs) in enumerate(zip(idx, asked, responses, strict=True)):
+            if (
+                k not in unanswered
+            ):  # a score the judge never gave is missing, not a tie: the prompt is redone
+                work.add([pair_row(i, q, rs, flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples])])
         work.flush()
         bar.update(len(idx))
     bar.close()
+    if missing:
+        scorer.judge.raise_for_outages(missing, len(first), "prompts")
+    by_key = {prompt_key(r["prompt"][0]["content"]): r for r in work.rows()}
+    results = [{**by_key[k], "source_index": i} for k, i in first.items()]  # this input's, in its order
+    summary = write_pairs(cfg, out, results, TAGGERS["reward"].source(cfg))
+    if len(first) < len(rows):
+        summary["duplicate_prompts"] = len(rows) - len(first)
+        atomic_write_json(out / "manifest.json", summary)
+    return summary
 
-    return write_pairs(cfg, out, list(work.rows()), TAGGERS["reward"].source(cfg))
+
+def prompt_key(instruction: str) -> str:
+    return hashlib.sha1(instruction.encode()).hexdigest()[:16]
 
 
 def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scorer: str) -> dict[str, Any]:

@@ -13,8 +13,10 @@ stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import atomic_write_json, load_rows, read_jsonl, write_jsonl
+from core.io import atomic_write_json, hub_trouble, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
 
 Bench = Literal["alpaca_eval", "arena_hard", "arena_hard_v2", "mt_bench"]
@@ -69,11 +71,19 @@ def load_questions(bench: str, source: str | None = None, limit: int | None = No
     """Questions as {"id", "turns": [str], "category", "extra"}; `extra` goes back into the answer files."""
     source = source or HUB_QUESTIONS[bench]
     if bench in HUB_FILES and source == HUB_QUESTIONS[bench]:
+        import httpx
         from huggingface_hub import hf_hub_download  # no loadable dataset in these repos; read the file
+        from huggingface_hub.errors import EntryNotFoundError
 
         try:
             source = hf_hub_download(source, HUB_FILES[bench], repo_type="dataset")
-        except Exception as e:  # offline, proxy, rate limit: huggingface_hub raises many types
+        except (
+            OSError,
+            EntryNotFoundError,
+            httpx.HTTPError,
+        ) as e:  # offline, a proxy, a rate limit, a moved file
+            if not hub_trouble(e):  # a full disk is not the user's error
+                raise
             raise ConfigError(
                 f"{source}: could not download {HUB_FILES[bench]} from the Hub ({type(e).__name__}); "
                 "pass questions=PATH to a local copy"
@@ -147,46 +157,58 @@ def check_same_questions(
 
 
 def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    """Answer every turn of every question, greedy; resumable through the progress file `path`."""
-    done = {r["id"]: r for r in read_jsonl(path)} if path.exists() else {}
-    done = {
-        k: v for k, v in done.items() if v.get("model") == cfg.model
-    }  # another model's answers are not ours
-    todo = [q for q in questions if len(done.get(q["id"], {}).get("answers", [])) < len(q["turns"])]
+    """Answer every turn of every question, greedy; resumable through the progress file `path`. Progress is keyed
+    by what an answer was computed from (`answer_key`): a reordered or edited questions file, another model or other
+    sampling never puts an answer under a question it was not given for."""
+    keys = [answer_key(cfg, q) for q in questions]
+    done = {r["key"]: r for r in read_jsonl(path) if "key" in r} if path.exists() else {}
+    todo = [
+        (q, k)
+        for q, k in zip(questions, keys, strict=True)
+        if len(done.get(k, {}).get("answers", [])) < len(q["turns"])
+    ]
     if todo:
         engine = make_engine(cfg.model, cfg.engine)
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         total = sum(len(q["turns"]) for q in questions)
-        bar = tqdm(
-            total=total,
-            initial=total - sum(len(q["turns"]) for q in todo),
-            desc=f"answers {model_name(cfg)}",
-            unit="turn",
-        )
-        for turn in range(max(len(q["turns"]) for q in todo)):  # turn by turn: turn 2 needs answer 1
+        bar = tqdm(total=total, initial=total - sum(len(q["turns"]) for q, _ in todo), desc=f"answers {model_name(cfg)}",
+                   unit="turn")  # fmt: skip
+        for turn in range(max(len(q["turns"]) for q, _ in todo)):  # turn by turn: turn 2 needs answer 1
             need = [
-                q
-                for q in todo
-                if len(q["turns"]) > turn and len(done.get(q["id"], {}).get("answers", [])) == turn
+                (q, k)
+                for q, k in todo
+                if len(q["turns"]) > turn and len(done.get(k, {}).get("answers", [])) == turn
             ]
-            for start in range(0, len(need), max(1, cfg.chunk_size)):
-                batch = need[start : start + max(1, cfg.chunk_size)]
-                chats = [system + _history(q, done, turn) for q in batch]
+            for start in range(0, len(need), cfg.chunk_size):
+                batch = need[start : start + cfg.chunk_size]
+                chats = [system + _history(q, done.get(k), turn) for q, k in batch]
                 # A chat API (engine.chat, e.g. a hosted baseline model) takes the messages; the rest get text.
                 prompts = chats if cfg.engine.chat else [render_prompt(engine.tokenizer, m) for m in chats]
-                samplings = [answer_sampling(cfg, q["id"], turn) for q in batch]
-                for q, c in zip(batch, engine.complete(prompts, samplings), strict=True):
+                samplings = [answer_sampling(cfg, q["id"], turn) for q, _ in batch]
+                for (q, k), c in zip(batch, engine.complete(prompts, samplings), strict=True):
                     row = done.setdefault(
-                        q["id"], {"id": q["id"], "model": cfg.model, "answers": [], "n_tokens": []}
+                        k, {"id": q["id"], "key": k, "model": cfg.model, "answers": [], "n_tokens": []}
                     )
                     row["answers"].append(c.text.strip())
                     row["n_tokens"].append(c.n_tokens)
-                write_jsonl(path, [done[q["id"]] for q in questions if q["id"] in done])
+                # This run's questions in order, then answers kept for others (a larger max_questions later)
+                order = list(dict.fromkeys([k for k in keys if k in done] + list(done)))
+                write_jsonl(path, [done[k] for k in order])
                 bar.update(len(batch))
         bar.close()
         del engine
         gc.collect()
-    return [{**q, **done[q["id"]]} for q in questions]
+    return [{**q, **done[k], "id": q["id"]} for q, k in zip(questions, keys, strict=True)]
+
+
+def answer_key(cfg: GenerateConfig, q: dict[str, Any]) -> str:
+    """What an answer is computed from: the model, the system prompt, every turn of the question, the sampling
+    (with each turn's seed, named by the question's id only when answers are sampled)."""
+    samplings = [dataclasses.asdict(answer_sampling(cfg, q["id"], t)) for t in range(len(q["turns"]))]
+    blob = json.dumps(
+        [cfg.model, cfg.system_prompt, q["turns"], samplings], sort_keys=True, ensure_ascii=False
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
 def answer_sampling(cfg: GenerateConfig, question_id: str, turn: int) -> Sampling:
@@ -201,12 +223,13 @@ def answer_sampling(cfg: GenerateConfig, question_id: str, turn: int) -> Samplin
     )
 
 
-def _history(q: dict[str, Any], done: dict[str, dict], turn: int) -> list[dict[str, str]]:
+def _history(q: dict[str, Any], progress: dict[str, Any] | None, turn: int) -> list[dict[str, str]]:
+    """The conversation up to turn `turn`'s question, with the answers already given to the earlier turns."""
     messages = []
     for t in range(turn + 1):
         messages.append({"role": "user", "content": q["turns"][t]})
         if t < turn:
-            messages.append({"role": "assistant", "content": done[q["id"]]["answers"][t]})
+            messages.append({"role": "assistant", "content": progress["answers"][t]})
     return messages
 
 
