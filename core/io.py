@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import itertools
 import json
 import os
@@ -37,6 +39,15 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
+
+
+def follow_umask(directory: str | Path) -> None:
+    """Give the private (0600) files another library left under `directory` the mode the umask gives: safetensors
+    writes weights through a 0600 temp file, so a saved model or checkpoint would be unreadable to the group."""
+    mode = 0o666 & ~umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) == 0o600:
+            path.chmod(mode)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -94,8 +105,22 @@ def chunk_meta(out_dir: str | Path, k: int) -> dict[str, Any] | None:
     """What `write_chunk` stored for chunk `k`, or None when the chunk is not done."""
     shard, empty = Path(out_dir) / f"train-{k:05d}.parquet", Path(out_dir) / f"_empty-{k:05d}.json"
     if shard.is_file():
-        return json.loads(pq.read_schema(shard).metadata[b"chunk"])
+        return json.loads(_named(pq.read_schema, shard).metadata[b"chunk"])
     return json.loads(empty.read_text()) if empty.is_file() else None
+
+
+def drop_chunk(out_dir: str | Path, k: int) -> None:
+    """Remove chunk `k`'s outcome (ours: what `write_chunk` wrote), so that a resumed run redoes it."""
+    (Path(out_dir) / f"train-{k:05d}.parquet").unlink(missing_ok=True)
+    (Path(out_dir) / f"_empty-{k:05d}.json").unlink(missing_ok=True)
+
+
+def digest(texts: Iterable[str | None]) -> str:
+    """A short hash of a sequence of texts: what a chunk was computed from, for resuming by content."""
+    h = hashlib.sha1()
+    for t in texts:
+        h.update(b"\x00" if t is None else t.encode("utf-8", "surrogatepass") + b"\x01")
+    return h.hexdigest()[:16]
 
 
 def finished_chunks(out_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -137,9 +162,27 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _named(read: Any, path: Path, **kwargs: Any) -> Any:
+    """`read(path)` for a Parquet file; one that cannot be read (truncated by a copy or a full disk, or not Parquet)
+    fails naming it. Our own writes are atomic, so such a file came from elsewhere: move it away to redo it."""
+    try:
+        return read(path, **kwargs)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); if it is "
+                          "a shard of a run, move it away and re-run to redo its rows") from None  # fmt: skip
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    return _named(pq.read_table, Path(path), columns=columns)
+
+
+def parquet_rows(path: str | Path) -> int:
+    """Rows in a Parquet file, from its footer (no data is read)."""
+    return _named(pq.ParquetFile, Path(path)).metadata.num_rows
+
+
 def _rows_in(shards: Iterable[Path]) -> int:
-    """Rows in Parquet files, read from their footers (no data is read)."""
-    return sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    return sum(parquet_rows(s) for s in shards)
 
 
 class ShardWriter:
@@ -182,7 +225,7 @@ class ShardWriter:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for shard in self.shards:
-            yield from pq.read_table(shard).to_pylist()
+            yield from read_parquet(shard).to_pylist()
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         self._buffer.extend(rows)
@@ -209,24 +252,31 @@ class ShardWriter:
 
 
 SPLIT_FILE = re.compile(r"^(train|test|validation|dev)([-.]|$)")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+RUN_FILES = ("manifest.json", "results.json")  # what a stage writes beside its data: never data itself
 
 
 def data_files(directory: Path, split: str = "train") -> list[Path]:
     """The files of one split in a directory, named as `datasets` names them (`train-00000.parquet`, `test.jsonl`);
-    a directory without split names is one split."""
-    for ext in ("parquet", "jsonl", "json"):
-        files = sorted(directory.glob(f"*.{ext}"))
-        named = [f for f in files if SPLIT_FILE.match(f.name)]
-        if not named:
-            if files:
-                return files
-            continue
-        mine = [f for f in named if SPLIT_FILE.match(f.name).group(1) == split]
-        if not mine:
+    a directory without split names is one split. A split is read whole, in one format: files of two formats are
+    refused naming one of each, never read as half the data. Names starting with `_` or `.` are skipped, as
+    `datasets` skips them."""
+    files = sorted(f for f in directory.iterdir() if f.suffix in DATA_SUFFIXES and f.name not in RUN_FILES
+                   and not f.name.startswith(("_", ".")) and f.is_file())  # fmt: skip
+    if not files:
+        raise ConfigError(f"{directory}: no .parquet, .jsonl or .json files in this directory")
+    named = [f for f in files if SPLIT_FILE.match(f.name)]
+    if named:
+        files = [f for f in named if SPLIT_FILE.match(f.name).group(1) == split]
+        if not files:
             found = sorted({SPLIT_FILE.match(f.name).group(1) for f in named})
             raise ConfigError(f"{directory}: no '{split}' split (found: {', '.join(found)})")
-        return mine
-    raise ConfigError(f"{directory}: no .parquet, .jsonl or .json files in this directory")
+    one_each = {f.suffix: f for f in reversed(files)}
+    if len(one_each) > 1:
+        shown = " and ".join(f"{s} ({f.name})" for s, f in sorted(one_each.items()))
+        raise ConfigError(f"{directory}: holds both {shown} files; a data set is read whole in one format, so keep "
+                          "one format per directory (convert or move the others)")  # fmt: skip
+    return files
 
 
 def open_dataset(source: str | Path, split: str = "train") -> Any:
@@ -247,13 +297,18 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
     else:
         try:
             ds = datasets.load_dataset(str(source), split=split)
-        except Exception as e:  # offline, unknown id, gated: datasets raises many types
+        except (OSError, ValueError) as e:  # offline, unknown id, gated, no such split (not: a full disk)
+            if not hub_trouble(e):
+                raise
             raise ConfigError(f"{source}: could not load split '{split}' from the Hub ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None  # fmt: skip
         return _nonempty(ds, source)
     kind = "parquet" if files[0].suffix == ".parquet" else "json"
-    if kind == "parquet" and _rows_in(files) == 0:
+    if kind == "parquet" and _rows_in(files) == 0:  # reads every footer: a truncated file is named here
         raise ConfigError(f"{source}: 0 rows")  # datasets cannot even open an empty Parquet file
+    if kind == "json":
+        for f in files:
+            _check_head(f)
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
         if (
@@ -265,7 +320,22 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
     except ConfigError:
         raise
     except Exception as e:  # datasets buries the cause: find the file and line ourselves
-        raise ConfigError(_diagnose(files, e)) from None
+        problem = _diagnose(files) or _data_error(files, e)
+        if (
+            problem is None
+        ):  # nothing wrong with the input that we can name: not the user's error, keep the trace
+            raise
+        raise ConfigError(problem) from None
+
+
+# What a full or broken disk raises: our environment's failure, never reported as the user's input
+LOCAL_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM}
+
+
+def hub_trouble(e: BaseException) -> bool:
+    """Whether an error loading from the Hub is the user's to fix (offline, an unknown or gated id, a wrong split),
+    as opposed to a full disk or a library bug."""
+    return not (isinstance(e, OSError) and e.errno in LOCAL_FAILURES)
 
 
 def load_rows(source: str | Path, split: str = "train") -> list[dict[str, Any]]:
@@ -334,11 +404,30 @@ def shard_bounds(ds: Any, source: str | Path, rows_per_shard: int = 100_000) -> 
     path = Path(source)
     files = data_files(path) if path.is_dir() else [path] if path.is_file() else []
     if files and all(f.suffix == ".parquet" for f in files):
-        sizes = [n for n in (pq.ParquetFile(f).metadata.num_rows for f in files) if n]
+        sizes = [n for n in (parquet_rows(f) for f in files) if n]
     else:
         sizes = [min(rows_per_shard, len(ds) - s) for s in range(0, len(ds), rows_per_shard)]
     starts = [0, *itertools.accumulate(sizes)][:-1]
     return list(zip(starts, sizes, strict=True))
+
+
+def _check_head(path: Path, limit: int = 1 << 20) -> None:
+    """The first line of a JSON/JSONL file, read before `datasets` scans the whole file (a 2 GB file of zeros kept
+    it busy for minutes): it must start a JSON value, and, when whole within `limit` bytes, parse."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    if not head:
+        raise ConfigError(f"{path}: the file is empty (0 bytes)")
+    line, newline, _ = head.lstrip().partition(b"\n")
+    if not line.startswith((b"{", b"[")):
+        raise ConfigError(f"{path}:1: not JSON (it starts with {line[:16]!r})")
+    if path.suffix == ".jsonl" and (newline or len(head) < limit):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}:1: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:1: expected a JSON object, got {type(row).__name__}")
 
 
 def _nonempty(ds: Any, source: str | Path) -> Any:
@@ -347,7 +436,20 @@ def _nonempty(ds: Any, source: str | Path) -> Any:
     return ds
 
 
-def _diagnose(files: list[Path], error: Exception) -> str:
+def _data_error(files: list[Path], error: BaseException) -> str | None:
+    """Arrow's own complaint about the data (a column whose type changes between rows, say), found among the causes
+    `datasets` wraps it in; None when the error is not about the data."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (pa.ArrowInvalid, pa.ArrowTypeError, json.JSONDecodeError, UnicodeDecodeError)):
+            text = str(cause).splitlines()[0][:300] if str(cause) else ""
+            return f"{', '.join(map(str, files[:3]))}: could not be read as data ({type(cause).__name__}: {text})"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _diagnose(files: list[Path]) -> str | None:
+    """What is wrong with the input files, naming the file (and line), or None when nothing is."""
     for f in files:
         if f.stat().st_size == 0:
             return f"{f}: the file is empty (0 bytes)"
@@ -368,5 +470,9 @@ def _diagnose(files: list[Path], error: Exception) -> str:
                 read_jsonl(f)  # names the file and line of a bad row
             except ValueError as e:
                 return str(e)
-    cause = str(error).splitlines()[0][:300] if str(error) else ""
-    return f"{', '.join(map(str, files[:3]))}: could not be read ({type(error).__name__}: {cause})"
+        if f.suffix == ".json":
+            try:
+                json.loads(data)
+            except json.JSONDecodeError as e:
+                return f"{f}:{e.lineno}: not valid JSON ({e.msg})"
+    return None
