@@ -74,10 +74,9 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     from/value); `instruction` + `response` (the Magpie authors' releases); `instruction` (+ `input`) + `output`
     (Alpaca). ConfigError when it has none."""
     # `get`, not `in`: a file mixing schemas loads with every column, missing ones as None.
-    if row.get("messages") is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    if row.get("conversation") is not None:
-        return [{"role": t["role"], "content": t["content"]} for t in row["conversation"]]
+    for column in ("messages", "conversation"):
+        if row.get(column) is not None:
+            return _role_content(row[column], column, where)
     if row.get("conversations") is not None:
         return sharegpt_to_messages(row["conversations"], where)
     reply = row.get("response", row.get("output"))
@@ -88,6 +87,21 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         f"{where}: no conversation (expected messages, conversation, conversations, instruction/response or "
         f"instruction/output; columns: {sorted(row)})"
     )
+
+
+def _role_content(turns: Any, column: str, where: str) -> list[dict[str, str]]:
+    """A column of {role, content} turns (extra keys such as WildChat's metadata dropped); anything else fails."""
+    if not isinstance(turns, list):
+        raise ConversationError(
+            f"{where}: '{column}' must be a list of {{role, content}} messages, got {type(turns).__name__} "
+            f"{str(turns)[:40]!r}"
+        )
+    for i, t in enumerate(turns):
+        if not (isinstance(t, dict) and "role" in t and "content" in t):
+            raise ConversationError(
+                f"{where}: '{column}' item {i} must be a {{role, content}} message, got {str(t)[:40]!r}"
+            )
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def first_turn(row: dict[str, Any], where: str = "a row") -> tuple[str, str]:
