@@ -25,7 +25,7 @@ import pandas as pd
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion
-from core.io import atomic_write_json, atomic_write_text
+from core.io import atomic_write_json, atomic_write_text, hub_trouble
 from core.judge import Judge, JudgeConfig, first_token_share
 from eval.generate import check_same_questions
 from eval.scores import score_row, write_scores
@@ -120,7 +120,7 @@ def preference(c: Completion) -> float | None:
     return None
 
 
-def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], out: Path) -> pd.DataFrame:
+def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], judge: Judge) -> pd.DataFrame:
     """Judge model (output_2) against reference (output_1), as alpaca_eval's pairwise annotator does."""
     from alpaca_eval import processors, utils
 
@@ -147,7 +147,6 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ou
     same = (shown["output_1"] == shown["output_2"]).tolist()
     asked = [i for i, s in enumerate(same) if not s]
     prompts, _ = utils.make_prompts(shown.iloc[asked], template)
-    judge = Judge(cfg.judge, out / "judge_cache.sqlite")
     verdicts: list[Any] = [None] * len(shown)
     for i, v in zip(
         asked,
@@ -165,7 +164,7 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ou
     df["raw_completion"] = [None if v is None else _raw(v.completion) for v in verdicts]
     df["error"] = [None if v is None else v.error for v in verdicts]
     df.attrs["identical_outputs"] = sum(same)
-    df.attrs["judge_stats"] = judge.stats.as_dict()
+    df.attrs["missing"] = sum(v is not None and v.missing for v in verdicts)  # the judge never answered
     return df
 
 
@@ -174,11 +173,8 @@ def _raw(c: Completion | None) -> dict | None:
 
 
 @contextlib.contextmanager
-def _df_gamed_from(path: str | None):
+def _df_gamed_from(path: str):
     """Let alpaca_eval's GLM read df_gamed.csv from a local file (its code always asks the Hub)."""
-    if path is None:
-        yield
-        return
     from alpaca_eval.metrics import glm_winrate
 
     original = glm_winrate.hf_hub_download
@@ -193,29 +189,54 @@ def _df_gamed_from(path: str | None):
         glm_winrate.hf_hub_download = original
 
 
+def length_controlled(annotations: pd.DataFrame, df_gamed: str | None) -> dict[str, float] | str:
+    """alpaca_eval's length-controlled win rate and its standard error, or why it cannot be computed here: its
+    df_gamed.csv cannot be had (offline, no `df_gamed=PATH`), or it has no difficulty for some instructions."""
+    import httpx
+    from alpaca_eval import metrics
+    from alpaca_eval.metrics import glm_winrate
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = df_gamed or glm_winrate.hf_hub_download(repo_id=BASELINE_HUB[0], filename="df_gamed.csv",
+                                                       repo_type="dataset")  # fmt: skip
+    except (OSError, EntryNotFoundError, httpx.HTTPError) as e:
+        if not hub_trouble(e):
+            raise
+        return f"df_gamed.csv: {type(e).__name__}: {e}"[:300]
+    # alpaca_eval looks each annotation's position up among df_gamed's instructions (a KeyError past them)
+    known = pd.read_csv(path, usecols=["index"]).drop_duplicates("index").index
+    outside = [i for i in range(len(annotations)) if i not in known]
+    if outside:
+        return (
+            f"df_gamed.csv has no instruction difficulty for {len(outside)} of {len(annotations)} annotations"
+        )
+    try:
+        with _df_gamed_from(path):
+            lc = metrics.get_length_controlled_winrate(
+                annotations.copy(), save_weights_dir=None, is_add_glm_preference_inplace=False
+            )
+    except ValueError as e:  # the GLM cannot be fitted to these preferences (one outcome only, say)
+        return f"{type(e).__name__}: {e}"[:300]
+    return {k: _plain(lc[k]) for k in ("length_controlled_winrate", "lc_standard_error")}
+
+
 def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, Any]:
     """alpaca_eval's metrics on one model's annotations; LC where its inputs (df_gamed.csv) can be read."""
     from alpaca_eval import metrics
 
     result = {k: _plain(v) for k, v in metrics.get_winrate(annotations).items()}
-    try:
-        with _df_gamed_from(df_gamed):
-            lc = metrics.get_length_controlled_winrate(
-                annotations.copy(), save_weights_dir=None, is_add_glm_preference_inplace=False
-            )
-        result.update({k: _plain(lc[k]) for k in ("length_controlled_winrate", "lc_standard_error")})
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-    ) as e:  # offline without df_gamed, or instructions it does not cover
-        result["length_controlled_winrate_unavailable"] = f"{type(e).__name__}: {e}"[:300]
+    lc = length_controlled(annotations, df_gamed)
+    if isinstance(lc, dict):
+        result.update(lc)
+    else:
+        result["length_controlled_winrate_unavailable"] = lc
     result["n_failed"] = int(annotations["preference"].isna().sum())
     result["coverage"] = round(1 - result["n_failed"] / max(1, len(annotations)), 4)  # share actually judged
     if result["n_failed"] == len(annotations):
         raise ConfigError(
             f"no judgment succeeded ({len(annotations)} failed): no win rate to report; see the 'error' field of "
-            "the annotations (an unreachable judge, a wrong key, or replies with no verdict)"
+            "the annotations (replies with no verdict)"
         )
     return result
 
@@ -262,8 +283,11 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
         cfg.model_outputs,
         "instruction",
     )
-    df = annotate(cfg, model, reference, out)
-    stats = df.attrs["judge_stats"]
+    judge = Judge(cfg.judge, out / "judge_cache.sqlite")
+    df = annotate(cfg, model, reference, judge)
+    # An outage is no verdict: past the tolerated share nothing is scored, and a re-run asks only what is missing
+    judge.raise_for_outages(df.attrs["missing"], len(df), "instructions")
+    stats = judge.stats.as_dict()
     atomic_write_text(
         out / "annotations.json", df.to_json(orient="records", indent=2)
     )  # alpaca_eval's layout

@@ -3,6 +3,7 @@
     python -m eval.arena_hard answers=DIR[,DIR...] [baseline=gpt-4-0314] [judge.model=...] [style_control=true]
     python -m eval.arena_hard recipe=arena_hard_v2 answers=DIR[,DIR...]
     python -m eval.arena_hard judgments=DIR/model_judgment/JUDGE [answers=...] [n_bootstrap=100] [output_dir=DIR]
+                                                                             (results in DIR/arena_hard/)
 
 `answers` are model_answer directories holding one arena-hard-auto answer file per model (eval.generate
 bench=arena_hard writes them), the baselines' included; both of arena-hard-auto's layouts are read (v2:
@@ -98,8 +99,20 @@ def read_judgments(path: Path) -> list[dict[str, Any]]:
             )
         if not all(g is None or isinstance(g, dict) for g in games):
             raise ConfigError(f"{path}:{i}: every game must be an object with a 'score' (or null)")
-        out.append(normalized(row))
+        out.append({**normalized(row), "where": f"{path}:{i}"})
     return out
+
+
+def check_unique(rows: list[dict[str, Any]]) -> None:
+    """One judgment per (model, question, baseline): the same one twice (a copy of a file under another name, a
+    re-run appended) would be counted twice, so it is an error naming both places."""
+    seen: dict[tuple, str] = {}
+    for r in rows:
+        key = (r["model"], r["question_id"], r.get("baseline"))
+        if key in seen:
+            raise ConfigError(f"the judgment of {r['model']} on question {r['question_id']!r} appears twice: "
+                              f"{seen[key]} and {r['where']}; keep one of them")  # fmt: skip
+        seen[key] = r["where"]
 
 
 def normalized(row: dict[str, Any]) -> dict[str, Any]:
@@ -293,8 +306,9 @@ class ArenaHardConfig:
     )
 
 
-# Keys that only change how judgments are scored (or which of them): a re-run in the same directory may change them
-RESCORING = ("n_bootstrap", "style_control", "models", "layout")
+# Keys that only change how judgments are scored, or which: a re-run in the same directory may change them (a
+# style-controlled score of the judgments a judging run made, written beside its plain one)
+RESCORING = ("n_bootstrap", "style_control", "models", "layout", "judgments", "answers")
 
 
 def baseline_of(cfg: ArenaHardConfig, category: str | None) -> str:
@@ -377,7 +391,13 @@ def judge_model(
                     "score": v.value,
                 }
             )
-            games.append({**game, **({"error": v.error} if v.error else {})})
+            games.append(
+                {
+                    **game,
+                    **({"error": v.error} if v.error else {}),
+                    **({"missing": True} if v.missing else {}),
+                }
+            )
         if cfg.layout == "v2":
             row = {"uid": q["id"], "category": q["category"], "judge": cfg.judge.model, "model": model,
                    "baseline": baseline_of(cfg, q["category"]), "games": games}  # fmt: skip
@@ -414,6 +434,9 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
     rows = []
     for model in models:
         judged = judge_model(cfg, model, questions, answers, judge)
+        # Games the judge never answered are no verdicts: past the tolerated share none is written (a re-run asks)
+        missing = sum(bool(g.get("missing")) for r in judged for g in r["games"])
+        judge.raise_for_outages(missing, 2 * len(judged), f"games of {model}")
         write_jsonl(judge_dir / f"{model}.jsonl", judged)
         # v0.1's layout has no category or baseline on the row: take them from the question
         rows += [
@@ -453,10 +476,16 @@ def score_judgments(
         )
     primary = "hard_prompt" if "hard_prompt" in tables else next(iter(tables))
     unparsed: dict[str, int] = {}
+    missing: dict[str, int] = {}  # games the judge never answered (an outage within judge.max_engine_errors)
     for r in rows:
-        n = sum(1 for g in r["games"][:2] if g.get("score") not in LABELS)
-        unparsed[r["model"]] = unparsed.get(r["model"], 0) + n
+        unparsed.setdefault(r["model"], 0)
+        for g in r["games"][:2]:
+            if g.get("score") not in LABELS:
+                tally = missing if g.get("missing") else unparsed
+                tally[r["model"]] = tally.get(r["model"], 0) + 1
     result = {"leaderboard": tables[primary], "unparsed_games": unparsed, "style_control": cfg.style_control}
+    if missing:
+        result["missing_games"] = missing
     if len(tables) > 1:
         result["categories"] = tables
     if unscored:
@@ -514,14 +543,16 @@ def main(argv: list[str] | None = None) -> None:
         if not files:
             raise ConfigError(f"judgments: no .jsonl files in '{cfg.judgments}'")
         rows = [r for f in files for r in read_judgments(f)]
+        check_unique(rows)
         answers = None
         if cfg.answers:
             answers = {name: read_answers(p) for name, p in answer_files(cfg.answers).items()}
         result = score_judgments(rows, cfg, answers)
-        if cfg.output_dir:
-            prepare_output_dir(cfg.output_dir, resolved(cfg), command="eval.arena_hard",
-                               inputs=(cfg.judgments, *cfg.answers), may_differ=RESCORING)  # fmt: skip
-            write_outputs(result, Path(cfg.output_dir))
+        if cfg.output_dir:  # where the judging mode writes, so both modes' results sit in one place
+            out = Path(cfg.output_dir) / "arena_hard"
+            prepare_output_dir(out, resolved(cfg), command="eval.arena_hard", inputs=(cfg.judgments, *cfg.answers),
+                               may_differ=RESCORING)  # fmt: skip
+            write_outputs(result, out)
     elif cfg.answers:
         result = run(cfg)
     else:

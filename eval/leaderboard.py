@@ -35,7 +35,8 @@ class LeaderboardConfig:
 
 
 def collect(runs: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(model, "benchmark/metric"): row}; the same number reported twice is fine, two different ones are not."""
+    """{(model, "benchmark/metric"): row}; the same score (value and interval) reported twice is fine, two different
+    ones are not: which one the table showed would depend on the order of `runs`."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
     origin: dict[tuple[str, str], Path] = {}
     for run in runs:
@@ -47,13 +48,23 @@ def collect(runs: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
         for path in files:
             for row in read_scores(path):
                 key = (row["model"], f"{row['benchmark']}/{row['metric']}")
-                if key in table and not math.isclose(table[key]["value"], row["value"], abs_tol=1e-9):
+                if key in table and not same_score(table[key], row):
+                    shown = lambda r: f"{r['value']} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
                     raise ConfigError(
-                        f"{row['model']} has two different {key[1]} scores: {table[key]['value']} in {origin[key]} "
-                        f"and {row['value']} in {path}; pass runs that do not overlap"
+                        f"{row['model']} has two different {key[1]} scores: {shown(table[key])} in {origin[key]} "
+                        f"and {shown(row)} in {path}; pass runs that do not overlap"
                     )
                 table[key], origin[key] = row, path
     return table
+
+
+def same_score(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def close(x: float | None, y: float | None) -> bool:
+        return (
+            x is None and y is None or (x is not None and y is not None and math.isclose(x, y, abs_tol=1e-9))
+        )
+
+    return all(close(a[k], b[k]) for k in ("value", "ci_low", "ci_high"))
 
 
 def pivot(table: dict[tuple[str, str], dict[str, Any]]) -> tuple[list[str], list[str]]:

@@ -99,7 +99,7 @@ def test_leaderboard_csv_is_what_show_result_writes_with_output(tmp_path):
     assert board["mixed"]["score"] == pytest.approx(100 * 6 / 18, abs=0.01)
     assert board["gpt-4-0314"]["score"] == 50.0 and board["weak"]["score"] < 1.0
     assert board["gpt-4-0314"]["elo"] == 1000.0  # Elo only in results.json, under names of its own
-    with open(tmp_path / "leaderboard.csv") as f:
+    with open(tmp_path / "arena_hard" / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["model", "score", "rating_q025", "rating_q975", "CI", "avg_tokens", "date"]
     assert [r["model"] for r in rows] == ["gpt-4-0314", "mixed", "weak"]  # by score, as show_result sorts
@@ -121,7 +121,7 @@ def test_v2_judgments_score_per_category_against_each_baseline(tmp_path):
     with open(d / "m.jsonl", "a") as f:
         f.write((cw / "m.jsonl").read_text().replace('"uid": "q', '"uid": "c'))
     main([f"judgments={d}", "n_bootstrap=10", f"output_dir={tmp_path / 'out'}"])
-    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    result = json.loads((tmp_path / "out" / "arena_hard" / "results.json").read_text())
     hard = {r["model"]: r["score"] for r in result["categories"]["hard_prompt"]}
     creative = {r["model"]: r["score"] for r in result["categories"]["creative_writing"]}
     assert hard == {"m": pytest.approx(60.0, abs=0.01), "o3-mini-2025-01-31": 50.0}
@@ -130,8 +130,10 @@ def test_v2_judgments_score_per_category_against_each_baseline(tmp_path):
         result["leaderboard"] == result["categories"]["hard_prompt"]
     )  # the headline, as show_result's default
     assert result["unparsed_games"] == {"m": 1}  # the null game is counted, not dropped
-    assert (tmp_path / "out" / "leaderboard_creative_writing.csv").exists()
-    metrics = {json.loads(line)["metric"] for line in (tmp_path / "out" / "scores.jsonl").open()}
+    assert (tmp_path / "out" / "arena_hard" / "leaderboard_creative_writing.csv").exists()
+    metrics = {
+        json.loads(line)["metric"] for line in (tmp_path / "out" / "arena_hard" / "scores.jsonl").open()
+    }
     assert metrics == {"hard_prompt_score", "creative_writing_score"}
 
 
@@ -251,3 +253,17 @@ def test_answers_from_several_directories_and_one_model_twice_is_an_error(tmp_pa
     assert sorted(answer_files([str(tmp_path / "a"), str(tmp_path / "b")])) == ["gpt-4-0314", "m1", "m2"]
     with pytest.raises(ConfigError, match=r"answers: m1 has two answer files, .*a/m1.jsonl and .*c/m1.jsonl"):
         answer_files([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def test_the_same_judgments_twice_are_an_error_naming_both_files(tmp_path):
+    """A copy of a judgment file under another name was counted twice (80.0 instead of 66.67)."""
+    from tests.core.test_output_dir import main as run
+
+    d = tmp_path / "model_judgment" / "gpt-4.1"
+    _judgments(
+        d, "v2", "m", lambda i: ("B>A", "A>B") if i < 3 else ("A>B", "B>A"), baseline="o3-mini-2025-01-31"
+    )
+    (d / "m-copy.jsonl").write_text((d / "m.jsonl").read_text())
+    code, err = run("eval.arena_hard", f"judgments={d}", "n_bootstrap=10")
+    assert code == 2 and "the judgment of m on question 'q0' appears twice:" in err
+    assert f"{d / 'm-copy.jsonl'}:1 and {d / 'm.jsonl'}:1" in err

@@ -42,9 +42,16 @@ def test_conflicting_or_missing_scores_fail_clearly(tmp_path):
     write_scores(tmp_path / "a", [score_row("m", "arena_hard", "score", 10.0)])
     write_scores(tmp_path / "b", [score_row("m", "arena_hard", "score", 12.0)])
     with pytest.raises(
-        ConfigError, match=r"m has two different arena_hard/score scores: 10.0 in .*a/scores.jsonl"
+        ConfigError,
+        match=r"m has two different arena_hard/score scores: 10.0 \[None, None\] in .*a/scores.jsonl",
     ):
         build([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
+    # The same value with another interval: which interval showed depended on the order of runs=
+    write_scores(tmp_path / "c", [score_row("m", "pairwise", "win_rate", 50.0, 45.0, 55.0)])
+    write_scores(tmp_path / "d", [score_row("m", "pairwise", "win_rate", 50.0, 40.0, 60.0)])
+    for order in (["c", "d"], ["d", "c"]):
+        with pytest.raises(ConfigError, match=r"two different pairwise/win_rate scores: 50.0 \[4"):
+            build([str(tmp_path / o) for o in order], str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"runs: no scores.jsonl under"):
         build([str(tmp_path / "empty")], str(tmp_path / "out"))
