@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from core.io import umask
+from core.io import follow_umask, umask
 
 EMBEDDED_MODEL_NAMES = ("embedded", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 EMBEDDED_EMBEDDER_NAMES = ("embedded-embedder", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -78,6 +78,7 @@ def embedded_model_path() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {gguf} (Q4_1 GGUF, dequantized, stored as bf16)\n")
+        follow_umask(tmp)
         if target.exists():  # an incomplete directory from an older layout: replace it
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -12,11 +12,11 @@ from typing import Any, Literal
 
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from core.chat import training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_text
+from core.io import atomic_write_text, follow_umask
 from core.models import resolve_model
 
 
@@ -210,6 +210,7 @@ def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialSt
     state.wait_for_everyone()
     if last and state.is_main_process:
         print(f"resuming from {last}", flush=True)
+    trainer.add_callback(SharedCheckpoints())
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(args.output_dir)
     if state.is_main_process:
@@ -224,3 +225,12 @@ def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialSt
             f"# {out.name}\n\n{what} of `{script.model_name_or_path}` on `{script.dataset}` "
             f"({len(trainer.train_dataset)} rows), peft={script.peft}. Full settings: config.yaml.\n",
         )
+        follow_umask(out)
+
+
+class SharedCheckpoints(TrainerCallback):
+    """Each checkpoint readable by whoever the umask lets read the run (safetensors writes 0600 files)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            follow_umask(args.output_dir)

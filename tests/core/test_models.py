@@ -36,7 +36,7 @@ def test_embedded_checkpoint_is_bf16_safetensors_matching_the_gguf(embedded_path
 
 
 @pytest.mark.integration
-def test_killed_conversion_leaves_no_checkpoint_that_is_trusted(tmp_path):
+def test_killed_conversion_leaves_no_checkpoint_that_is_trusted_and_the_cache_follows_the_umask(tmp_path):
     env = {**os.environ, "MAGPIE_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
     code = "from core.models import embedded_model_path; embedded_model_path()"
     proc = subprocess.Popen(
@@ -50,13 +50,15 @@ def test_killed_conversion_leaves_no_checkpoint_that_is_trusted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     target = tmp_path / "SmolLM2-135M-Instruct"
-    assert not target.exists() or (target / "model.safetensors").is_file()
-    # The next call converts again (or reuses a complete one) and returns a loadable checkpoint.
-    done = subprocess.run(
-        [sys.executable, "-c", code + "; print('ok')"], env=env, capture_output=True, text=True, timeout=300
-    )
+    assert not target.exists()  # killed 0.5 s into a conversion of ~13 s: nothing half-written is in place
+    # The next call converts again (or reuses a complete one) and returns a loadable checkpoint, readable by the
+    # group under umask 027 (mkdtemp makes 0700 and safetensors 0600: the cache was private to its creator).
+    done = subprocess.run([sys.executable, "-c", code + "; print('ok')"], env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: os.umask(0o027))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+    assert target.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in target.iterdir()} == {0o640}
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

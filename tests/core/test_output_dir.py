@@ -4,8 +4,6 @@ every file we write gets the mode the umask gives (as `open()` would), not mkste
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError, prepare_output_dir, release_output_dir
-from tests.conftest import ROOT
 
 
 def conversations(path: Path, n: int = 3) -> Path:
@@ -197,14 +194,3 @@ def test_files_we_write_follow_the_umask(tmp_path, mask):
     assert not wrong
     dirs = [p for p in tmp_path.rglob("*") if p.is_dir()]
     assert all(stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask for d in dirs)
-
-
-@pytest.mark.integration
-def test_the_embedded_model_cache_is_readable_by_the_group(tmp_path):
-    env = {**os.environ, "MAGPIE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    code = "import os; os.umask(0o027); from core.models import embedded_model_path; print(embedded_model_path())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-800:]
-    model = Path(out.stdout.strip().splitlines()[-1])
-    assert stat.S_IMODE(model.stat().st_mode) == 0o750
-    assert {stat.S_IMODE(p.stat().st_mode) for p in model.iterdir()} == {0o640}

@@ -113,14 +113,21 @@ def test_accelerate_launch_runs_the_script_and_writes_its_config(tmp_path, data_
         f"output_dir={out}",
         "max_steps=1",
         "max_length=128",
-        "save_strategy=no",
+        "save_strategy=steps",
+        "save_steps=1",
         "merge_lora=true",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+                          preexec_fn=lambda: os.umask(0o027))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "model.safetensors").is_file()
     assert "learning_rate: 0.0002" in (out / "config.yaml").read_text()
+    # Adapter, merged weights and checkpoint follow the umask (safetensors writes through a 0600 temp file)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.name != ".lock"}
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    assert {m for p, m in modes.items() if (out / p).is_file()} == {0o640}, modes
+    assert {m for p, m in modes.items() if (out / p).is_dir()} == {0o750}, modes
 
 
 def test_weighted_mixture_oversamples_and_converts_sharegpt(tmp_path, data_file):
