@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import math
 import os
 import sys
@@ -21,24 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 
-from core.errors import ConfigError
+from core.errors import ConfigError, OutageError
 from core.io import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list[str] | None], Any]:
-    """Run a command's main; user errors print one clear line and exit 2 instead of a traceback."""
-    import functools
-
+    """Run a command's main; a user error prints one clear line and exits 2, an engine outage exits 3 (re-run to
+    finish), and our own bugs keep their traceback."""
     from core.engines import EngineError
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> Any:
         try:
             return main(argv)
+        except OutageError as e:
+            print(f"error: {e}; nothing it failed to produce was written: re-run the same command to redo it",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(3) from None
         except (ConfigError, EngineError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -74,7 +79,12 @@ def load_recipe(stage: str, name: str, _seen: tuple[str, ...] = ()) -> Any:
     """A recipe's YAML; `base: OTHER` first loads recipe OTHER of the same stage and overrides it (so a baseline
     recipe states only what differs from the paper's, e.g. its dataset)."""
     path = recipe_path(stage, name)
-    loaded = OmegaConf.load(path)
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(loaded, typing.Mapping):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
     base = loaded.pop("base", None)
@@ -163,13 +173,16 @@ def build(raw: dict[str, Any], *schemas: type) -> tuple[Any, ...]:
     return tuple(out)
 
 
+@functools.cache
 def _hints(schema: type) -> dict[str, Any]:
+    """Each field's type. One that cannot be resolved (a forward reference a library upgrade broke) is our bug,
+    raised with its traceback: never a schema whose keys go unchecked."""
     try:
         return typing.get_type_hints(schema)
-    except (
-        Exception
-    ):  # unresolved forward references in third-party dataclasses: fall back to raw annotations
-        return {f.name: f.type for f in dataclasses.fields(schema)}
+    except NameError as e:
+        raise TypeError(
+            f"{schema.__name__}: its field types cannot be resolved ({e}), so its keys cannot be checked"
+        ) from e
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:

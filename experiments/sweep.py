@@ -19,12 +19,14 @@ where the recipe gives them, the paper's numbers and the difference.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -283,13 +285,55 @@ def record_exit(directory: str | Path, exit_code: int, **fields: Any) -> bool:
 
 
 def run_local(step: dict[str, Any]) -> bool:
-    """Run one stage here, its output in `log.txt`."""
+    """Run one stage here, its output in `log.txt`. When the sweep is stopped (SIGTERM, Ctrl-C) it stops the stage
+    and records it as interrupted, which the next run resumes; when the sweep dies outright (SIGKILL, the OOM
+    killer), the kernel sends the stage SIGTERM. Either way no stage is left running as an orphan that holds its
+    directory."""
     log_path = meta(step["dir"]) / "log.txt"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
-        rc = subprocess.run(command_line(step), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(command_line(step), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+        try:
+            rc = proc.wait()
+        except BaseException:
+            stop(proc)
+            set_status(step["dir"], state="interrupted")
+            raise
     return record_exit(step["dir"], rc, seconds=round(time.time() - start, 1))
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before it starts: SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM (accelerate passes it on to its workers), then SIGKILL after `grace` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """SIGTERM (a scheduler's or `kill`'s) unwinds like Ctrl-C, so the running stage is stopped and recorded."""
+
+    def unwind(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
@@ -445,7 +489,7 @@ def results(cfg: SweepConfig, out: Path, plan_cells: list[tuple[str, list[dict[s
 
 def cell_state(dirs: list[Path]) -> str:
     states = [status(d)["state"] for d in dirs]
-    for state in ("failed", "submitted", "pending"):
+    for state in ("failed", "interrupted", "submitted", "pending"):
         if state in states:
             return state
     return "done"
@@ -475,6 +519,18 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
         prepare_output_dir(out, resolved(cfg), command="experiments.sweep", may_differ=(ANY_KEY,))
     commit = git_commit()
     jobs: dict[Path, str] = {}
+    with stopped_by_sigterm():
+        run_cells(cfg, out, plan_cells, assignments, commit, jobs)
+    if cfg.executor == "slurm" and cfg.wait:
+        wait_for(list(jobs.values()))
+    text = results(cfg, out, plan_cells, {n: assignments[n] for n, _ in plan_cells})
+    print(text)
+    final = {n: cell_state([s["dir"] for s in steps]) for n, steps in plan_cells}
+    return {"output_dir": str(out), "cells": final, "jobs": {str(k): v for k, v in jobs.items()}}
+
+
+def run_cells(cfg: SweepConfig, out: Path, plan_cells: list, assignments: dict, commit: str | None,
+              jobs: dict[Path, str]) -> None:  # fmt: skip
     for name, steps in plan_cells:
         atomic_write_json(out / "cells" / f"{name}.json", {
             "cell": name, "assignment": assignments[name], "git_commit": commit, "executor": cfg.executor,
@@ -482,12 +538,6 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
                         "output_dir": str(s["dir"]), "command_line": shlex.join(command_line(s))} for s in steps]})  # fmt: skip
         state = run_cell(cfg, steps, jobs)
         print(f"cell {name}: {state}", flush=True)
-    if cfg.executor == "slurm" and cfg.wait:
-        wait_for(list(jobs.values()))
-    text = results(cfg, out, plan_cells, {n: assignments[n] for n, _ in plan_cells})
-    print(text)
-    final = {n: cell_state([s["dir"] for s in steps]) for n, steps in plan_cells}
-    return {"output_dir": str(out), "cells": final, "jobs": {str(k): v for k, v in jobs.items()}}
 
 
 def run_cell(cfg: SweepConfig, steps: list[dict[str, Any]], jobs: dict[Path, str]) -> str:

@@ -9,7 +9,17 @@ import pytest
 
 from core.config import ConfigError, load_config
 from eval.scores import score_row, write_scores
-from experiments.sweep import Stage, SweepConfig, cell_name, cells, command_line, resolve, run, status
+from experiments.sweep import (
+    Stage,
+    SweepConfig,
+    cell_name,
+    cell_state,
+    cells,
+    command_line,
+    resolve,
+    run,
+    status,
+)
 
 
 def rows(path, n=12):
@@ -176,3 +186,42 @@ def test_slurm_sweep_trains_through_accelerate_inside_srun_end_to_end(tmp_path, 
         assert "ACCELERATE_CONFIG=" in script and status(d)["job_id"]
     again = run(cfg)  # everything done: nothing is submitted again
     assert again["jobs"] == {} and set(again["cells"].values()) == {"done"}
+
+
+@pytest.mark.integration
+def test_sigterm_to_the_sweep_stops_its_running_stage_and_the_rerun_resumes_it(tmp_path, embedded_path):
+    """It used to orphan the stage, which went on holding its directory, and the next run recorded it as failed."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:  # a server that refuses: the stage retries with backoff for minutes
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "q.json").write_text(json.dumps([{"instruction": "Hello?"}]))
+    overrides = {"bench": "alpaca_eval", "questions": str(tmp_path / "q.json"), "engine.backend": "openai",
+                 "engine.base_urls": [dead], "engine.max_retries": 30, "engine.tokenizer": embedded_path}  # fmt: skip
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(json.dumps({"name": "t", "output_dir": str(tmp_path / "sweep"),
+                                  "stages": [{"name": "gen", "command": "generate", "overrides": overrides}]}))  # fmt: skip
+    sweep = subprocess.Popen([sys.executable, "-m", "experiments.sweep", f"recipe={recipe}"], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline, stage = time.time() + 120, None
+    while time.time() < deadline and stage is None:  # the stage holds its directory once it has started
+        locks = [p for p in (tmp_path / "sweep" / "stages").glob("gen-*/.lock") if p.read_text().strip()]
+        stage = int(locks[0].read_text()) if locks else time.sleep(0.5)
+    assert stage is not None, sweep.stderr.read().decode()[-2000:]
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=120) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(stage, 0)  # the stage was stopped with the sweep, not left running
+    (stage_dir,) = [d for d in (tmp_path / "sweep" / "stages").glob("gen-*") if d.suffix != ".sweep"]
+    assert status(stage_dir)["state"] == "interrupted"
+    assert (
+        cell_state([stage_dir]) == "interrupted"
+    )  # not failed: the next run starts it again, no retry_failed

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from core.config import ConfigError, build
+from core.config import ConfigError, build, load_config
 from train.common import ScriptArgs
-from train.dpo import build_trainer, normalize_preference
+from train.dpo import DPOConfig, build_trainer, normalize_preference
 
 USER = {"role": "user", "content": "Name a planet."}
 
@@ -83,3 +83,10 @@ def test_lora_dpo_on_the_embedded_model_changes_every_lora_parameter(tmp_path):
     assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
     log = [e for e in trainer.state.log_history if "rewards/margins" in e]
     assert log and log[-1]["rewards/margins"] > log[0]["rewards/margins"] - 1e-6  # learning to prefer chosen
+
+
+@pytest.mark.parametrize("key", ["reverse_pairs=true", "dataset_mixture={a: 1.0}", "system_prompts={a: x}",
+                                 "drop_invalid=true", "mixture_seed=1"])  # fmt: skip
+def test_dpo_refuses_the_sft_data_keys_it_would_ignore(key):
+    with pytest.raises(ConfigError, match=f"unknown key '{key.split('=')[0]}'"):
+        load_config("dpo", [key, "output_dir=/tmp/x", "bf16=false"], ScriptArgs, DPOConfig)
