@@ -3,6 +3,8 @@ start (config, output directory, seed) and its end (resume, save, merged export,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -16,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from core.chat import training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_text, follow_umask
+from core.io import atomic_write_json, atomic_write_text, data_files, follow_umask
 from core.models import resolve_model
 
 
@@ -43,9 +45,13 @@ class ScriptArgs:
     init_untrained_template_tokens: bool = True
     overwrite: bool = False
 
+    def sources(self) -> list[str]:
+        """The data sets the run trains on."""
+        return [self.dataset]
+
     def inputs(self) -> tuple[str, ...]:
         """What the run reads (its output directory must not be or hold any of them)."""
-        return (self.model_name_or_path, self.dataset)
+        return (self.model_name_or_path, *self.sources())
 
 
 def start(
@@ -67,9 +73,41 @@ def start(
     if state.is_main_process:
         prepare_output_dir(args.output_dir, resolved(script, args), command=f"train/{stage}.py",
                            inputs=script.inputs(), overwrite=script.overwrite)  # fmt: skip
+        check_same_data(script, Path(args.output_dir))
     state.wait_for_everyone()
     set_seed(args.seed)
     return script, args, state
+
+
+def data_signature(script: ScriptArgs) -> dict[str, Any]:
+    """What the training data is, by content: for each local file, a hash of its size and its first and last MB
+    (a Parquet footer holds every row group's size and statistics); a Hub data set by its id."""
+    signature: dict[str, Any] = {}
+    for source in script.sources():
+        path = Path(source)
+        files = data_files(path, script.dataset_split) if path.is_dir() else [path] if path.is_file() else []
+        hashes = []
+        for f in files:
+            with open(f, "rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(0)
+                head = fh.read(1 << 20)
+                fh.seek(max(0, size - (1 << 20)))
+                hashes.append(hashlib.sha1(str(size).encode() + head + fh.read()).hexdigest()[:16])
+        signature[source] = hashes or "hub"
+    return signature
+
+
+def check_same_data(script: ScriptArgs, out: Path) -> None:
+    """A run resumes from its checkpoints only on the data it started with: the Trainer resumes by step, so other
+    rows under the same path would silently continue the epoch on different data."""
+    path, signature = out / "data_signature.json", data_signature(script)
+    if path.is_file() and last_complete_checkpoint(out) and json.loads(path.read_text()) != signature:
+        raise ConfigError(
+            f"{out}: the training data changed since its checkpoints were written ({', '.join(script.sources())}); "
+            "resuming would continue on other rows. Use a new output_dir, or overwrite=true to move this run aside"
+        )
+    atomic_write_json(path, signature)
 
 
 def read_chat_template(name_or_path: str) -> str:

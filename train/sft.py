@@ -37,8 +37,8 @@ class SFTScriptArgs(ScriptArgs):
     reverse_pairs: bool = False
     drop_invalid: bool = False  # drop (and count) rows that are not valid conversations instead of failing
 
-    def inputs(self) -> tuple[str, ...]:
-        return (*super().inputs(), *self.dataset_mixture)
+    def sources(self) -> list[str]:
+        return list(self.dataset_mixture) if self.dataset_mixture else [self.dataset]
 
 
 def mixture(script: SFTScriptArgs, sizes: list[int]) -> list[tuple[int, int]]:
@@ -115,7 +115,7 @@ def load_conversations(script: SFTScriptArgs) -> datasets.Dataset:
     """A `datasets.Dataset` with only the `messages` column, Arrow end to end (`load_dataset`, `map`, `select`).
     Every row is validated: a bad one fails naming its source and index, or with `drop_invalid=true` is dropped
     and counted."""
-    names = list(script.dataset_mixture) if script.dataset_mixture else [script.dataset]
+    names = script.sources()
     unknown = sorted(set(script.system_prompts) - set(names))
     if unknown:
         raise ConfigError(f"system_prompts: {unknown} are not sources of this run; sources: {names}")

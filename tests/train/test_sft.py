@@ -237,3 +237,20 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
     after = dict(trainer.model.named_parameters())
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
+
+
+def test_a_run_resumes_its_checkpoints_only_on_the_data_it_started_with(tmp_path, data_file):
+    """The Trainer resumes by step: other rows under the same path would silently continue the epoch on them."""
+    from core.config import ConfigError, release_output_dir
+    from train.common import start
+
+    out = tmp_path / "sft"
+    argv = [f"dataset={data_file}", f"output_dir={out}", "bf16=false", "report_to=none"]
+    start("sft", argv, SFTScriptArgs, SFTConfig)
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")  # a complete checkpoint
+    start("sft", argv, SFTScriptArgs, SFTConfig)  # the same data: resumes
+    data_file.write_text(data_file.read_text().replace("Red is", "Blue is"))
+    with pytest.raises(ConfigError, match="the training data changed since its checkpoints were written"):
+        start("sft", argv, SFTScriptArgs, SFTConfig)
+    release_output_dir(out)
