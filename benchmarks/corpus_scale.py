@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -90,8 +91,11 @@ def one_size(n: int, work: Path) -> dict:
         "write_seconds": round(time.time() - t0, 1),
     }
     out = work / f"passages_{n}"
+    shutil.rmtree(
+        out, ignore_errors=True
+    )  # this benchmark's own output of an earlier run (overwrite would keep it)
     result["corpus"] = measured([py, "-m", "data_synth.corpus", f"source={data}", "title_column=url",
-                                 f"output_dir={out}", "overwrite=true"])  # fmt: skip
+                                 f"output_dir={out}"])  # fmt: skip
     result["baseline_read_and_hash"] = measured([py, "-c", BASELINE, str(data)])
     manifest = json.loads((out / "manifest.json").read_text())
     result.update(passages=manifest["passages"], dropped=manifest["dropped"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,13 +168,16 @@ def one_size(n: int, work: Path) -> dict:
         "write_seconds": round(time.time() - t0, 1),
     }
     out = work / f"out_{n}"
+    shutil.rmtree(
+        out, ignore_errors=True
+    )  # this benchmark's own output of an earlier run (overwrite would keep it)
     stages = {
         "tag": [py, "-m", "data_synth.tag", "taggers=[lengths,language]", f"input={data}",
-                f"output_dir={out / 'tagged'}", "overwrite=true"],
+                f"output_dir={out / 'tagged'}"],
         "select": [py, "-m", "data_synth.select", "recipe=pro_300k_filtered", f"input={out / 'tagged'}",
-                   f"output_dir={out / 'selected'}", "overwrite=true"],
+                   f"output_dir={out / 'selected'}"],
         "report": [py, "-m", "data_synth.report", f"input={out / 'tagged'}", f"output_dir={out / 'report'}",
-                   "max_points=1000", "overwrite=true"],
+                   "max_points=1000"],
         "baseline_python_rows": [py, "-c", BASELINE, str(out / "tagged")],
     }  # fmt: skip
     for name, cmd in stages.items():

@@ -14,6 +14,7 @@ import enum
 import functools
 import math
 import os
+import re
 import sys
 import time
 import types
@@ -225,7 +226,9 @@ class Bounds:
         return above and below and math.isfinite(x)
 
     def __str__(self) -> str:
-        if self.high is None:
+        if self.low is None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        elif self.high is None:
             text = f"{'>' if self.low_open else '>='} {self.low:g}"
         else:
             text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -475,18 +478,30 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# `may_differ=(ANY_KEY,)`: a command whose outputs are recomputed whole on every run (a leaderboard, a sweep's
-# table) may be re-run in its own directory with other settings.
-ANY_KEY = "*"
 HEADER = "# magpie-harness: written by {command}; re-run the same command here to resume it\n"
+MOVED_ASIDE = re.compile(
+    r"\.old-\d{8}-\d{6}(-\d+)?$"
+)  # what overwrite=true names a previous run: <dir>.old-<time>
 
 
-def _writer(cfg_file: Path) -> str | None:
-    """The command named in a config.yaml's first line (`HEADER`), or None when another tool wrote the file."""
-    with open(cfg_file, encoding="utf-8", errors="replace") as f:
-        first = f.readline()
-    prefix = HEADER.partition("{command}")[0]
-    return first[len(prefix) :].split(";")[0].strip() if first.startswith(prefix) else None
+def owner(out: Path, command: str, config: dict[str, Any], outputs: tuple[str, ...] = ()) -> str | None:
+    """Which command's run `out` holds (None: not ours, or nothing to tell). The command named in its config.yaml's
+    first line (`HEADER`); for a run made before that line existed, `command` when its config.yaml has `config`'s
+    keys, or when it has no config.yaml and holds nothing but `outputs` (the names `command` writes)."""
+    cfg_file = out / "config.yaml"
+    if cfg_file.is_file():
+        with open(cfg_file, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        prefix = HEADER.partition("{command}")[0]
+        if first.startswith(prefix):
+            return first[len(prefix) :].split(";")[0].strip()
+        try:
+            keys = yaml.safe_load(cfg_file.read_text(encoding="utf-8", errors="replace"))
+        except yaml.YAMLError:
+            return None
+        return command if isinstance(keys, dict) and set(keys) == set(config) else None
+    results = _results(out)
+    return command if results and outputs and all(p.name in outputs for p in results) else None
 
 
 def _check_not_inside(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
@@ -505,36 +520,45 @@ def _check_not_inside(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
 
 
 def _results(out: Path) -> list[Path]:
-    """What a run left in `out` besides its config and hidden files (the lock, temp files)."""
+    """What a run left in `out` besides its config and hidden files (the lock, temp files, bookkeeping)."""
     return [p for p in out.iterdir() if p.name != "config.yaml" and not p.name.startswith(".")]
 
 
-def _check_ours(out: Path, command: str, overwrite: bool) -> None:
-    """Refuse a directory that holds another command's run, or files and no config.yaml of ours."""
+def _check_ours(
+    out: Path, command: str, config: dict[str, Any], outputs: tuple[str, ...], overwrite: bool
+) -> None:
+    """Refuse a directory that holds another command's run, another tool's config.yaml, or files and no config of
+    ours; `overwrite` only ever applies to a previous run of `command`."""
     if not out.is_dir():
         return
-    cfg_file = out / "config.yaml"
-    writer = _writer(cfg_file) if cfg_file.is_file() else None
-    if cfg_file.is_file() and writer not in (None, command):
-        raise ConfigError(
-            f"output_dir {out} holds a run of {writer}, not of {command}: choose another output_dir"
-        )
-    if not _results(out):
+    cfg_file, results = out / "config.yaml", _results(out)
+    if not results and not cfg_file.is_file():
         return
-    if overwrite and writer != command:
+    found = owner(out, command, config, outputs)
+    if found == command:
+        return
+    if found is not None:
+        raise ConfigError(
+            f"output_dir {out} holds a run of {found}, not of {command}: choose another output_dir"
+        )
+    if overwrite:
         raise ConfigError(
             f"overwrite=true: output_dir {out} holds no config.yaml written by {command}, so it is not a previous "
             "run of this command; nothing was moved. Choose another output_dir, or clear it yourself"
         )
-    if not cfg_file.is_file():
+    if cfg_file.is_file():
         raise ConfigError(
-            f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. "
-            "Choose a new output_dir."
+            f"output_dir {out} holds a config.yaml that is not {command}'s: choose another output_dir"
         )
+    raise ConfigError(
+        f"output_dir {out} is not empty and has no config.yaml: it holds another tool's or run's data. Choose a new "
+        "output_dir."
+    )
 
 
 def _move_aside(out: Path, entries: list[Path]) -> Path:
     """`overwrite=true`: the previous run's files go to a sibling `<dir>.old-<time>`, never deleted (the lock stays)."""
+    out = out.resolve()  # `.` and `..` have no name to put a sibling beside
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = out.with_name(f"{out.name}.old-{stamp}")
     n = 1
@@ -558,18 +582,22 @@ def prepare_output_dir(
     command: str,
     inputs: tuple[str | Path | None, ...] = (),
     may_differ: tuple[str, ...] = (),
-    overwrite: bool = False,
+    recomputed: bool = False,
+    outputs: tuple[str, ...] = (),
+    overwrite: bool | None = None,
 ) -> bool:
     """Claim `output_dir` for a run of `command` (an exclusive lock) and write its `config.yaml`; return True when
     resuming.
 
     A directory that holds another run's results (a different config, another command's, or files and no config)
     is an error, never silently overwritten. Settings that only change execution (`EXECUTION_ONLY`) and keys in
-    `may_differ` (e.g. a larger `n_conversations`) may change on resume. A directory with a config but no results
-    yet (a run that failed before writing anything) takes the new config. `overwrite=true` moves a previous run of
-    the same command aside (`<dir>.old-<time>`); it never deletes, and never touches another command's directory,
-    a directory without our config.yaml, or `inputs` (the run's input files and models: the output directory must
-    not be or hold one of them).
+    `may_differ` (e.g. a larger `n_conversations`) may change on resume; any may for a command whose whole output is
+    `recomputed` on every run (a leaderboard, a sweep's table). A directory with a config but no results yet (a run
+    that failed before writing anything) takes the new config. `overwrite=true` moves a previous run of the same
+    command aside (`<dir>.old-<time>`); it never deletes, and never touches another command's directory, a directory
+    without our config.yaml, or `inputs` (the run's input files and models: the output directory must not be or hold
+    one of them). `overwrite=None`: the command has no such option. `outputs`: the names the command writes, by
+    which a directory of its from before config.yaml existed is still recognised.
     """
     out = Path(output_dir)
     if out.is_symlink() and not out.exists():
@@ -577,36 +605,43 @@ def prepare_output_dir(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a directory")
     _check_not_inside(out, inputs)
-    _check_ours(out, command, overwrite)  # before the lock, so a refused directory gets no .lock file either
+    config = to_plain(config)
+    _check_ours(
+        out, command, config, outputs, bool(overwrite)
+    )  # before the lock: a refused directory gets none
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out)
     except PermissionError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
-    _check_ours(out, command, overwrite)  # again under the lock
+    _check_ours(out, command, config, outputs, bool(overwrite))  # again under the lock
     cfg_file = out / "config.yaml"
     resuming = False
     if _results(out) and overwrite:
         entries = [p for p in out.iterdir() if p.name != ".lock"]
         print(f"overwrite: moved the previous run aside to {_move_aside(out, entries)}", file=sys.stderr)
-    elif _results(out):
-        previous = _flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
-        current = _flatten(to_plain(config))
+    elif _results(out) and cfg_file.is_file() and not recomputed:
+        try:
+            previous = _flatten(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True))
+        except Exception as e:  # omegaconf's own error types: a file that is ours by its keys, yet unreadable
+            raise ConfigError(f"{cfg_file}: could not be read ({_first_line(e)})") from None
+        current = _flatten(config)
         diff = sorted(
             k
             for k in set(previous) | set(current)
             if k.split(".")[-1] not in EXECUTION_ONLY and k.split(".")[0] not in may_differ
-            and ANY_KEY not in may_differ and previous.get(k) != current.get(k)
+            and previous.get(k) != current.get(k)
         )  # fmt: skip
         if diff:
             shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
-            raise ConfigError(
-                f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir, "
-                "re-run with the same settings to resume, or pass overwrite=true to move that run aside."
-            )
+            aside = ", or pass overwrite=true to move that run aside" if overwrite is not None else ""
+            raise ConfigError(f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir "
+                              f"or re-run with the same settings to resume it{aside}.")  # fmt: skip
         resuming = True
+    else:
+        resuming = bool(_results(out))
     try:
-        atomic_write_text(cfg_file, HEADER.format(command=command) + config_yaml(to_plain(config)))
+        atomic_write_text(cfg_file, HEADER.format(command=command) + config_yaml(config))
     except PermissionError as e:
         raise ConfigError(f"output_dir {out} is not writable ({e.strerror})") from None
     return resuming

@@ -52,6 +52,11 @@ class Engine(Protocol):
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]: ...
 
 
+class Refused(OutageError):
+    """A request refused for who or what it asks (HTTP 401, 403, 404: a wrong key or model name), not for its
+    content: when every request of a call is refused, the call is an `EngineError`."""
+
+
 class EngineError(RuntimeError):
     """An engine that cannot start (a missing model, an unset API key variable, no server URL): a user error.
     A request that fails once the engine runs is an `OutageError` instead."""
@@ -272,13 +277,16 @@ class OpenAIEngine:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(self._one, p, s) for p, s in zip(prompts, samplings, strict=True)]
         done: list[Completion | None] = []
-        errors: list[str] = []
+        errors: list[OutageError] = []
         for future in futures:
             try:
                 done.append(future.result())
             except OutageError as e:
                 done.append(None)
-                errors.append(str(e))
+                errors.append(e)
+        if errors and not any(done) and all(isinstance(e, Refused) for e in errors):
+            # Every request refused for who or what is asked (a wrong key or model name): the user's to fix
+            raise EngineError(f"the server refuses these requests: {errors[0]}")
         if errors:
             raise OutageError(
                 f"{len(errors)} of {len(prompts)} requests failed; the first: {errors[0]}", done
@@ -331,7 +339,8 @@ class OpenAIEngine:
                         f"HTTP {r.status_code}: {r.text[:200]}", request=r.request, response=r
                     )
                 if r.status_code >= 400:  # a wrong key, model name or request: retrying will not help
-                    raise OutageError(
+                    error = Refused if r.status_code in (401, 403, 404) else OutageError
+                    raise error(
                         f"{url}/completions rejected the request: HTTP {r.status_code}: {r.text[:500]}"
                     )
                 return self._parse(r.json(), s, self.cfg.chat)

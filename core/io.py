@@ -115,11 +115,19 @@ def drop_chunk(out_dir: str | Path, k: int) -> None:
     (Path(out_dir) / f"_empty-{k:05d}.json").unlink(missing_ok=True)
 
 
-def digest(texts: Iterable[str | None]) -> str:
-    """A short hash of a sequence of texts: what a chunk was computed from, for resuming by content."""
+def digest(parts: Iterable[str | bytes | None]) -> str:
+    """A short hash of a sequence of texts (or bytes): what a result was computed from, the one key every stage
+    resumes by when it resumes by content."""
     h = hashlib.sha1()
-    for t in texts:
-        h.update(b"\x00" if t is None else t.encode("utf-8", "surrogatepass") + b"\x01")
+    for part in parts:
+        data = (
+            part
+            if isinstance(part, bytes)
+            else b""
+            if part is None
+            else part.encode("utf-8", "surrogatepass")
+        )
+        h.update(b"\x00" if part is None else data + b"\x01")
     return h.hexdigest()[:16]
 
 
@@ -168,6 +176,8 @@ def _named(read: Any, path: Path, **kwargs: Any) -> Any:
     try:
         return read(path, **kwargs)
     except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, OSError) and e.errno in LOCAL_FAILURES:  # the disk's failure, not the file's
+            raise
         raise ConfigError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); if it is "
                           "a shard of a run, move it away and re-run to redo its rows") from None  # fmt: skip
 
@@ -298,7 +308,7 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
         try:
             ds = datasets.load_dataset(str(source), split=split)
         except (OSError, ValueError) as e:  # offline, unknown id, gated, no such split (not: a full disk)
-            if not hub_trouble(e):
+            if not is_user_hub_error(e):
                 raise
             raise ConfigError(f"{source}: could not load split '{split}' from the Hub ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None  # fmt: skip
@@ -311,9 +321,8 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
             _check_head(f)
     try:
         ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-        if (
-            kind == "json"
-        ):  # Arrow's JSON reader accepts bytes that are not UTF-8; they fail only when decoded
+        # Arrow's JSON reader accepts bytes that are not UTF-8; they fail only when decoded
+        if kind == "json":
             for _ in ds.iter(batch_size=50_000):
                 pass
         return _nonempty(ds, source)
@@ -321,9 +330,7 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
         raise
     except Exception as e:  # datasets buries the cause: find the file and line ourselves
         problem = _diagnose(files) or _data_error(files, e)
-        if (
-            problem is None
-        ):  # nothing wrong with the input that we can name: not the user's error, keep the trace
+        if problem is None:  # nothing we can name in the input: not the user's error, so keep the trace
             raise
         raise ConfigError(problem) from None
 
@@ -332,7 +339,7 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
 LOCAL_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM}
 
 
-def hub_trouble(e: BaseException) -> bool:
+def is_user_hub_error(e: BaseException) -> bool:
     """Whether an error loading from the Hub is the user's to fix (offline, an unknown or gated id, a wrong split),
     as opposed to a full disk or a library bug."""
     return not (isinstance(e, OSError) and e.errno in LOCAL_FAILURES)

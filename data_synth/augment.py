@@ -34,6 +34,7 @@ from core.io import (
     drop_chunk,
     finished_chunks,
     open_dataset,
+    read_parquet,
     table_block,
     write_chunk,
 )
@@ -100,6 +101,17 @@ def passages_digest(ds: Any, cfg: AugmentConfig, first: int, count: int) -> str:
     return digest(table_block(ds, first, count).column(cfg.text_column).to_pylist())
 
 
+def rows_match(out: Path, k: int, ds: Any, cfg: AugmentConfig) -> bool:
+    """For a chunk written before chunks carried a digest: whether every passage its rows answer is still the input's
+    passage at that index (a chunk with no rows cannot tell, and is redone)."""
+    shard = out / f"train-{k:05d}.parquet"
+    if not shard.is_file():
+        return False
+    rows = read_parquet(shard, columns=["passage_index", "messages"]).to_pylist()
+    return all(r["passage_index"] < len(ds) and r["messages"][1]["content"] ==
+               table_block(ds, r["passage_index"], 1).column(cfg.text_column)[0].as_py() for r in rows)  # fmt: skip
+
+
 def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
     """(first, count) spans of at most `size` passages over the runs of passages not yet covered."""
     spans = []
@@ -125,7 +137,10 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
     covered = np.zeros(n, dtype=bool)
     for k, meta in done.items():
         first, count = meta["first"], meta["count"]
-        if first + count > len(ds) or meta.get("digest") != passages_digest(ds, cfg, first, count):
+        same = first + count <= len(ds) and (
+            meta.get("digest") == passages_digest(ds, cfg, first, count) if "digest" in meta else rows_match(out, k, ds, cfg)
+        )  # fmt: skip
+        if not same:
             drop_chunk(out, k)  # ours, computed from passages that are no longer there
             continue
         covered[first : first + count] = True

@@ -30,10 +30,10 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from core.config import ANY_KEY, cli, load_config, merge_recipe, prepare_output_dir, resolved
+from core.config import cli, load_config, merge_recipe, prepare_output_dir, resolved
 from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset, take_rows
 from eval.scores import markdown_table
-from experiments.sweep import Slurm, Stage, SweepConfig, status
+from experiments.sweep import Slurm, Stage, SweepConfig, exit_code, status
 from experiments.sweep import run as run_sweep
 
 # The paper's system-prompt tags (v1 section 2.3, checked against its text): seed data is tagged S_a, augmented
@@ -243,7 +243,7 @@ def run(cfg: BacktranslateConfig) -> dict[str, Any]:
     sweep = sweep_config(cfg)
     if not cfg.dry_run:  # what this loop was asked to run, beside its report (the stages keep their own)
         prepare_output_dir(sweep.output_dir, resolved(cfg), command="data_synth.backtranslate",
-                           inputs=(cfg.seed_data,), may_differ=(ANY_KEY,))  # fmt: skip
+                           inputs=(cfg.seed_data,), recomputed=True)  # fmt: skip
     result = run_sweep(sweep, claimed=True)
     if not cfg.dry_run:
         text = report(cfg)
@@ -255,9 +255,7 @@ def run(cfg: BacktranslateConfig) -> dict[str, Any]:
 @cli
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = load_config("backtranslate", argv, BacktranslateConfig)
-    result = run(cfg)
-    if not cfg.dry_run and any(s == "failed" for s in result.get("cells", {}).values()):
-        raise SystemExit(1)
+    raise SystemExit(exit_code(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ responses) are dropped and counted. Rows are trl's conversational preference for
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from core.chat import first_turn, render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import ShardWriter, atomic_write_json, load_rows, write_parquet
+from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
 from core.judge import JudgeConfig
 from data_synth.tag import TAGGERS, Context
 
@@ -140,9 +139,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
         unanswered = {position // cfg.n_samples for position in scorer.missing}
         missing += len(unanswered)
         for k, (i, q, rs) in enumerate(zip(idx, asked, responses, strict=True)):
-            if (
-                k not in unanswered
-            ):  # a score the judge never gave is missing, not a tie: the prompt is redone
+            # A score the judge never gave is missing, not a tie: nothing is written, and a re-run redoes the prompt
+            if k not in unanswered:
                 work.add([pair_row(i, q, rs, flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples])])
         work.flush()
         bar.update(len(idx))
@@ -150,19 +148,25 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     if missing:
         scorer.judge.raise_for_outages(missing, len(first), "prompts")
     by_key = {prompt_key(r["prompt"][0]["content"]): r for r in work.rows()}
-    results = [{**by_key[k], "source_index": i} for k, i in first.items()]  # this input's, in its order
-    summary = write_pairs(cfg, out, results, TAGGERS["reward"].source(cfg))
-    if len(first) < len(rows):
-        summary["duplicate_prompts"] = len(rows) - len(first)
-        atomic_write_json(out / "manifest.json", summary)
-    return summary
+    # This input's prompts, in its order; one the judge never scored (within judge.max_engine_errors) has no row
+    results = [{**by_key[k], "source_index": i} for k, i in first.items() if k in by_key]
+    extra = {"duplicate_prompts": len(rows) - len(first), "unscored_prompts": len(first) - len(results)}
+    return write_pairs(
+        cfg, out, results, TAGGERS["reward"].source(cfg), {k: v for k, v in extra.items() if v}
+    )
 
 
 def prompt_key(instruction: str) -> str:
-    return hashlib.sha1(instruction.encode()).hexdigest()[:16]
+    return digest([instruction])
 
 
-def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scorer: str) -> dict[str, Any]:
+def write_pairs(
+    cfg: PairsConfig,
+    out: Path,
+    results: list[dict[str, Any]],
+    scorer: str,
+    extra: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Split the pairs (ties are dropped and counted) into train/test Parquet files and a manifest."""
     import pyarrow as pa
 
@@ -189,6 +193,7 @@ def write_pairs(cfg: PairsConfig, out: Path, results: list[dict[str, Any]], scor
         "train": len(splits["train"]),
         "test": len(splits["test"]),
         "scorer": scorer,
+        **(extra or {}),
     }
     atomic_write_json(out / "manifest.json", summary)
     return summary

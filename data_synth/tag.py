@@ -405,6 +405,10 @@ class Context:
             self._cache[key] = build()
         return self._cache[key]
 
+    def built(self, key: str) -> Any:
+        """What `get` built under `key`, or None when nothing asked for it (a run that needed no judge)."""
+        return self._cache.get(key)
+
     @property
     def judge(self) -> Judge:
         return self.get("judge", lambda: Judge(self.cfg.judge, self.out / "judge_cache.sqlite"))
@@ -523,7 +527,10 @@ def tag_reward_difference(ctx: Context, pairs: list[tuple[str, str]], idx: np.nd
     sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
     prompts = [with_bos(base.tokenizer, URIAL_PROMPT.format(instruction=q)) for q, _ in pairs]
     base_responses = [o.text.strip() for o in base.complete(prompts, sampling)]
-    aligned = ctx.earlier("reward", idx).column("instruct_reward").to_pylist()
+    earlier = ctx.earlier("reward", idx)
+    aligned = earlier.column("instruct_reward").to_pylist()
+    # A row the reward tagger has no result for (its judge never answered) has none here either: missing, not failed
+    ctx.missing.update(k for k, tagged in enumerate(earlier.column("__tagged__").to_pylist()) if not tagged)
     baseline = ctx.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])
     return [
         None if a is None or b is None
@@ -853,16 +860,16 @@ def run(cfg: TagConfig) -> dict[str, Any]:
         t0 = time.time()
         missing = run_tagger(name, ds, ctx, out)
         timings[name] = round(time.time() - t0, 2)
-        if (
-            missing
-        ):  # rows the judge never answered stay untagged; past the tolerated share the stage fails here
+        # Rows the judge never answered stay untagged; past the tolerated share the stage fails here
+        if missing:
             ctx.judge.raise_for_outages(missing, len(ctx.keys), f"rows of tagger '{name}'")
-    if "judge" in ctx._cache:
-        ctx.judge.close()
+    judge = ctx.built("judge")
+    if judge is not None:
+        judge.close()
     summary = merge(ds, ctx.keys, cfg, out)
     summary["seconds_per_tagger"] = timings
-    if "judge" in ctx._cache:
-        summary["judge_calls"] = ctx.judge.stats.as_dict()
+    if judge is not None:
+        summary["judge_calls"] = judge.stats.as_dict()
     summary["wall_seconds"] = round(time.time() - start, 2)
     atomic_write_json(out / "manifest.json", summary)
     return summary

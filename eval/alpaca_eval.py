@@ -25,7 +25,7 @@ import pandas as pd
 
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import Completion
-from core.io import atomic_write_json, atomic_write_text, hub_trouble
+from core.io import atomic_write_json, atomic_write_text, is_user_hub_error
 from core.judge import Judge, JudgeConfig, first_token_share
 from eval.generate import check_same_questions
 from eval.scores import score_row, write_scores
@@ -51,6 +51,11 @@ class AlpacaEvalConfig:
     # gpt-4-1106-preview), so `alpaca_eval evaluate` takes our annotations as its cache; else weighted_alpaca_eval/<judge>
     annotator: str | None = None
     output_dir: str | None = None  # default: <model_outputs dir>/weighted_alpaca_eval
+
+    def __post_init__(self) -> None:
+        # found out before judging, not after
+        if self.df_gamed is not None and not Path(self.df_gamed).is_file():
+            raise ValueError(f"df_gamed: no such file {self.df_gamed}")
 
 
 def load_outputs(path: str) -> list[dict[str, Any]]:
@@ -164,7 +169,9 @@ def annotate(cfg: AlpacaEvalConfig, model: list[dict], reference: list[dict], ju
     df["raw_completion"] = [None if v is None else _raw(v.completion) for v in verdicts]
     df["error"] = [None if v is None else v.error for v in verdicts]
     df.attrs["identical_outputs"] = sum(same)
-    df.attrs["missing"] = sum(v is not None and v.missing for v in verdicts)  # the judge never answered
+    df["missing"] = [
+        v is not None and v.missing for v in verdicts
+    ]  # the judge never answered: no verdict at all
     return df
 
 
@@ -201,11 +208,16 @@ def length_controlled(annotations: pd.DataFrame, df_gamed: str | None) -> dict[s
         path = df_gamed or glm_winrate.hf_hub_download(repo_id=BASELINE_HUB[0], filename="df_gamed.csv",
                                                        repo_type="dataset")  # fmt: skip
     except (OSError, EntryNotFoundError, httpx.HTTPError) as e:
-        if not hub_trouble(e):
+        if not is_user_hub_error(e):
             raise
         return f"df_gamed.csv: {type(e).__name__}: {e}"[:300]
     # alpaca_eval looks each annotation's position up among df_gamed's instructions (a KeyError past them)
-    known = pd.read_csv(path, usecols=["index"]).drop_duplicates("index").index
+    try:
+        known = pd.read_csv(path, usecols=["index"]).drop_duplicates("index").index
+    except ValueError as e:  # no `index` column, or not CSV
+        raise ConfigError(
+            f"{path}: not alpaca_eval's df_gamed.csv ({str(e).splitlines()[0][:160]})"
+        ) from None
     outside = [i for i in range(len(annotations)) if i not in known]
     if outside:
         return (
@@ -231,9 +243,15 @@ def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, A
         result.update(lc)
     else:
         result["length_controlled_winrate_unavailable"] = lc
-    result["n_failed"] = int(annotations["preference"].isna().sum())
-    result["coverage"] = round(1 - result["n_failed"] / max(1, len(annotations)), 4)  # share actually judged
-    if result["n_failed"] == len(annotations):
+    # Unreadable replies (failed) and, within judge.max_engine_errors, requests the judge never answered (missing)
+    missing = int(annotations["missing"].fillna(False).astype(bool).sum()) if "missing" in annotations else 0
+    result["n_failed"] = int(annotations["preference"].isna().sum()) - missing
+    if missing:
+        result["n_missing"] = missing
+    result["coverage"] = round(
+        1 - (result["n_failed"] + missing) / max(1, len(annotations)), 4
+    )  # share judged
+    if result["n_failed"] + missing == len(annotations):
         raise ConfigError(
             f"no judgment succeeded ({len(annotations)} failed): no win rate to report; see the 'error' field of "
             "the annotations (replies with no verdict)"
@@ -286,7 +304,7 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
     judge = Judge(cfg.judge, out / "judge_cache.sqlite")
     df = annotate(cfg, model, reference, judge)
     # An outage is no verdict: past the tolerated share nothing is scored, and a re-run asks only what is missing
-    judge.raise_for_outages(df.attrs["missing"], len(df), "instructions")
+    judge.raise_for_outages(int(df["missing"].sum()), len(df), "instructions")
     stats = judge.stats.as_dict()
     atomic_write_text(
         out / "annotations.json", df.to_json(orient="records", indent=2)

@@ -13,7 +13,7 @@ as 3), a Bradley-Terry model anchors the baseline at 1000, and each model's scor
 the baseline (%) with a 95% bootstrap interval; `style_control=true` adds arena-hard-auto's length and
 markdown-density features to the fit, so the score is what remains at equal style. Questions of several categories
 (v2.0: hard_prompt, creative_writing) are scored per category, each against its own baseline
-(`category_baselines`). Writes `model_judgment/<judge>/<model>.jsonl` (`layout=v2`, the default, or `v0.1`) and
+(`category_baselines`). Writes `arena_hard/model_judgment/<judge>/<model>.jsonl` (`layout=v2`, the default, or `v0.1`) and
 `arena_hard/leaderboard.csv` as arena-hard-auto's pre-v2.0 show_result.py --output wrote it (v2.0 writes no CSV).
 """
 
@@ -278,7 +278,7 @@ def style_controlled_leaderboard(
     )
     table = [_row(baseline, 1000.0, 1000.0, 1000.0)]
     for j, model in enumerate(models):
-        low, high = np.percentile(boots[:, j], [2.5, 97.5]) if n_bootstrap else (ratings[j], ratings[j])
+        low, high = np.percentile(boots[:, j], [2.5, 97.5])
         table.append(_row(model, float(ratings[j]), float(low), float(high)))
     return sorted(table, key=lambda r: -r["score"])
 
@@ -304,11 +304,6 @@ class ArenaHardConfig:
     output_dir: str | None = (
         None  # default with one answers dir: its parent (arena-hard-auto's data/<bench>/)
     )
-
-
-# Keys that only change how judgments are scored, or which: a re-run in the same directory may change them (a
-# style-controlled score of the judgments a judging run made, written beside its plain one)
-RESCORING = ("n_bootstrap", "style_control", "models", "layout", "judgments", "answers")
 
 
 def baseline_of(cfg: ArenaHardConfig, category: str | None) -> str:
@@ -414,7 +409,7 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
     files = answer_files(cfg.answers)  # before anything is written: a wrong path leaves no trace
     out = Path(cfg.output_dir or Path(cfg.answers[0]).parent)
     prepare_output_dir(out / "arena_hard", resolved(cfg), command="eval.arena_hard",
-                       inputs=(*cfg.answers, cfg.questions, cfg.judge.model), may_differ=RESCORING)  # fmt: skip
+                       inputs=(*cfg.answers, cfg.questions, cfg.judge.model), recomputed=True)  # fmt: skip
     all_questions = load_questions(cfg.bench, cfg.questions)
     questions = all_questions[: cfg.max_questions] if cfg.max_questions else all_questions
     baselines = sorted({baseline_of(cfg, q["category"]) for q in questions})
@@ -430,7 +425,9 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
         got = [i for i in by_id if i in wanted or i not in known]
         check_same_questions([q["id"] for q in questions], got, str(files[name]), ordered=False)
     judge = Judge(cfg.judge, out / "arena_hard" / "judge_cache.sqlite")
-    judge_dir = out / "model_judgment" / Path(cfg.judge.model.rstrip("/")).name
+    # Inside the directory this run claimed: beside the answers (arena-hard-auto's own data directory, often) it
+    # could replace judgment files we did not write
+    judge_dir = out / "arena_hard" / "model_judgment" / Path(cfg.judge.model.rstrip("/")).name
     rows = []
     for model in models:
         judged = judge_model(cfg, model, questions, answers, judge)
@@ -551,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.output_dir:  # where the judging mode writes, so both modes' results sit in one place
             out = Path(cfg.output_dir) / "arena_hard"
             prepare_output_dir(out, resolved(cfg), command="eval.arena_hard", inputs=(cfg.judgments, *cfg.answers),
-                               may_differ=RESCORING)  # fmt: skip
+                               recomputed=True)  # fmt: skip
             write_outputs(result, out)
     elif cfg.answers:
         result = run(cfg)

@@ -17,6 +17,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import atomic_write_json, hub_trouble, load_rows, read_jsonl, write_jsonl
+from core.io import atomic_write_json, digest, is_user_hub_error, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
 
 Bench = Literal["alpaca_eval", "arena_hard", "arena_hard_v2", "mt_bench"]
@@ -82,7 +83,7 @@ def load_questions(bench: str, source: str | None = None, limit: int | None = No
             EntryNotFoundError,
             httpx.HTTPError,
         ) as e:  # offline, a proxy, a rate limit, a moved file
-            if not hub_trouble(e):  # a full disk is not the user's error
+            if not is_user_hub_error(e):  # a full disk is not the user's error
                 raise
             raise ConfigError(
                 f"{source}: could not download {HUB_FILES[bench]} from the Hub ({type(e).__name__}); "
@@ -161,16 +162,18 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
     by what an answer was computed from (`answer_key`): a reordered or edited questions file, another model or other
     sampling never puts an answer under a question it was not given for."""
     keys = [answer_key(cfg, q) for q in questions]
-    done = {r["key"]: r for r in read_jsonl(path) if "key" in r} if path.exists() else {}
-    todo = [
-        (q, k)
-        for q, k in zip(questions, keys, strict=True)
-        if len(done.get(k, {}).get("answers", [])) < len(q["turns"])
-    ]
+    rows = read_jsonl(path) if path.exists() else []
+    done = {r["key"]: r for r in rows if "key" in r}
+    if len(done) < len(rows):
+        print(f"note: {path} holds {len(rows) - len(done)} answers from an older version, without the content they "
+              "were computed from: they are answered again", file=sys.stderr)  # fmt: skip
+    # One answer per distinct (model, system prompt, turns, sampling): two questions with the same text share it
+    unique = {k: q for q, k in zip(questions, keys, strict=True)}
+    todo = [(q, k) for k, q in unique.items() if len(done.get(k, {}).get("answers", [])) < len(q["turns"])]
     if todo:
         engine = make_engine(cfg.model, cfg.engine)
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        total = sum(len(q["turns"]) for q in questions)
+        total = sum(len(q["turns"]) for q in unique.values())
         bar = tqdm(total=total, initial=total - sum(len(q["turns"]) for q, _ in todo), desc=f"answers {model_name(cfg)}",
                    unit="turn")  # fmt: skip
         for turn in range(max(len(q["turns"]) for q, _ in todo)):  # turn by turn: turn 2 needs answer 1
@@ -205,10 +208,7 @@ def answer_key(cfg: GenerateConfig, q: dict[str, Any]) -> str:
     """What an answer is computed from: the model, the system prompt, every turn of the question, the sampling
     (with each turn's seed, named by the question's id only when answers are sampled)."""
     samplings = [dataclasses.asdict(answer_sampling(cfg, q["id"], t)) for t in range(len(q["turns"]))]
-    blob = json.dumps(
-        [cfg.model, cfg.system_prompt, q["turns"], samplings], sort_keys=True, ensure_ascii=False
-    )
-    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+    return digest([json.dumps([cfg.model, cfg.system_prompt, q["turns"], samplings], sort_keys=True)])
 
 
 def answer_sampling(cfg: GenerateConfig, question_id: str, turn: int) -> Sampling:

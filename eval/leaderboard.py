@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import ANY_KEY, ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import MOVED_ASIDE, ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_bytes
 from eval.scores import SCORES_FILE, read_scores, write_table
 
@@ -40,7 +40,9 @@ def collect(runs: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
     table: dict[tuple[str, str], dict[str, Any]] = {}
     origin: dict[tuple[str, str], Path] = {}
     for run in runs:
-        files = sorted(Path(run).rglob(SCORES_FILE))
+        # A run moved aside by overwrite=true (<dir>.old-<time>) is not among the runs asked for
+        files = [f for f in sorted(Path(run).rglob(SCORES_FILE))
+                 if not any(MOVED_ASIDE.search(part) for part in f.relative_to(run).parts)]  # fmt: skip
         if not files:
             raise ConfigError(
                 f"runs: no {SCORES_FILE} under '{run}' (run an evaluation with output_dir there first)"
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("runs is empty: give runs=DIR[,DIR...] (directories holding scores.jsonl files)")
     # Its own directory, locked; a re-run with other runs= replaces its own tables, never another command's files.
     prepare_output_dir(cfg.output_dir, resolved(cfg), command="eval.leaderboard", inputs=tuple(cfg.runs),
-                       may_differ=(ANY_KEY,))  # fmt: skip
+                       recomputed=True, outputs=("leaderboard.md", "leaderboard.csv", "leaderboard.png"))  # fmt: skip
     print(build(cfg.runs, cfg.output_dir))
     print(f"-> {cfg.output_dir}/leaderboard.md, leaderboard.csv, leaderboard.png")
 

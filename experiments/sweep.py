@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config import ANY_KEY, ConfigError, cli, load_config, merge_recipe, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, merge_recipe, prepare_output_dir, resolved
 from core.io import atomic_write_bytes, atomic_write_json
 from eval.scores import SCORES_FILE, read_scores, write_table
 
@@ -61,6 +61,7 @@ COMMANDS = {
 }
 TRAINING = ("sft", "dpo")
 STATUS = "sweep_status.json"
+SWEEP_OUTPUTS = ("cells", "stages", "results.md", "results.csv", "results.png")  # what a sweep writes
 
 
 @dataclass
@@ -272,15 +273,23 @@ def git_commit() -> str | None:
 # ------------------------------------------------------------------------------------------- executors
 
 
+OUTAGE_EXIT = 3  # core.config.cli: an engine outage left work undone; the same command finishes it
+
+
 def record_exit(directory: str | Path, exit_code: int, **fields: Any) -> bool:
-    """A stage's status from its exit code: done, or failed with its log's last lines. Both executors write it (an
-    sbatch job calls this at its end), so a re-run reads one format."""
+    """A stage's status from its exit code: done; incomplete (an outage: the next run resumes it, as an interrupted
+    one); or failed, with its log's last lines (run again only with retry_failed). Both executors write it (an sbatch
+    job calls this at its end), so a re-run reads one format."""
     directory = Path(directory)
     if exit_code == 0:
         set_status(directory, state="done", **fields)
         return True
-    tail = (meta(directory) / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
-    set_status(directory, state="failed", exit_code=exit_code, error=" | ".join(tail)[-500:], **fields)
+    lines = (meta(directory) / "log.txt").read_text(errors="replace").replace("\r", "\n").strip().splitlines()
+    # The command's own one line, if it wrote one (after whatever a progress bar left on that line)
+    said = [line[line.index("error: ") :] for line in lines if "error: " in line]
+    error = said[-1] if said else " | ".join(lines[-3:])  # else the end of its traceback
+    state = "incomplete" if exit_code == OUTAGE_EXIT else "failed"
+    set_status(directory, state=state, exit_code=exit_code, error=error[-500:], **fields)
     return False
 
 
@@ -298,22 +307,30 @@ def run_local(step: dict[str, Any]) -> bool:
         try:
             rc = proc.wait()
         except BaseException:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the recording short
             stop(proc)
             set_status(step["dir"], state="interrupted")
             raise
     return record_exit(step["dir"], rc, seconds=round(time.time() - start, 1))
 
 
+try:  # resolved here, not in the forked child (which should call nothing but the syscall)
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
 def _die_with_parent() -> None:
-    """In the stage's process, before it starts: SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    """In the stage's process, before it starts: SIGTERM when its parent dies (Linux's PR_SET_PDEATHSIG = 1)."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGTERM)
 
 
-def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM (accelerate passes it on to its workers), then SIGKILL after `grace` seconds."""
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM (accelerate passes it on to its workers), then SIGKILL after `grace` seconds (under SLURM's default
+    KillWait of 30 s, so the sweep still records the stage before SLURM kills it)."""
     proc.terminate()
     try:
         proc.wait(timeout=grace)
@@ -489,7 +506,7 @@ def results(cfg: SweepConfig, out: Path, plan_cells: list[tuple[str, list[dict[s
 
 def cell_state(dirs: list[Path]) -> str:
     states = [status(d)["state"] for d in dirs]
-    for state in ("failed", "interrupted", "submitted", "pending"):
+    for state in ("failed", "incomplete", "interrupted", "submitted", "pending"):
         if state in states:
             return state
     return "done"
@@ -516,7 +533,9 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
     if cfg.dry_run:
         return dry_run(cfg, plan_cells)
     if not claimed:  # stages are keyed by hashes, so another grid or cell list may run in the same directory
-        prepare_output_dir(out, resolved(cfg), command="experiments.sweep", may_differ=(ANY_KEY,))
+        prepare_output_dir(
+            out, resolved(cfg), command="experiments.sweep", recomputed=True, outputs=SWEEP_OUTPUTS
+        )
     commit = git_commit()
     jobs: dict[Path, str] = {}
     with stopped_by_sigterm():
@@ -554,8 +573,9 @@ def run_cell(cfg: SweepConfig, steps: list[dict[str, Any]], jobs: dict[Path, str
             return "failed"
         if cfg.executor == "local":
             if not run_local(step):
-                print(f"  {step['name']} failed: {status(step['dir']).get('error', '')[:300]}")
-                return "failed"
+                state = status(step["dir"])
+                print(f"  {step['name']} {state['state']}: {state.get('error', '')[:300]}")
+                return state["state"]
             continue
         if step["dir"] in jobs:  # a stage another cell shares, submitted in this pass
             after = [jobs[step["dir"]]]
@@ -578,8 +598,13 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = load_config("sweeps", argv, SweepConfig)
     result = run(cfg)
     print(json.dumps(result, indent=2, default=str))
-    if not cfg.dry_run and any(s == "failed" for s in result.get("cells", {}).values()):
-        sys.exit(1)
+    sys.exit(exit_code(result))
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    """1 when a cell failed; 3 (as a stage's outage) when one is incomplete and a re-run would finish it; else 0."""
+    states = set(result.get("cells", {}).values())
+    return 1 if "failed" in states else OUTAGE_EXIT if states & {"incomplete", "interrupted"} else 0
 
 
 if __name__ == "__main__":

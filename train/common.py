@@ -3,7 +3,6 @@ start (config, output directory, seed) and its end (resume, save, merged export,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from core.chat import training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, atomic_write_text, data_files, follow_umask
+from core.io import atomic_write_json, atomic_write_text, data_files, digest, follow_umask
 from core.models import resolve_model
 
 
@@ -93,7 +92,7 @@ def data_signature(script: ScriptArgs) -> dict[str, Any]:
                 fh.seek(0)
                 head = fh.read(1 << 20)
                 fh.seek(max(0, size - (1 << 20)))
-                hashes.append(hashlib.sha1(str(size).encode() + head + fh.read()).hexdigest()[:16])
+                hashes.append(digest([str(size), head, fh.read()]))
         signature[source] = hashes or "hub"
     return signature
 
@@ -101,7 +100,10 @@ def data_signature(script: ScriptArgs) -> dict[str, Any]:
 def check_same_data(script: ScriptArgs, out: Path) -> None:
     """A run resumes from its checkpoints only on the data it started with: the Trainer resumes by step, so other
     rows under the same path would silently continue the epoch on different data."""
-    path, signature = out / "data_signature.json", data_signature(script)
+    path, signature = (
+        out / ".data_signature.json",
+        data_signature(script),
+    )  # hidden: bookkeeping, not a result
     if path.is_file() and last_complete_checkpoint(out) and json.loads(path.read_text()) != signature:
         raise ConfigError(
             f"{out}: the training data changed since its checkpoints were written ({', '.join(script.sources())}); "

@@ -110,7 +110,7 @@ def test_openai_engine_api_key_comes_from_the_environment(openai_server, monkeyp
     engine = OpenAIEngine(
         "m", EngineConfig(backend="openai", base_urls=[openai_server], api_key_env="WRONG_KEY")
     )
-    with pytest.raises(OutageError, match="HTTP 401") as err:
+    with pytest.raises(EngineError, match="the server refuses these requests: .*HTTP 401") as err:
         engine.complete(["hi"], Sampling(max_tokens=2))
     assert "sk-wrong" not in str(err.value)  # keys never reach messages
 

@@ -210,3 +210,40 @@ def test_pairwise_with_a_dead_or_unreadable_judge_writes_no_leaderboard(tmp_path
     assert code == 0, err
     board = (tmp_path / "eval2" / "leaderboard.md").read_text()
     assert "served-a" not in board and "| base | 50.0 |" in board and "| tuned | 50.0 |" in board
+
+
+def test_tolerated_outages_in_pairs_and_reward_difference_stay_missing(tmp_path, embedded_path, table_server,
+                                                                       monkeypatch):  # fmt: skip
+    """Within judge.max_engine_errors the stage finishes, and what the judge never answered is reported missing:
+    no pair row (not a KeyError), and no reward_difference of a row whose reward is missing (not a failure). The
+    server fails the reward of the BROKEN row's own response only; its base response is scored."""
+    monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
+    score = {"text": "7", "top_logprobs": {"7": -0.05, "3": -3.0}}
+    server = table_server([[["BROKEN", "One answer."], {"status": 500}],
+            [["BROKEN", "An answer."], {"status": 500}], ["Assistant Response", score], ["# Query", "A base answer."],
+                           ["", {"cycle": ["One answer.", "Another answer."]}]])  # fmt: skip
+    data = conversations(
+        tmp_path / "in.jsonl", ["Name a colour.", "BROKEN question?", "Name a fish.", "Name a tree."]
+    )
+    engine = lambda prefix: [f"{prefix}engine.backend=openai", f"{prefix}engine.base_urls=[{server}]",  # noqa: E731
+                             f"{prefix}engine.tokenizer={embedded_path}", f"{prefix}engine.api_key_env=TEST_SERVER_KEY",
+                             f"{prefix}engine.max_retries=0"]  # fmt: skip
+    judge = [
+        f"judge.model={embedded_path}",
+        "judge.max_tokens=1",
+        "judge.max_engine_errors=0.5",
+        *engine("judge."),
+    ]
+    code, err = main("data_synth.pairs", f"input={data}", f"output_dir={tmp_path / 'pairs'}", "model=policy",
+                     "n_samples=2", "test_size=0", *engine(""), *judge)  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    assert manifest["prompts"] == 3 and manifest["unscored_prompts"] == 1
+    code, err = main("data_synth.tag", f"input={data}", f"output_dir={tmp_path / 'tagged'}",
+                     "taggers=[reward_difference]", "base_model=base", "base_max_tokens=4", *engine("base_"), *judge)  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "tagged" / "manifest.json").read_text())
+    assert manifest["failures"]["reward"] == {"failed": 0, "untagged": 1}
+    assert manifest["failures"]["reward_difference"] == {"failed": 0, "untagged": 1}  # missing, not failed
+    rows = pq.read_table(tmp_path / "tagged" / "train-00000.parquet").to_pylist()
+    assert [r["reward_difference"] is None for r in rows] == [False, True, False, False]

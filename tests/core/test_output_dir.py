@@ -194,3 +194,55 @@ def test_files_we_write_follow_the_umask(tmp_path, mask):
     assert not wrong
     dirs = [p for p in tmp_path.rglob("*") if p.is_dir()]
     assert all(stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask for d in dirs)
+
+
+def test_runs_from_before_the_header_are_still_ours_and_foreign_yaml_is_one_line(tmp_path):
+    data = conversations(tmp_path / "data")
+    legacy = tmp_path / "legacy"
+    assert main("data_synth.select", f"input={data}", f"output_dir={legacy}")[0] == 0
+    cfg = legacy / "config.yaml"
+    cfg.write_text(
+        cfg.read_text().split("\n", 1)[1]
+    )  # as an older version wrote it: no first line naming the command
+    assert main("data_synth.select", f"input={data}", f"output_dir={legacy}")[0] == 0  # resumes
+    cfg.write_text(cfg.read_text().split("\n", 1)[1])
+    code, err = main(
+        "data_synth.select", f"input={data}", f"output_dir={legacy}", "top_k=1", "overwrite=true"
+    )
+    assert code == 0 and "moved the previous run aside" in err  # its keys are select's: ours to move
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "leaderboard.md").write_text("old")  # a leaderboard from before config.yaml existed
+    row = {"model": "m", "benchmark": "b", "metric": "x", "value": 1.0, "ci_low": None, "ci_high": None}
+    (legacy / "scores.jsonl").write_text(json.dumps(row) + "\n")
+    assert main("eval.leaderboard", f"runs={legacy}", f"output_dir={board}")[0] == 0
+    hydra = tmp_path / "hydra"
+    hydra.mkdir()
+    (hydra / "config.yaml").write_text("model: ${oc.env:NOPE}\ntrainer: {max_epochs: 3}\n")
+    (hydra / "ckpt.pt").write_text("someone else's")
+    code, err = main("data_synth.select", f"input={data}", f"output_dir={hydra}")
+    assert code == 2 and "holds a config.yaml that is not data_synth.select's" in err
+
+
+def test_overwrite_of_the_current_directory_when_it_is_our_run(tmp_path, monkeypatch):
+    data = conversations(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main("data_synth.select", f"input={data}", f"output_dir={run}")[0] == 0
+    monkeypatch.chdir(run)
+    code, err = main("data_synth.select", f"input={data}", "output_dir=.", "top_k=1", "overwrite=true")
+    assert code == 0, err
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (
+        pq.read_table(aside / "train-00000.parquet").num_rows == 3
+        and pq.read_table(run / "train-00000.parquet").num_rows == 1
+    )
+
+
+def test_the_leaderboard_skips_runs_moved_aside(tmp_path):
+    row = {"model": "m", "benchmark": "b", "metric": "x", "value": 1.0, "ci_low": None, "ci_high": None}
+    for name, value in (("eval", 1.0), ("eval.old-20260101-120000", 2.0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "scores.jsonl").write_text(json.dumps({**row, "value": value}) + "\n")
+    code, err = main("eval.leaderboard", f"runs={tmp_path / 'runs'}", f"output_dir={tmp_path / 'board'}")
+    assert code == 0, err
+    assert "| m | 1.0 |" in (tmp_path / "board" / "leaderboard.md").read_text()

@@ -165,3 +165,10 @@ def test_max_instances_picks_what_alpaca_eval_picks():
     # fewer model outputs (made with max_questions=5): alpaca_eval takes the first five of each
     ours_m, ours_r = ae.first_instances(model[:5], reference, 5)
     assert [r["instruction"] for r in ours_r] == [f"q{i}" for i in range(5)]
+
+
+def test_a_df_gamed_that_does_not_exist_fails_before_any_judging(tmp_path):
+    from core.config import build
+
+    with pytest.raises(ConfigError, match=r"df_gamed: no such file .*nope\.csv"):
+        build({"df_gamed": str(tmp_path / "nope.csv")}, ae.AlpacaEvalConfig)

@@ -188,7 +188,7 @@ def test_embedded_judge_on_v2_files_per_category_and_a_cached_rerun(embedded_pat
             "judge.max_tokens=6", 'judge.prefill="My final verdict is: [["', "n_bootstrap=10",
             "category_baselines={hard_prompt: o3-mini-2025-01-31, creative_writing: gemini-2.0-flash-001}"]  # fmt: skip
     main(args)
-    judgments = tmp_path / "data/model_judgment/SmolLM2-135M-Instruct/smol.jsonl"
+    judgments = tmp_path / "data/arena_hard/model_judgment/SmolLM2-135M-Instruct/smol.jsonl"
     judged = [json.loads(line) for line in judgments.open()]
     assert [set(j) for j in judged] == [{"uid", "category", "judge", "model", "baseline", "games"}] * 2
     assert [(j["uid"], j["baseline"]) for j in judged] == [

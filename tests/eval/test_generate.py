@@ -183,10 +183,9 @@ def test_a_reordered_and_edited_questions_file_keeps_each_answer_with_its_questi
                 "max_tokens=8"]  # fmt: skip
         write(questions, [{"instruction": f"Tell me about {x}."} for x in ("apples", "bees", "clouds")], True)
         assert run("eval.generate", *args, f"engine.base_urls=[{first}]")[0] == 0
-        # Reordered, one question edited; a server that would now answer differently shows what was recomputed
-        write(
-            questions, [{"instruction": f"Tell me about {x}."} for x in ("clouds", "dunes", "apples")], True
-        )
+        # Reordered, one question edited, one repeated; a server that now answers otherwise shows what is redone
+        again = ("clouds", "dunes", "apples", "dunes")
+        write(questions, [{"instruction": f"Tell me about {x}."} for x in again], True)
         second = server([["", "Recomputed."]])
         code, err = run("eval.generate", *args, f"engine.base_urls=[{second}]")
         assert code == 0, err
@@ -198,4 +197,5 @@ def test_a_reordered_and_edited_questions_file_keeps_each_answer_with_its_questi
         ("Tell me about clouds.", "About clouds."),
         ("Tell me about dunes.", "Recomputed."),
         ("Tell me about apples.", "About apples."),
+        ("Tell me about dunes.", "Recomputed."),  # the same text: one answer, given once
     ]

@@ -225,3 +225,28 @@ def test_sigterm_to_the_sweep_stops_its_running_stage_and_the_rerun_resumes_it(t
     assert (
         cell_state([stage_dir]) == "interrupted"
     )  # not failed: the next run starts it again, no retry_failed
+
+
+@pytest.mark.integration
+def test_a_stage_left_incomplete_by_an_outage_is_resumed_not_failed(tmp_path, embedded_path):
+    import socket
+
+    from experiments.sweep import exit_code
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    tag = Stage(name="tag", command="tag", overrides={
+        "input": str(rows(tmp_path / "data")), "taggers": ["quality"], "judge.model": embedded_path,
+        "judge.engine.backend": "openai", "judge.engine.base_urls": [dead], "judge.engine.max_retries": 0})  # fmt: skip
+    cfg = SweepConfig(name="t", stages=[tag], output_dir=str(tmp_path / "sweep"))
+    result = run(cfg)
+    assert list(result["cells"].values()) == ["incomplete"] and exit_code(result) == 3
+    (step,) = resolve(cfg, {}, tmp_path / "sweep")
+    assert (
+        status(step["dir"])["state"] == "incomplete" and "requests all failed" in status(step["dir"])["error"]
+    )
+    assert list(run(cfg)["cells"].values()) == [
+        "incomplete"
+    ]  # run again without retry_failed: it was retried
+    assert status(step["dir"])["at"] and "retry_failed" not in (tmp_path / "sweep" / "results.md").read_text()

@@ -246,7 +246,12 @@ def test_a_run_resumes_its_checkpoints_only_on_the_data_it_started_with(tmp_path
 
     out = tmp_path / "sft"
     argv = [f"dataset={data_file}", f"output_dir={out}", "bf16=false", "report_to=none"]
-    start("sft", argv, SFTScriptArgs, SFTConfig)
+    start(
+        "sft", [*argv, f"dataset={tmp_path / 'typo.jsonl'}"], SFTScriptArgs, SFTConfig
+    )  # then it fails on the data
+    start(
+        "sft", argv, SFTScriptArgs, SFTConfig
+    )  # the corrected command: the signature is no result that blocks it
     (out / "checkpoint-2").mkdir()
     (out / "checkpoint-2" / "trainer_state.json").write_text("{}")  # a complete checkpoint
     start("sft", argv, SFTScriptArgs, SFTConfig)  # the same data: resumes
