@@ -42,14 +42,24 @@ def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list
         try:
             return main(argv)
         except OutageError as e:
+            _close_progress_bars()
             print(f"error: {e}; nothing it failed to produce was written: re-run the same command to redo it",
                   file=sys.stderr)  # fmt: skip
             raise SystemExit(3) from None
         except (ConfigError, EngineError) as e:
+            _close_progress_bars()
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an error left open: else each is redrawn at exit, below the error line."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 def available_recipes(stage: str) -> list[str]:
