@@ -144,3 +144,21 @@ def test_argv_parsed_and_merged_without_building(tmp_path):
     assert merged == {"n": 7, "inner": {"temperature": 0.5, "stop": ["a"]}, "save_strategy": "no", "rate": 7}
     with pytest.raises(ConfigError, match=r"^could not resolve the config: Interpolation key 'm' not found$"):
         merge_recipe("synth", None, parse_argv(["rate=${m}"])[1])
+
+
+def test_a_malformed_recipe_names_its_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("filters: [1, 2\ntop_k: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2: not valid YAML \(did not find expected"):
+        load_config("select", [f"recipe={recipe}"], Cfg)
+
+
+def test_a_schema_whose_types_cannot_be_resolved_is_our_error_never_unchecked():
+    import dataclasses as dc
+
+    @dc.dataclass
+    class Broken:
+        n: "NoSuchType" = None  # noqa: F821
+
+    with pytest.raises(TypeError, match=r"Broken: its field types cannot be resolved .*NoSuchType"):
+        build({"n": 1}, Broken)

@@ -172,3 +172,18 @@ def test_a_df_gamed_that_does_not_exist_fails_before_any_judging(tmp_path):
 
     with pytest.raises(ConfigError, match=r"df_gamed: no such file .*nope\.csv"):
         build({"df_gamed": str(tmp_path / "nope.csv")}, ae.AlpacaEvalConfig)
+
+
+def test_lc_is_unavailable_only_for_a_reason_it_names(tmp_path):
+    """A KeyError anywhere used to drop the LC win rate silently; now only its named reasons do, and a bug in our own
+    frame keeps its traceback."""
+    prefs = list(np.random.default_rng(2).uniform(1, 2, 6))
+    df = pd.DataFrame(annotations(prefs))
+    reason = ae.length_controlled(df, fake_df_gamed(tmp_path / "small.csv", 4))
+    assert reason == "df_gamed.csv has no instruction difficulty for 2 of 6 annotations"
+    assert isinstance(ae.length_controlled(df, fake_df_gamed(tmp_path / "full.csv", 6)), dict)
+    with pytest.raises(KeyError):
+        ae.length_controlled(df.drop(columns=["generator_2"]), str(tmp_path / "full.csv"))
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError, match=r"other\.csv: not alpaca_eval's df_gamed\.csv"):
+        ae.length_controlled(df, str(tmp_path / "other.csv"))
