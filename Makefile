@@ -56,7 +56,7 @@ demo-eval: setup
 	$(PY) -m eval.lm_eval recipe=lm_eval_demo model=runs/demo/sft/merged name=tuned output_dir=runs/demo/lm_eval/tuned
 	$(PY) -m eval.leaderboard runs=runs/demo output_dir=runs/demo/leaderboard
 
-# Every test (~16 min on 2 CPU cores); CI runs this one.
+# Every test (~31 min on 2 CPU cores); CI runs this one.
 # An ablation in miniature (~15 min on CPU): Magpie raw vs filtered x two learning rates, LoRA, each cell against the
 # base model pairwise and AlpacaEval-style; one table (runs/sweeps/demo_sweep/results.md, .csv, .png).
 demo-sweep: setup
