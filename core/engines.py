@@ -84,7 +84,7 @@ class EngineConfig:
     chat: bool = False
     concurrency: int = 8  # requests in flight per server
     timeout: float = 600.0
-    max_retries: int = 4
+    max_retries: int = 6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
     # vLLM extension: prompts already carry their BOS, so the server must not add one.
     extra_body: dict = field(default_factory=lambda: {"add_special_tokens": False})
     # vllm
@@ -219,10 +219,13 @@ class TransformersEngine:
 
 
 def _retry_after(error: Exception) -> float:
-    """Seconds a 429 or 503 asks the client to wait (its Retry-After header), at most a minute; else 0."""
-    response = getattr(error, "response", None)
+    """Seconds a 429 or 503 asks the client to wait (Retry-After, or OpenAI's retry-after-ms), at most a minute;
+    else 0 (the backoff decides)."""
+    headers = getattr(getattr(error, "response", None), "headers", None) or {}
     try:
-        return min(60.0, float(response.headers.get("retry-after", 0))) if response is not None else 0.0
+        if "retry-after-ms" in headers:
+            return min(60.0, float(headers["retry-after-ms"]) / 1000)
+        return min(60.0, float(headers.get("retry-after", 0)))
     except ValueError:  # an HTTP date instead of seconds: fall back to the backoff
         return 0.0
 
@@ -360,7 +363,13 @@ class OpenAIEngine:
     @staticmethod
     def _parse(data: dict, s: Sampling, chat: bool = False) -> Completion:
         choice = data["choices"][0]
-        text, hit = truncate_at_stop(choice["message"]["content"] if chat else choice["text"], s.stop)
+        # A hosted chat model that refuses answers `content: null` and its refusal beside it: that is its reply
+        raw = (
+            (choice["message"]["content"] or choice["message"].get("refusal") or "")
+            if chat
+            else choice["text"]
+        )
+        text, hit = truncate_at_stop(raw, s.stop)
         top = None
         lp = choice.get("logprobs") or {}
         if s.logprobs is not None and chat and lp.get("content"):

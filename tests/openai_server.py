@@ -9,8 +9,10 @@ each prompt with the reply of the first entry whose substrings the prompt all co
 stop string as vLLM cuts it: a judge that really returns valid JSON, for testing what the harness does with good
 labels. A reply may also be `{"text": ..., "top_logprobs": {token: logprob}}` (a first-token distribution),
 `{"cycle": [text, ...]}` (the n-th request of a prompt gets the n-th text: a sampler that gives each sample of one
-prompt another text) or `{"status": 500}` (that HTTP error, as an overloaded or broken server answers: an outage,
-not a reply).
+prompt another text), `{"status": 500}` (that HTTP error, as an overloaded or broken server answers: an outage,
+not a reply; with `"times": N` only the first N requests of the prompt, then `"then"`'s reply; with
+`"retry_after": S` a Retry-After header, as a rate limit answers 429) or `{"refusal": text}` (a hosted chat model's
+refusal: `content: null` and the refusal beside it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ class TableEngine:
             reply = next((reply for keys, reply in self.table if _matches(keys, prompt)), "")
             reply = reply if isinstance(reply, dict) else {"text": reply}
             if "status" in reply:
-                raise HTTPStatus(reply["status"])
+                n = self.asked[prompt] = self.asked.get(prompt, -1) + 1
+                if n < reply.get("times", float("inf")):
+                    raise HTTPStatus(reply["status"], reply.get("retry_after"))
+                reply = reply["then"] if isinstance(reply["then"], dict) else {"text": reply["then"]}
+            if "refusal" in reply:
+                c = Completion(text="", n_tokens=0, finish_reason="stop")
+                c.refusal = reply["refusal"]
+                out.append(c)
+                continue
             if "cycle" in reply:
                 n = self.asked[prompt] = self.asked.get(prompt, -1) + 1
                 text = reply["cycle"][n % len(reply["cycle"])]
@@ -61,8 +71,8 @@ class TableEngine:
 class HTTPStatus(Exception):
     """A table reply that is an HTTP error."""
 
-    def __init__(self, status: int):
-        self.status = status
+    def __init__(self, status: int, retry_after: float | None = None):
+        self.status, self.retry_after = status, retry_after
 
 
 def serve(model: str, port: int, api_key: str | None = None, table: str | None = None) -> ThreadingHTTPServer:
@@ -77,9 +87,11 @@ def serve(model: str, port: int, api_key: str | None = None, table: str | None =
         def log_message(self, *args):  # quiet
             pass
 
-        def _send(self, code: int, obj: dict) -> None:
+        def _send(self, code: int, obj: dict, retry_after: float | None = None) -> None:
             data = json.dumps(obj).encode()
             self.send_response(code)
+            if retry_after is not None:
+                self.send_header("Retry-After", str(retry_after))
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -118,14 +130,16 @@ def serve(model: str, port: int, api_key: str | None = None, table: str | None =
                 with lock:
                     (c,) = engine.complete([body["prompt"]], s)
             except HTTPStatus as e:
-                self._send(e.status, {"error": {"message": f"table says HTTP {e.status}"}})
+                self._send(e.status, {"error": {"message": f"table says HTTP {e.status}"}}, e.retry_after)
                 return
             choice = {"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
             if c.top_logprobs is not None:
                 choice["logprobs"] = {"top_logprobs": [c.top_logprobs]}
             if chat:
                 top = [{"token": t, "logprob": lp} for t, lp in (c.top_logprobs or {}).items()]
-                choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
+                refusal = getattr(c, "refusal", None)
+                message = {"role": "assistant", "content": None if refusal else c.text, "refusal": refusal}
+                choice = {"index": 0, "message": message,
                           "finish_reason": c.finish_reason,
                           "logprobs": {"content": [{"token": "", "logprob": 0.0, "top_logprobs": top}]} if top else None}  # fmt: skip
             self._send(

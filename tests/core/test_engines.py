@@ -172,3 +172,29 @@ def test_vllm_translation_without_vllm():
     except ImportError:
         return
     SamplingParams(**kw)  # where vLLM is installed, the kwargs are its own
+
+
+def test_a_rate_limit_is_waited_out_and_a_refusal_is_a_reply(embedded_path, tmp_path, monkeypatch):
+    """A 429 with Retry-After is retried after the time it asks, not given up on; a hosted chat model's refusal
+    (`content: null`) is its reply, not an AttributeError past every handler."""
+    import json
+    import time
+
+    from tests.conftest import start_server
+
+    monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
+    (tmp_path / "t.json").write_text(json.dumps([
+        ["limited", {"status": 429, "times": 2, "retry_after": 1.5, "then": "Finally."}],
+        ["forbidden", {"refusal": "I can't help with that."}], ["", "Fine."]]))  # fmt: skip
+    url, proc = start_server(embedded_path, tmp_path / "t.json")
+    try:
+        cfg = EngineConfig(backend="openai", base_urls=[url], api_key_env="TEST_SERVER_KEY", max_retries=2)
+        start = time.time()
+        (out,) = OpenAIEngine("m", cfg).complete([chat("limited")], Sampling(max_tokens=4))
+        assert out.text == "Finally." and time.time() - start >= 3.0  # two waits of the 1.5 s asked
+        chat_cfg = EngineConfig(backend="openai", base_urls=[url], api_key_env="TEST_SERVER_KEY", chat=True)
+        messages = [[{"role": "user", "content": q}] for q in ("forbidden", "hello")]
+        refused, fine = OpenAIEngine("m", chat_cfg).complete(messages, Sampling(max_tokens=4))
+        assert refused.text == "I can't help with that." and fine.text == "Fine."
+    finally:
+        proc.kill()
