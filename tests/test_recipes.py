@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from core.config import RECIPES_DIR, load_config, load_recipe, to_plain
 
+ROOT = RECIPES_DIR.parent
+
 # recipes/<folder>/ is read by exactly one command, named like the folder: its module and config dataclasses.
 COMMANDS = {
     "magpie": ("data_synth.magpie", ["MagpieConfig"]),
@@ -113,3 +115,34 @@ def test_each_folder_is_read_by_the_command_it_is_named_after(stage: str, capsys
     assert exit_.value.code == 2
     assert f"unknown {stage} recipe 'no_such_recipe'" in capsys.readouterr().err
     assert list((RECIPES_DIR / stage).glob("*.yaml")), f"recipes/{stage}/ holds no recipe"
+
+
+def test_every_trained_model_a_command_line_names_is_one_training_writes():
+    """A full fine-tune saves its model in output_dir; only an adapter run with merge_lora writes output_dir/merged.
+    The README and the recipes' comments pointed evaluation at runs/magpie_pro_300k/merged, which never exists."""
+    import re
+
+    trained: dict[str, set] = {}  # output_dir -> {(peft, merge_lora)} of the training recipes that write it
+    for stage in ("sft", "dpo"):
+        for path in (RECIPES_DIR / stage).glob("*.yaml"):
+            raw = OmegaConf.to_container(load_recipe(stage, path.stem), resolve=True)
+            if raw.get("output_dir"):  # (a demo and a paper recipe may write the same directory)
+                written = (raw.get("peft", "lora"), raw.get("merge_lora", False))
+                trained.setdefault(raw["output_dir"].rstrip("/"), set()).add(written)
+    texts = [ROOT / "README.md", ROOT / "Makefile", *sorted(RECIPES_DIR.rglob("*.yaml"))]
+    named = [(p.name, m.group(1), m.group(2)) for p in texts
+             for m in re.finditer(r"model(?:s\.\w+)?[=:] ?(runs/[\w./-]+?)(/merged)?(?=[\s,}\"']|$)", p.read_text())]  # fmt: skip
+    checked = 0
+    for where, run, merged in named:
+        if run not in trained:
+            continue
+        checked += 1
+        if merged:
+            assert any(peft != "none" and merge for peft, merge in trained[run]), (
+                f"{where}: {run}/merged is never written"
+            )
+        else:
+            assert any(peft == "none" for peft, _ in trained[run]), (
+                f"{where}: {run} holds an adapter only; name /merged"
+            )
+    assert checked >= 3
