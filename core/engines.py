@@ -84,7 +84,9 @@ class EngineConfig:
     chat: bool = False
     concurrency: int = 8  # requests in flight per server
     timeout: float = 600.0
-    max_retries: int = 6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
+    max_retries: int = (
+        6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
+    )
     # vLLM extension: prompts already carry their BOS, so the server must not add one.
     extra_body: dict = field(default_factory=lambda: {"add_special_tokens": False})
     # vllm

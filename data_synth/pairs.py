@@ -41,6 +41,9 @@ class PairsConfig:
     # scoring: a sequence-classification reward model, or null for the judge's probability-weighted 1-10 score
     reward_model: str | None = None
     reward_batch_size: int = 8
+    reward_trust_remote_code: bool = (
+        False  # ArmoRM ships its own model code: set true to run it (you trust it)
+    )
     judge: JudgeConfig = field(
         default_factory=JudgeConfig
     )  # scores (no reward model): one token, its logprobs

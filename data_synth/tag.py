@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
 from core.config import cli, load_config, prepare_output_dir, resolved
-from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.engines import Completion, EngineConfig, EngineError, Sampling, make_engine
 from core.io import (
     ShardWriter,
     atomic_write_json,
@@ -68,6 +68,9 @@ class TagConfig:
     # score, labelled as such in the column metadata
     reward_model: str | None = None
     reward_batch_size: int = 8
+    reward_trust_remote_code: bool = (
+        False  # ArmoRM ships its own model code: set true to run it (you trust it)
+    )
     # reward_difference: r(response) - r(base model's URIAL response), same scorer as instruct_reward
     base_model: str = "embedded"  # Llama-3-8B base in GPU recipes; on CPU the embedded model stands in
     base_engine: EngineConfig = field(default_factory=EngineConfig)
@@ -430,7 +433,8 @@ class Context:
         """instruct_reward: the reward model when configured, else the judge's probability-weighted score."""
         cfg = self.cfg
         if cfg.reward_model:
-            return self.get("rm", lambda: RewardModel(cfg.reward_model, cfg.reward_batch_size))(pairs)
+            build = lambda: RewardModel(cfg.reward_model, cfg.reward_batch_size, cfg.reward_trust_remote_code)  # noqa: E731
+            return self.get("rm", build)(pairs)
         return self.scores(
             [REWARD_PROMPT.format(instruction=q, response=a) for q, a in pairs], 1, 10, "reward"
         )
@@ -629,19 +633,28 @@ def tag_neighbors(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -
 class RewardModel:
     """A sequence-classification reward model (FsfairX, ArmoRM, ...) scoring (instruction, response) pairs."""
 
-    def __init__(self, name: str, batch_size: int):
+    def __init__(self, name: str, batch_size: int, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model(name)
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval().to(self.device)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )
+        # A checkpoint without a trained reward head (a plain language model, or ArmoRM loaded without its own code)
+        # gets a randomly initialised one, which transformers only warns about: its scores would be noise.
+        if info["missing_keys"]:
+            raise EngineError(
+                f"reward model {name}: its checkpoint has no trained reward head ({', '.join(sorted(info['missing_keys'])[:3])} "
+                "would be random); use a sequence-classification reward model, and for one that ships its own code "
+                "(ArmoRM) set reward_trust_remote_code=true"
+            )
+        self.model = model.eval().to(self.device)
         self.batch_size = batch_size
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:

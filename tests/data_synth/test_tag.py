@@ -221,3 +221,24 @@ def test_json_labels_from_a_judge_that_answers_them_end_to_end(embedded_path, tm
     selected = select.run(select.SelectConfig(input=str(tmp_path / "tagged"), output_dir=str(tmp_path / "sel"),
                                               filters=[select.Filter("input_quality", ">=", "good")]))  # fmt: skip
     assert selected["selected_rows"] == 2  # the failed label never passes a filter
+
+
+def test_a_reward_model_without_a_trained_head_is_refused_not_scored_at_random(tmp_path, embedded_path):
+    """transformers gives a checkpoint without a reward head (a plain language model, or ArmoRM loaded without its
+    own code) a random one and only warns: its rewards would be noise."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from core.engines import EngineError
+
+    tok = AutoTokenizer.from_pretrained(embedded_path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tok.eos_token_id)  # fmt: skip
+    for name, cls in (("rm", LlamaForSequenceClassification), ("lm", LlamaForCausalLM)):
+        cls(config).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    scores = tag.RewardModel(str(tmp_path / "rm"), batch_size=2)([("Hi?", "Hello."), ("2+2?", "4.")])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    with pytest.raises(
+        EngineError, match=r"has no trained reward head \(score\.weight.*reward_trust_remote_code=true"
+    ):
+        tag.RewardModel(str(tmp_path / "lm"), batch_size=2)
