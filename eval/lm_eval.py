@@ -32,7 +32,7 @@ class LmEvalConfig:
     limit: int | None = None  # only the first N documents of each task (smoke tests)
     batch_size: int | str = 8  # or "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: str = "cpu"  # "cuda" on a GPU
+    device: str | None = None  # default: "cuda" where a GPU is, else "cpu"
     include_path: str = TASKS_DIR  # a folder of extra task YAMLs
     apply_chat_template: bool = True
     trust_remote_code: bool = False
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     name = cfg.name or Path(model.rstrip("/")).name
 
     import lm_eval
+    import torch
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import setup_logging
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             num_fewshot=cfg.num_fewshot,
             limit=cfg.limit,
             batch_size=cfg.batch_size,
-            device=cfg.device,
+            device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             apply_chat_template=cfg.apply_chat_template,
             fewshot_as_multiturn=cfg.apply_chat_template,  # shots as chat turns, as lm-eval's CLI does
             log_samples=cfg.log_samples,
