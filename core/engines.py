@@ -51,6 +51,20 @@ class Engine(Protocol):
 
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]: ...
 
+    def close(self) -> None:
+        """Drop the model (on a GPU: its weights and KV cache), so the next one can load beside it."""
+
+
+def free_memory() -> None:
+    """Collect what closed engines left behind and hand the GPU's cached blocks back to the driver."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 class Refused(OutageError):
     """A request refused for who or what it asks (HTTP 401, 403, 404: a wrong key or model name), not for its
@@ -205,6 +219,9 @@ class TransformersEngine:
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.eos_ids = _ids(self.tokenizer.eos_token_id)
 
+    def close(self) -> None:
+        self.model = None
+
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
         from tqdm.auto import tqdm
 
@@ -268,6 +285,9 @@ class OpenAIEngine:
         self.client = httpx.Client(headers=headers, timeout=cfg.timeout, limits=limits)
         self._counter = itertools.count()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
 
     @functools.cached_property
     def tokenizer(self):
@@ -437,6 +457,24 @@ class VLLMEngine:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.tokenizer = self.llm.get_tokenizer()
+
+    def close(self) -> None:
+        """vLLM keeps GPU memory (and, with tensor parallelism, worker processes) until its engine is shut down."""
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
+        try:  # the process group vLLM made for tensor parallelism, so the next LLM can make its own
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except ImportError:
+            pass
 
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
         from vllm import SamplingParams

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import math
@@ -33,7 +32,15 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError
-from core.engines import Completion, EngineConfig, Sampling, load_tokenizer, make_engine, prompt_seed
+from core.engines import (
+    Completion,
+    EngineConfig,
+    Sampling,
+    free_memory,
+    load_tokenizer,
+    make_engine,
+    prompt_seed,
+)
 from core.errors import OutageError
 
 T = TypeVar("T")
@@ -167,8 +174,11 @@ class Judge:
         return self._engine
 
     def close(self) -> None:
+        """Release the judge's engine (a later call loads it again), so another model can load beside it."""
+        if self._engine is not None:
+            self._engine.close()
         self._engine = None
-        gc.collect()
+        free_memory()
 
     @functools.cached_property
     def tokenizer(self) -> Any:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine, request_seed
+from core.engines import EngineConfig, Sampling, free_memory, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
 from core.judge import JudgeConfig
 from data_synth.tag import TAGGERS, Context
@@ -114,35 +114,25 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     first: dict[str, int] = {}  # each distinct instruction's first row, in input order
     for i, k in enumerate(keys):
         first.setdefault(k, i)
+    sampled = sample_responses(cfg, out, questions, keys, first)
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
     done = {prompt_key(r["prompt"][0]["content"]) for r in work.rows()}
     todo = [i for k, i in first.items() if k not in done]
-    engine = None
     scorer = Context(
         cfg, out
     )  # the taggers' scorer: PairsConfig has the reward_model and judge fields it reads
-    bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="pairs", unit="prompt")
+    bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="score pairs", unit="prompt")
     missing = 0
     for start in range(0, len(todo), cfg.chunk_size):
         idx = todo[start : start + cfg.chunk_size]
-        engine = engine or make_engine(cfg.model, cfg.engine)
-        asked = [questions[i] for i in idx]
-        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in asked]
-        # n_samples of one prompt must differ: each request its own seed, named by (instruction, sample).
-        samplings = [Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", keys[i], 0, k))
-                     for i in idx for k in range(cfg.n_samples)]  # fmt: skip
-        outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], samplings)
-        responses = [
-            [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]
-            for k in range(len(idx))
-        ]
+        asked, responses = [questions[i] for i in idx], [sampled[keys[i]] for i in idx]
         flat = [(q, r) for q, rs in zip(asked, responses, strict=True) for r in rs]
         scorer.missing.clear()
         flat_scores = scorer.rewards(flat)  # the reward model, or the judge's labelled score
         unanswered = {position // cfg.n_samples for position in scorer.missing}
         missing += len(unanswered)
         for k, (i, q, rs) in enumerate(zip(idx, asked, responses, strict=True)):
-            # A score the judge never gave is missing, not a tie: nothing is written, and a re-run redoes the prompt
+            # A score the judge never gave is missing, not a tie: nothing is written, and a re-run scores it again
             if k not in unanswered:
                 work.add([pair_row(i, q, rs, flat_scores[k * cfg.n_samples : (k + 1) * cfg.n_samples])])
         work.flush()
@@ -157,6 +147,41 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     return write_pairs(
         cfg, out, results, TAGGERS["reward"].source(cfg), {k: v for k, v in extra.items() if v}
     )
+
+
+def sample_responses(cfg: PairsConfig, out: Path, questions: list[str], keys: list[str], first: dict[str, int]
+                     ) -> dict[str, list[str]]:  # fmt: skip
+    """Phase 1: `n_samples` responses for every distinct instruction, written chunk by chunk to `out/responses`
+    before anything is scored, so a scoring failure (an outage, an out-of-memory reward model) never costs the
+    generations; then the policy engine is released, so that the scorer (a reward model on the same GPU) can load.
+    Returns {instruction key: responses}."""
+    store = ShardWriter(out / "responses", rows_per_shard=cfg.chunk_size, split="part")
+    sampled = {r["key"]: r["responses"] for r in store.rows()}
+    todo = [i for k, i in first.items() if k not in sampled]
+    if todo:
+        engine = make_engine(cfg.model, cfg.engine)
+        bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="sample responses", unit="prompt")
+        for start in range(0, len(todo), cfg.chunk_size):
+            idx = todo[start : start + cfg.chunk_size]
+            prompts = [
+                render_prompt(engine.tokenizer, [{"role": "user", "content": questions[i]}]) for i in idx
+            ]
+            # n_samples of one prompt must differ: each request its own seed, named by (instruction, sample).
+            samplings = [Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", keys[i], 0, k))
+                         for i in idx for k in range(cfg.n_samples)]  # fmt: skip
+            outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], samplings)
+            rows = [{"key": keys[i], "instruction": questions[i],
+                     "responses": [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]}
+                    for k, i in enumerate(idx)]  # fmt: skip
+            store.add(rows)
+            store.flush()
+            sampled.update((r["key"], r["responses"]) for r in rows)
+            bar.update(len(idx))
+        bar.close()
+        engine.close()
+        del engine
+        free_memory()
+    return sampled
 
 
 def prompt_key(instruction: str) -> str:

@@ -247,3 +247,59 @@ def test_tolerated_outages_in_pairs_and_reward_difference_stay_missing(tmp_path,
     assert manifest["failures"]["reward_difference"] == {"failed": 0, "untagged": 1}  # missing, not failed
     rows = pq.read_table(tmp_path / "tagged" / "train-00000.parquet").to_pylist()
     assert [r["reward_difference"] is None for r in rows] == [False, True, False, False]
+
+
+def test_pairs_keep_their_samples_when_scoring_fails_and_free_the_policy_before_scoring(
+    tmp_path, embedded_path, table_server, monkeypatch
+):
+    """Responses are written before anything is scored, so a scoring outage never costs the generations; and the
+    policy engine is gone before the scorer loads (on a GPU, a reward model needs the memory vLLM held)."""
+    import gc
+    import weakref
+
+    import data_synth.pairs as pairs
+    import data_synth.tag as tag
+
+    monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
+    policy = table_server([["", {"cycle": ["Good answer.", "Poor answer."]}]])
+    judge = table_server([["Poor answer.", {"text": "2", "top_logprobs": {"2": -0.01}}],
+                          ["", {"text": "9", "top_logprobs": {"9": -0.01}}]])  # fmt: skip
+    data = conversations(tmp_path / "in.jsonl", ["Name a colour.", "Name a fish."])
+    engine = lambda prefix, url: [f"{prefix}engine.backend=openai", f"{prefix}engine.base_urls=[{url}]",  # noqa: E731
+                                  f"{prefix}engine.tokenizer={embedded_path}", f"{prefix}engine.api_key_env=TEST_SERVER_KEY",
+                                  f"{prefix}engine.max_retries=0"]  # fmt: skip
+    args = [f"input={data}", f"output_dir={tmp_path / 'pairs'}", "model=policy", "n_samples=2", "test_size=0",
+            f"judge.model={embedded_path}", "judge.max_tokens=1"]  # fmt: skip
+    code, err = main("data_synth.pairs", *args, *engine("", policy), *engine("judge.", dead_url()))
+    assert code == 3 and len(list((tmp_path / "pairs" / "responses").glob("part-*.parquet"))) == 1
+    started = []
+    monkeypatch.setattr(
+        pairs, "make_engine", lambda *a: started.append(a)
+    )  # the policy must not be needed now
+    code, err = main("data_synth.pairs", *args, *engine("", dead_url()), *engine("judge.", judge))
+    assert code == 0, err
+    assert started == []  # nothing sampled again
+    rows = pq.read_table(tmp_path / "pairs" / "train-00000.parquet").to_pylist()
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        ("Good answer.", "Poor answer.")
+    ] * 2
+
+    monkeypatch.undo()
+    monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
+    made, alive_when_scoring = [], []
+    real_make, real_rewards = pairs.make_engine, tag.Context.rewards
+
+    def make(*a):
+        made.append(weakref.ref(e := real_make(*a)))
+        return e
+
+    def rewards(self, flat):
+        gc.collect()
+        alive_when_scoring.append(made[0]() is not None)
+        return real_rewards(self, flat)
+
+    monkeypatch.setattr(pairs, "make_engine", make)
+    monkeypatch.setattr(tag.Context, "rewards", rewards)
+    args = [a.replace(f"output_dir={tmp_path / 'pairs'}", f"output_dir={tmp_path / 'fresh'}") for a in args]
+    assert main("data_synth.pairs", *args, *engine("", policy), *engine("judge.", judge))[0] == 0
+    assert alive_when_scoring == [False]  # the policy engine was released before the first score
