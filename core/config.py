@@ -151,14 +151,47 @@ def _first_line(e: Exception) -> str:
     return str(e).partition("\n")[0]
 
 
-def load_config(stage: str, argv: list[str] | None, *schemas: type) -> tuple[Any, ...]:
-    """Build one instance of each schema from `recipe=NAME key=value ...` (flat keys, as alignment-handbook)."""
+def parse_config(stage: str, argv: list[str], *schemas: type) -> tuple[Any, ...]:
+    """One instance of each schema from `recipe=NAME key=value ...` (flat keys, as alignment-handbook), validated
+    but not preflighted: what the machine has and which inputs exist are not looked at."""
+    recipe, overrides = parse_argv(argv)
+    return build(merge_recipe(stage, recipe, overrides), *schemas)
+
+
+def load_config(
+    stage: str, argv: list[str] | None, *schemas: type, checks: typing.Iterable[typing.Callable] = ()
+) -> tuple[Any, ...]:
+    """A command's config: `parse_config`, then the preflight (core/preflight.py, plus `checks`: the command's
+    own, each given the built instances and returning problem lines). `--preflight` stops there, before anything
+    loads or is written; `--help` lists the keys."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
         print(describe(*schemas))
         raise SystemExit(0)
-    recipe, overrides = parse_argv(argv)
-    return build(merge_recipe(stage, recipe, overrides), *schemas)
+    built = parse_config(stage, [a for a in argv if a != "--preflight"], *schemas)
+    preflight(stage, built, checks, only="--preflight" in argv)
+    return built
+
+
+def preflight(
+    stage: str, built: tuple[Any, ...], checks: typing.Iterable[typing.Callable], only: bool
+) -> None:
+    from core import preflight as pf
+
+    config = resolved(*built)
+    found = pf.problems(config) + pf.device_problems(config)
+    if stage != "sweeps":  # a sweep's inputs are written by its own earlier stages; each cell checks its own
+        found += [line for key, value in pf.leaves(config) if not key.endswith("output_dir")
+                  for line in pf.missing_input(key, value)]  # fmt: skip
+    for check in checks:
+        found += check(*built)
+    if found:
+        raise ConfigError("\nerror: ".join(found))
+    if only:
+        named = sorted({n.dists[0] if len(n.dists) == 1 else " or ".join(n.dists) for n in pf.needs(config)})
+        print(f"preflight: {stage} is ready to run (the packages it names: {', '.join(named) or 'none beyond the base install'}; "
+              "the settings and the inputs under runs/ are checked)")  # fmt: skip
+        raise SystemExit(0)
 
 
 def build(raw: dict[str, Any], *schemas: type) -> tuple[Any, ...]:
@@ -280,7 +313,7 @@ RANGES: dict[str, Bounds] = {
     **dict.fromkeys(["learning_rate", "num_train_epochs", "beta", "logging_steps", "save_steps", "eval_steps"],
                     POSITIVE),
     **dict.fromkeys(["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_length", "max_prompt_length", "max_completion_length", "save_total_limit"], COUNT),
+                     "effective_batch_size", "max_length", "max_prompt_length", "max_completion_length", "save_total_limit"], COUNT),
     "max_steps": Bounds(1, also=(-1,)),  # -1: train for num_train_epochs
     "label_smoothing": Bounds(0, 0.5),
 }  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from core.config import RECIPES_DIR, load_config, load_recipe, to_plain
+from core.config import RECIPES_DIR, load_recipe, parse_config, to_plain
 
 ROOT = RECIPES_DIR.parent
 
@@ -100,7 +100,7 @@ def test_recipe_validates(path: Path):
     stage = path.parent.name
     # GPU recipes ask for bf16, which transformers refuses on a machine without a GPU unless told it is CPU.
     extra = ["use_cpu=true"] if stage in ("sft", "dpo") else []
-    built = load_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
+    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
     stated = leaves(OmegaConf.to_container(load_recipe(stage, path.stem), resolve=True))  # `base:` included
     assert stated
     wrong = {key: (value, built_value(built, key)) for key, value in stated.items()
@@ -146,3 +146,114 @@ def test_every_trained_model_a_command_line_names_is_one_training_writes():
                 f"{where}: {run} holds an adapter only; name /merged"
             )
     assert checked >= 3
+
+
+def gpu_setup_requirements() -> list[str]:
+    """What `make setup GPU=1` asks pip for, read from the Makefile and pyproject.toml (never restated here)."""
+    import re
+
+    import tomllib
+
+    makefile = (ROOT / "Makefile").read_text()
+    torch_version = re.search(r"^GPU_TORCH_VERSION \?= (\S+)", makefile, re.M).group(1)
+    extras = re.search(r"^EXTRAS \?= \$\(if \$\(GPU\),(\S+?),dev\)", makefile, re.M).group(1).split("$(,)")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = [req for extra in extras for req in project["optional-dependencies"][extra]]
+    return [f"torch=={torch_version}", *project["dependencies"], *optional]
+
+
+@pytest.fixture(scope="session")
+def gpu_environment(tmp_path_factory) -> dict[str, str]:
+    """name -> version of every distribution the README's GPU setup installs, as pip resolves it against the real
+    index (a dry run: nothing is installed, installed packages are ignored). CI reaches the index; about a minute."""
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path_factory.mktemp("gpu_env") / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+         "--report", str(report), *gpu_setup_requirements()],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, f"pip cannot resolve the GPU setup:\n{run.stderr[-3000:]}"
+    return {
+        i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
+
+
+@pytest.mark.integration
+def test_the_gpu_setup_resolves_to_what_training_and_vllm_need(gpu_environment):
+    """One environment for synthesis with vLLM and for training: pip must not trade transformers down for vLLM
+    (vLLM 0.32 capped it below 5.20, which has no `activation_checkpointing` key every training recipe sets)."""
+    from packaging.version import Version
+    from transformers import TrainingArguments
+
+    versions = {name.lower(): Version(v) for name, v in gpu_environment.items()}
+    assert "vllm" in versions and "torch" in versions
+    assert versions["transformers"] >= Version("5.20")
+    assert versions["deepspeed"] >= Version("0.19.3")
+    assert "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
+def test_recipe_passes_the_preflight_in_the_gpu_setup(path: Path, gpu_environment):
+    """Every package a shipped recipe names (attention, report_to, optimizer, engines) is one the GPU setup brings."""
+    from core import preflight
+    from core.config import resolved
+
+    stage = path.parent.name
+    extra = ["use_cpu=true"] if stage in ("sft", "dpo") else []
+    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
+    assert preflight.problems(resolved(*built), set(gpu_environment)) == []
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name in ("sft", "dpo")],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")  # fmt: skip
+def test_a_training_recipe_gets_its_batch_from_the_launch_line_it_documents(path: Path, monkeypatch):
+    """processes x per-device batch x accumulation = the recipe's effective_batch_size, under the accelerate config
+    (and --num_processes) its own comment tells the user to launch with."""
+    import re
+
+    from train.common import settle_batch
+
+    text = path.read_text()
+    launch = re.search(r"accelerate launch (?:--config_file (\S+))?((?: --num_processes \d+)?)", text)
+    script, args = parse_config(
+        path.parent.name, [f"recipe={path.stem}", "use_cpu=true"], *schemas(path.parent.name)
+    )
+    if script.effective_batch_size is None:
+        assert not re.search(r"deepspeed|GPUs", text), (
+            f"{path}: a GPU recipe states its batch as effective_batch_size"
+        )
+        return
+    config = OmegaConf.load(ROOT / launch.group(1)) if launch and launch.group(1) else {"num_processes": 8}
+    processes = int(launch.group(2).split()[-1]) if launch and launch.group(2) else config["num_processes"]
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    assert settle_batch(script, args) == []
+    total = processes * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    assert total == script.effective_batch_size
+
+
+# Inputs under runs/ that commands without recipes write: data_synth.baselines (`name=sharegpt ...`, as each baseline
+# recipe's comment says), and Humpback's stages, whose paths data_synth.backtranslate passes to each stage itself.
+PREPARED_WITHOUT_A_RECIPE = ("runs/baselines/", "runs/humpback/")
+
+
+def test_every_earlier_output_a_recipe_reads_is_written_by_a_shipped_recipe():
+    """The chain holds: each runs/ path a recipe reads (a data set, a model, a judge's input) is the output_dir of
+    another shipped recipe, or lies in it (`runs/x/merged`)."""
+    from core import preflight
+
+    orphans = []
+    for path in RECIPES:
+        if path.parent.name == "sweeps":  # a sweep's stages pass their own paths on
+            continue
+        raw = OmegaConf.to_container(load_recipe(path.parent.name, path.stem), resolve=True)
+        for key, value in preflight.leaves(raw):
+            for read in value if isinstance(value, list) else [value]:
+                if (isinstance(read, str) and read.startswith("runs/") and not key.endswith("output_dir")
+                        and not read.startswith(PREPARED_WITHOUT_A_RECIPE) and not preflight.writers_of(read)):  # fmt: skip
+                    orphans.append(f"{path.parent.name}/{path.stem}: {key}={read}")
+    assert not orphans, f"read but written by no recipe: {orphans}"

@@ -42,6 +42,9 @@ class ScriptArgs:
     # <|eot_id|>): they are ~zero, and a LoRA-tuned model would never emit <|eot_id|>. Such rows (input and
     # output embeddings) start from the mean of the trained rows instead. Trained rows are left alone.
     init_untrained_template_tokens: bool = True
+    # The batch the recipe's paper trained with, in rows per optimizer step. Set, it fixes gradient_accumulation_steps
+    # to effective_batch_size / (processes x per_device_train_batch_size), so 4 or 8 GPUs train the same recipe.
+    effective_batch_size: int | None = None
     overwrite: bool = False
 
     def sources(self) -> list[str]:
@@ -67,7 +70,7 @@ def start(
         deepspeed.init_distributed(dist_backend="gloo")
         if not any(a.startswith("ddp_backend=") for a in argv):
             argv.append("ddp_backend=gloo")
-    script, args = load_config(stage, argv, script_class, config_class)
+    script, args = load_config(stage, argv, script_class, config_class, checks=[settle_batch])
     state = PartialState()
     if state.is_main_process:
         prepare_output_dir(args.output_dir, resolved(script, args), command=f"train/{stage}.py",
@@ -76,6 +79,27 @@ def start(
     state.wait_for_everyone()
     set_seed(args.seed)
     return script, args, state
+
+
+def settle_batch(script: ScriptArgs, args: Any) -> list[str]:
+    """Set gradient_accumulation_steps from effective_batch_size and the number of processes (WORLD_SIZE, which
+    accelerate and torchrun set), or say why the two cannot agree. A preflight check: nothing has loaded yet."""
+    if script.effective_batch_size is None:
+        return []
+    world, per_device = int(os.environ.get("WORLD_SIZE", "1")), args.per_device_train_batch_size
+    steps, rest = divmod(script.effective_batch_size, world * per_device)
+    if rest or not steps:
+        return [f"effective_batch_size={script.effective_batch_size} is not a multiple of {world} processes x "
+                f"per_device_train_batch_size={per_device}: launch with --num_processes dividing it, or change "
+                "per_device_train_batch_size"]  # fmt: skip
+    if args.gradient_accumulation_steps not in (1, steps):
+        return [f"gradient_accumulation_steps={args.gradient_accumulation_steps} with {world} processes x "
+                f"per_device_train_batch_size={per_device} is a batch of "
+                f"{world * per_device * args.gradient_accumulation_steps}, not effective_batch_size="
+                f"{script.effective_batch_size}: leave gradient_accumulation_steps out (it follows from "
+                "effective_batch_size), or set effective_batch_size=null"]  # fmt: skip
+    args.gradient_accumulation_steps = steps
+    return []
 
 
 def data_signature(script: ScriptArgs) -> dict[str, Any]:

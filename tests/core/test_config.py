@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 from omegaconf import OmegaConf
 
-from core.config import ConfigError, available_recipes, build, load_config, prepare_output_dir
+from core.config import ConfigError, available_recipes, build, parse_config, prepare_output_dir
 from core.engines import EngineConfig
 
 
@@ -41,14 +41,14 @@ def test_overrides_nested_lists_and_int_to_float():
 def test_dotted_override_on_a_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("n: 7\ninner:\n  temperature: 0.5\n")
-    (cfg,) = load_config(
+    (cfg,) = parse_config(
         "synth", [f"recipe={recipe}", "inner.temperature=1.2", "rate=1e-5", "inner.stop=x,y"], Cfg
     )
     assert cfg.n == 7 and cfg.inner.temperature == 1.2 and cfg.rate == 1e-5 and cfg.inner.stop == ["x", "y"]
 
 
 def test_yes_no_on_the_command_line_stay_strings():
-    (cfg,) = load_config("synth", ["name=no", "mode=off", "flag=true"], Cfg)
+    (cfg,) = parse_config("synth", ["name=no", "mode=off", "flag=true"], Cfg)
     assert cfg.name == "no" and cfg.mode == "off" and cfg.flag is True
     with pytest.raises(ConfigError, match="quote the value"):
         build({"name": False}, Cfg)  # what an unquoted `name: no` in a recipe file becomes
@@ -58,12 +58,12 @@ def test_unknown_key_names_closest_keys():
     with pytest.raises(ConfigError, match=r"unknown key 'rat'.*Closest valid keys: rate"):
         build({"rat": 1}, Cfg)
     with pytest.raises(ConfigError, match=r"unknown key 'inner.temprature'.*inner.temperature"):
-        load_config("synth", ["inner.temprature=1"], Cfg)
+        parse_config("synth", ["inner.temprature=1"], Cfg)
 
 
 def test_wrong_type_names_key_and_expected_type():
     with pytest.raises(ConfigError, match=r"key 'n': expected int, got 'many'"):
-        load_config("synth", ["n=many"], Cfg)
+        parse_config("synth", ["n=many"], Cfg)
     with pytest.raises(ConfigError, match=r"key 'flag': expected bool"):
         build({"flag": "maybe"}, Cfg)
     with pytest.raises(ConfigError, match=r"key 'inner.temperature': expected float"):
@@ -78,7 +78,7 @@ def test_unknown_recipe_lists_available():
     with pytest.raises(
         ConfigError, match=r"unknown magpie recipe 'magpie_dmeo'.*Did you mean: magpie_demo.*magpie_demo"
     ):
-        load_config("magpie", ["recipe=magpie_dmeo"], Cfg)
+        parse_config("magpie", ["recipe=magpie_dmeo"], Cfg)
     assert "magpie_demo" in available_recipes("magpie")
 
 
@@ -122,10 +122,10 @@ def test_a_recipe_can_inherit_from_another(tmp_path, monkeypatch):
     (tmp_path / "synth" / "child.yaml").write_text("base: parent\nname: child\ninner:\n  stop: [x]\n")
     (tmp_path / "synth" / "loop.yaml").write_text("base: loop\n")
     monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
-    (cfg,) = load_config("synth", ["recipe=child", "n=5"], Cfg)
+    (cfg,) = parse_config("synth", ["recipe=child", "n=5"], Cfg)
     assert (cfg.name, cfg.n, cfg.inner.temperature, cfg.inner.stop) == ("child", 5, 0.7, ["x"])
     with pytest.raises(ConfigError, match="inherit in a loop"):
-        load_config("synth", ["recipe=loop"], Cfg)
+        parse_config("synth", ["recipe=loop"], Cfg)
 
 
 def test_argv_parsed_and_merged_without_building(tmp_path):
@@ -150,7 +150,7 @@ def test_a_malformed_recipe_names_its_line(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("filters: [1, 2\ntop_k: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:2: not valid YAML \(did not find expected"):
-        load_config("select", [f"recipe={recipe}"], Cfg)
+        parse_config("select", [f"recipe={recipe}"], Cfg)
 
 
 def test_a_schema_whose_types_cannot_be_resolved_is_our_error_never_unchecked():

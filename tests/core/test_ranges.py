@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from core.config import RANGES, ConfigError, _hints, load_config
+from core.config import RANGES, ConfigError, _hints, parse_config
 from tests.core.test_output_dir import main
 from tests.test_recipes import COMMANDS, schemas
 
@@ -66,7 +66,7 @@ def test_every_numeric_setting_of_ours_has_a_range():
 def test_a_value_out_of_range_names_the_key_and_the_range(stage, key, value, expected):
     args = [f"{key}={value}"] + (["output_dir=/tmp/x"] if stage in ("sft", "dpo") else [])
     with pytest.raises(ConfigError) as err:
-        load_config(stage, args, *schemas(stage))
+        parse_config(stage, args, *schemas(stage))
     got = f"{value}(\\.0)?"  # a float setting shows 0 as 0.0
     assert re.fullmatch(
         f"key '{re.escape(key)}': must be {re.escape(expected)}, got {got}", str(err.value)
@@ -74,9 +74,9 @@ def test_a_value_out_of_range_names_the_key_and_the_range(stage, key, value, exp
 
 
 def test_limits_that_mean_no_limit_still_load():
-    (cfg,) = load_config("select", ["top_k=null"], *schemas("select"))
+    (cfg,) = parse_config("select", ["top_k=null"], *schemas("select"))
     assert cfg.top_k is None
-    (_, args) = load_config("sft", ["max_steps=-1", "output_dir=/tmp/x", "bf16=false"], *schemas("sft"))
+    (_, args) = parse_config("sft", ["max_steps=-1", "output_dir=/tmp/x", "bf16=false"], *schemas("sft"))
     assert args.max_steps == -1
 
 

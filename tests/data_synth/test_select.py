@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError, parse_config
 from data_synth.select import SelectConfig, select
 
 
@@ -33,7 +33,7 @@ TABLE = pd.DataFrame([
 
 
 def run_recipe(name, *overrides):
-    (cfg,) = load_config("select", [f"recipe={name}", *overrides], SelectConfig)
+    (cfg,) = parse_config("select", [f"recipe={name}", *overrides], SelectConfig)
     chosen, steps = select(TABLE, cfg)
     return list(chosen.index), {s["step"]: s["removed"] for s in steps}
 

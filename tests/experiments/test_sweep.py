@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError, parse_config
 from eval.scores import score_row, write_scores
 from experiments.sweep import (
     Stage,
@@ -120,7 +120,7 @@ def test_local_sweep_runs_resumes_isolates_a_failure_and_retries(tmp_path, capsy
 
 
 def test_dry_run_prints_every_stage_and_the_memory_plan_without_running(tmp_path, capsys):
-    (cfg,) = load_config(
+    (cfg,) = parse_config(
         "sweeps", ["recipe=demo_sweep", f"output_dir={tmp_path / 's'}", "dry_run=true"], SweepConfig
     )
     summary = run(cfg)
@@ -131,7 +131,7 @@ def test_dry_run_prints_every_stage_and_the_memory_plan_without_running(tmp_path
 
 
 def test_table1_reproduction_dry_runs_with_its_gpu_hours(tmp_path, capsys):
-    (cfg,) = load_config(
+    (cfg,) = parse_config(
         "sweeps", ["recipe=magpie_table1", f"output_dir={tmp_path / 's'}", "dry_run=true"], SweepConfig
     )
     summary = run(cfg)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from core.config import ConfigError, build, load_config
+from core.config import ConfigError, build, parse_config
 from train.common import ScriptArgs
 from train.dpo import DPOConfig, build_trainer, normalize_preference
 
@@ -89,4 +89,4 @@ def test_lora_dpo_on_the_embedded_model_changes_every_lora_parameter(tmp_path):
                                  "drop_invalid=true", "mixture_seed=1"])  # fmt: skip
 def test_dpo_refuses_the_sft_data_keys_it_would_ignore(key):
     with pytest.raises(ConfigError, match=f"unknown key '{key.split('=')[0]}'"):
-        load_config("dpo", [key, "output_dir=/tmp/x", "bf16=false"], ScriptArgs, DPOConfig)
+        parse_config("dpo", [key, "output_dir=/tmp/x", "bf16=false"], ScriptArgs, DPOConfig)
