@@ -162,3 +162,18 @@ def training_chat_template(tokenizer: Any) -> str | None:
             f"markers is known for this chat template ({e}); set chat_template=PATH to a .jinja file that has them, "
             "or assistant_only_loss=false"
         ) from None
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the chat template closes an assistant turn with (<|eot_id|>, <|im_end|>, <end_of_turn>).
+    A base model tuned on a chat template keeps its own eos (Llama-3-8B: <|end_of_text|>), so generation must be
+    told to stop here too, or answers run on to max_tokens through the next turn's headers."""
+    if not tokenizer.chat_template:
+        return []
+    marker = "Zq7Xw"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    ids = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return ids[:1] if ids and ids[0] in special else []

@@ -101,6 +101,9 @@ class EngineConfig:
     max_retries: int = (
         6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
     )
+    # The request field for the reply's length. OpenAI's API takes max_completion_tokens (its reasoning models
+    # refuse max_tokens); vLLM, SGLang and llama.cpp servers take max_tokens. auto: the former for api.openai.com.
+    token_limit: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
     # vLLM extension: prompts already carry their BOS, so the server must not add one.
     extra_body: dict = field(default_factory=lambda: {"add_special_tokens": False})
     # vllm
@@ -217,7 +220,10 @@ class TransformersEngine:
             from torch.ao.quantization import quantize_dynamic
 
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
-        self.eos_ids = _ids(self.tokenizer.eos_token_id)
+        # the tokenizer's eos and every eos the model's generation_config lists (<|eot_id|> for Llama-3-Instruct
+        # and for models this harness trains on a chat template)
+        generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))
+        self.eos_ids = list(dict.fromkeys(_ids(self.tokenizer.eos_token_id) + generation_eos))
 
     def close(self) -> None:
         self.model = None
@@ -326,7 +332,7 @@ class OpenAIEngine:
             )
         body = {
             "model": self.model_name,
-            "max_tokens": s.max_tokens,
+            token_limit_field(self.cfg): s.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             **self.cfg.extra_body,
@@ -404,6 +410,14 @@ class OpenAIEngine:
 
 
 # ----------------------------------------------------------------------------------------------------- vllm
+
+
+def token_limit_field(cfg: EngineConfig) -> str:
+    """The request field that carries max_tokens for this server (`EngineConfig.token_limit`)."""
+    if cfg.token_limit != "auto":
+        return cfg.token_limit
+    hosted = any("api.openai.com" in url for url in cfg.base_urls)
+    return "max_completion_tokens" if hosted else "max_tokens"
 
 
 def vllm_sampling_kwargs(s: Sampling) -> dict[str, Any]:

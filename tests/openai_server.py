@@ -12,7 +12,8 @@ labels. A reply may also be `{"text": ..., "top_logprobs": {token: logprob}}` (a
 prompt another text), `{"status": 500}` (that HTTP error, as an overloaded or broken server answers: an outage,
 not a reply; with `"times": N` only the first N requests of the prompt, then `"then"`'s reply; with
 `"retry_after": S` a Retry-After header, as a rate limit answers 429) or `{"refusal": text}` (a hosted chat model's
-refusal: `content: null` and the refusal beside it).
+refusal: `content: null` and the refusal beside it). Like OpenAI's API it takes max_completion_tokens for
+max_tokens, and refuses max_tokens in a chat request for a reasoning model (a name starting o1..o9 or gpt-5).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -115,11 +117,18 @@ def serve(model: str, port: int, api_key: str | None = None, table: str | None =
             if chat:  # the server applies the model's chat template, as vllm serve does
                 body["prompt"] = render_prompt(engine.tokenizer, body["messages"])
                 body["logprobs"] = body.get("top_logprobs") if body.get("logprobs") else None
+            if chat and "max_tokens" in body and re.match(r"o\d|gpt-5", body.get("model", "")):
+                # as OpenAI answers for its reasoning models
+                self._send(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with "
+                                           "this model. Use 'max_completion_tokens' instead.",
+                                           "type": "invalid_request_error", "param": "max_tokens",
+                                           "code": "unsupported_parameter"}})  # fmt: skip
+                return
             stop = body.get("stop") or []
             s = Sampling(
                 temperature=float(body.get("temperature", 1.0)),
                 top_p=float(body.get("top_p", 1.0)),
-                max_tokens=int(body.get("max_tokens", 16)),
+                max_tokens=int(body.get("max_completion_tokens", body.get("max_tokens", 16))),
                 stop=tuple([stop] if isinstance(stop, str) else stop),
                 stop_token_ids=tuple(body.get("stop_token_ids") or ()),
                 repetition_penalty=float(body.get("repetition_penalty", 1.0)),

@@ -3,6 +3,7 @@ start (config, output directory, seed) and its end (resume, save, merged export,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
-from core.chat import training_chat_template
+from core.chat import end_of_turn_ids, training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
 from core.io import atomic_write_json, atomic_write_text, data_files, digest, follow_umask
 from core.models import resolve_model
@@ -182,18 +183,33 @@ def init_untrained_rows(model: Any, token_ids: list[int], rel_norm: float = 1e-3
     embeddings and, when untied, the output head: the fix Unsloth and others apply to Llama-3 base. (trl's fused
     LM head reads `lm_head.weight` directly, so PEFT's trainable-token rows on the head would not train.)"""
     fixed = []
-    for emb in {
+    embeddings = {
         id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-    }.values():
-        weight = emb.weight
-        norms = weight.float().norm(dim=-1)
-        cutoff = rel_norm * norms.median()
-        untrained = [i for i in token_ids if i < weight.shape[0] and norms[i] <= cutoff]
-        if untrained:
-            trained = norms > cutoff
-            weight[untrained] = weight[trained].float().mean(0).to(weight.dtype)
-            fixed += untrained
+    }
+    for emb in embeddings.values():
+        with gathered([emb.weight]):  # under ZeRO-3 each process holds an empty shard until gathered
+            weight = emb.weight
+            norms = weight.float().norm(dim=-1)
+            cutoff = rel_norm * norms.median()
+            untrained = [i for i in token_ids if i < weight.shape[0] and norms[i] <= cutoff]
+            if untrained:
+                trained = norms > cutoff
+                weight[untrained] = weight[trained].float().mean(0).to(weight.dtype)
+                fixed += untrained
     return sorted(set(fixed))
+
+
+def gathered(params: list[Any]) -> Any:
+    """The full tensors of `params` inside the block, edits kept: under ZeRO-3 (zero3_init_flag) parameters are
+    partitioned to empty tensors as they load, and an edit outside this context silently touches nothing. Every
+    process computes the same edit; rank 0's is the one re-partitioned."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -224,12 +240,15 @@ def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, 
     return lora, quant
 
 
+def model_dtype(script: ScriptArgs) -> torch.dtype:
+    if script.torch_dtype == "auto":  # bf16 on GPUs; CPUs train much faster in float32
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, script.torch_dtype)
+
+
 def load_model(script: ScriptArgs, args: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The model to train and its LoRA config (None for full fine-tuning)."""
-    if script.torch_dtype == "auto":  # bf16 on GPUs; CPUs train much faster in float32
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    else:
-        dtype = getattr(torch, script.torch_dtype)
+    dtype = model_dtype(script)
     lora, quant = peft_and_quantization(script, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(script.model_name_or_path),
@@ -238,15 +257,75 @@ def load_model(script: ScriptArgs, args: Any, tokenizer: Any) -> tuple[Any, Any]
         quantization_config=quant,
         trust_remote_code=args.trust_remote_code,
     )
-    if script.init_untrained_template_tokens and quant is None:  # 4-bit weights: embeddings stay unquantized,
-        fixed = init_untrained_rows(
-            model, template_token_ids(tokenizer)
-        )  # but QLoRA users fix the base first
+    # 4-bit weights: the embeddings stay unquantized, but QLoRA users fix the base first
+    if script.init_untrained_template_tokens and quant is None:
+        fixed = init_untrained_rows(model, template_token_ids(tokenizer))
         if fixed and PartialState().is_main_process:
             print(
                 f"initialized untrained embedding rows of template tokens {tokenizer.convert_ids_to_tokens(fixed)}"
             )
+        if fixed and lora is not None:
+            model.fixed_template_rows = fixed  # to be saved with the adapter: see save_template_rows
     return model, lora
+
+
+def save_template_rows(model: Any, out: Path, is_main: bool) -> None:
+    """Add the embedding layers to the adapter in `out` when load_model fixed template rows in them. An adapter
+    holds only LoRA weights and its base loads from the Hub untouched: without the fixed rows a LoRA-tuned model
+    would never emit <|eot_id|>. peft loads such layers back with the adapter (its `save_embedding_layers`
+    layout), but the Trainer cannot be asked to save them, and under ZeRO-3 it leaves frozen weights out of its
+    gathered state dict; so they are gathered here, on every process, and written by the main one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
+    if not getattr(base, "fixed_template_rows", None):
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = list({id(m.weight): m.weight for m in (base.get_input_embeddings(), base.get_output_embeddings())
+                   if m is not None}.values())  # fmt: skip
+    with gathered(params):
+        layers = {names[id(p)]: p.detach().cpu().clone().contiguous() for p in params} if is_main else {}
+    if is_main:
+        from safetensors.torch import load_file, save_file
+
+        path = out / "adapter_model.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({**load_file(path), **layers}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+
+
+def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
+    """Make the chat template's end-of-turn token an eos of the saved model's generation_config, as Llama-3-Instruct's
+    own lists <|eot_id|> beside <|end_of_text|>: transformers, vLLM and `vllm serve` then stop every answer there."""
+    config = model.generation_config if hasattr(model, "generation_config") else None
+    ends = end_of_turn_ids(tokenizer)
+    if config is None or not ends:
+        return
+    current = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos = [current] if isinstance(current, int) else list(current or [])
+    config.eos_token_id = eos + [i for i in ends if i not in eos]
+
+
+def merge_adapter(script: ScriptArgs, args: Any, out: Path, tokenizer: Any) -> None:
+    """out/merged: the base model, unquantized in the training dtype, plus the adapter saved in `out` (and the
+    template rows saved with it), as alignment-handbook merges. Loaded again from disk rather than merged in memory:
+    under ZeRO-3 the training model's weights are empty shards, and a QLoRA model's are 4-bit."""
+    from peft import PeftModel
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # This process alone loads the base: under ZeRO-3, transformers would partition it across all of them and wait
+    # for the others forever. The config is set again afterwards for whatever follows.
+    zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_model(script.model_name_or_path),
+            dtype=model_dtype(script),
+            trust_remote_code=args.trust_remote_code,
+        )
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+        stop_at_end_of_turn(merged, tokenizer)
+        merged.save_pretrained(out / "merged")
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = zero3
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
@@ -275,14 +354,16 @@ def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialSt
     if last and state.is_main_process:
         print(f"resuming from {last}", flush=True)
     trainer.add_callback(SharedCheckpoints())
+    stop_at_end_of_turn(trainer.model, trainer.processing_class)
     trainer.train(resume_from_checkpoint=last)
+    # every process saves: under ZeRO-3 the weights are gathered from all of them
     trainer.save_model(args.output_dir)
+    save_template_rows(trainer.model, Path(args.output_dir), state.is_main_process)
     if state.is_main_process:
         out = Path(args.output_dir)
         trainer.processing_class.save_pretrained(out)
         if script.merge_lora and script.peft != "none":
-            merged = trainer.model.merge_and_unload()
-            merged.save_pretrained(out / "merged")
+            merge_adapter(script, args, out, trainer.processing_class)
             trainer.processing_class.save_pretrained(out / "merged")
         atomic_write_text(
             out / "README.md",

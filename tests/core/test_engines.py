@@ -198,3 +198,31 @@ def test_a_rate_limit_is_waited_out_and_a_refusal_is_a_reply(embedded_path, tmp_
         assert refused.text == "I can't help with that." and fine.text == "Fine."
     finally:
         proc.kill()
+
+
+def test_a_reasoning_model_gets_max_completion_tokens(embedded_path, monkeypatch):
+    """OpenAI's reasoning models refuse `max_tokens` (HTTP 400 for every request); `max_completion_tokens` carries
+    the limit instead, and is what api.openai.com gets unless told otherwise."""
+    from core.engines import OutageError, token_limit_field
+    from tests.conftest import start_server
+
+    monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
+    url, proc = start_server(embedded_path)
+    try:
+        messages = [[{"role": "user", "content": "Name three colors."}]]
+        cfg = dict(backend="openai", base_urls=[url], api_key_env="TEST_SERVER_KEY", chat=True, max_retries=0)
+        with pytest.raises(OutageError, match="Use 'max_completion_tokens' instead"):
+            OpenAIEngine("o3-mini", EngineConfig(**cfg)).complete(messages, Sampling(max_tokens=3))
+        engine = OpenAIEngine("o3-mini", EngineConfig(**cfg, token_limit="max_completion_tokens"))
+        (out,) = engine.complete(messages, Sampling(max_tokens=3, temperature=0.0))
+        assert out.text and out.n_tokens == 3 and out.finish_reason == "length"  # the limit was honoured
+    finally:
+        proc.kill()
+    hosted = EngineConfig(
+        backend="openai", base_urls=["https://api.openai.com/v1"], api_key_env="K", chat=True
+    )
+    assert token_limit_field(hosted) == "max_completion_tokens"
+    assert (
+        token_limit_field(EngineConfig(backend="openai", base_urls=["http://gpu-node:8000/v1"]))
+        == "max_tokens"
+    )

@@ -174,19 +174,34 @@ def tiny_llama3(tmp_path: Path, embedded_path: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embedded_path, peft):
-    """Llama-3-template SFT on a tiny random Llama whose template-token rows are zero, as in Llama-3-8B base: those
-    rows start from the mean trained row, the loss covers exactly the assistant turns and their <|eot_id|>, and
-    every trainable parameter changes."""
+def llama3_base(tmp_path: Path, embedded_path: str) -> tuple[Path, list[int]]:
+    """`tiny_llama3` as Llama-3-8B base is: its template-token rows zero in both embeddings, and <|end_of_text|> its
+    eos, not the template's <|eot_id|>; and the template tokens' ids."""
     from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, GenerationConfig
 
     model_path = tiny_llama3(tmp_path, embedded_path)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.eos_token = "<|end_of_text|>"
+    tok.save_pretrained(model_path)
+    config = json.loads((model_path / "config.json").read_text())
+    config["eos_token_id"] = tok.eos_token_id
+    (model_path / "config.json").write_text(json.dumps(config))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id).save_pretrained(model_path)
     weights = load_file(model_path / "model.safetensors")
     tok_ids = [49152 + i for i in range(5)]  # the five Llama-3 special tokens the fixture tokenizer adds
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         weights[name][tok_ids] = 0.0
     save_file(weights, model_path / "model.safetensors", metadata={"format": "pt"})
+    return model_path, tok_ids
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_llama3_template_mask_and_untrained_token_rows(tmp_path, data_file, embedded_path, peft):
+    """Llama-3-template SFT on a tiny random Llama whose template-token rows are zero, as in Llama-3-8B base: those
+    rows start from the mean trained row, the loss covers exactly the assistant turns and their <|eot_id|>, and
+    every trainable parameter changes."""
+    model_path, tok_ids = llama3_base(tmp_path, embedded_path)
     script = SFTScriptArgs(
         model_name_or_path=str(model_path),
         dataset=str(data_file),
@@ -237,6 +252,25 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
     after = dict(trainer.model.named_parameters())
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
+
+    # merge_lora: the adapter merged into the base's full-precision weights, not into its 4-bit ones
+    from safetensors.torch import load_file
+
+    from core.models import resolve_model
+    from tests.train.test_distributed import lora_merged_by_hand
+    from train.common import merge_adapter
+
+    out = tmp_path / "out"
+    trainer.save_model(out)
+    merge_adapter(script, trainer.args, out, trainer.processing_class)
+    base = load_file(Path(resolve_model("embedded")) / "model.safetensors")
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in merged.items()} == {
+        k: (v.shape, torch.float32) for k, v in base.items()
+    }
+    expected = lora_merged_by_hand(base, load_file(out / "adapter_model.safetensors"), scale=16 / 8)
+    wrong = [k for k in expected if not torch.allclose(merged[k], expected[k], atol=1e-5)]
+    assert not wrong, f"merged tensors that are not base + delta: {wrong[:5]}"
 
 
 def test_a_run_resumes_its_checkpoints_only_on_the_data_it_started_with(tmp_path, data_file):
