@@ -41,7 +41,10 @@ class Sampling:
 class Completion:
     text: str
     n_tokens: int
-    finish_reason: str  # "stop" (end marker or stop string) or "length"
+    # "stop" (end marker or stop string), "length" (max_tokens), or "context": the prompt alone fills the model's
+    # context (vLLM's max_model_len, a model's max_position_embeddings), so nothing was generated. The engine
+    # answers that per prompt instead of failing the call: vLLM refuses a whole call for one long prompt.
+    finish_reason: str
     top_logprobs: dict[str, float] | None = None  # first generated token: token text -> logprob
 
 
@@ -240,7 +243,26 @@ class TransformersEngine:
         with tqdm(total=len(prompts), desc="generate", unit="req", leave=False,
                   disable=len(prompts) <= self.cfg.batch_size) as bar:  # fmt: skip
             batcher = ContinuousBatcher(self.model, self.tokenizer, self.cfg.batch_size, self.eos_ids, bar)
-            return batcher.run(prompts, samplings)
+            counts = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+            return within_context(
+                counts,
+                limit,
+                lambda keep: batcher.run([prompts[i] for i in keep], [samplings[i] for i in keep]),
+            )
+
+
+CONTEXT_FULL = "context"
+
+
+def within_context(token_counts: list[int], limit: int | None, run: Any) -> list[Completion]:
+    """`run(indices)` on the prompts whose token count leaves room to generate under `limit`; the others get an
+    empty completion whose finish_reason is "context" (callers drop or report them, never keep them as replies)."""
+    fits = [i for i, n in enumerate(token_counts) if limit is None or n < limit]
+    out: list[Completion] = [Completion("", 0, CONTEXT_FULL) for _ in token_counts]
+    for i, c in zip(fits, run(fits) if fits else [], strict=True):
+        out[i] = c
+    return out
 
 
 def _retry_after(error: Exception) -> float:
@@ -471,6 +493,7 @@ class VLLMEngine:
             trust_remote_code=cfg.trust_remote_code,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = cfg.max_model_len
 
     def close(self) -> None:
         """vLLM keeps GPU memory (and, with tensor parallelism, worker processes) until its engine is shut down."""
@@ -497,5 +520,12 @@ class VLLMEngine:
         params = [SamplingParams(**vllm_sampling_kwargs(s)) for s in samplings]
         # Token ids, not text: vLLM would otherwise add a second BOS to prompts that carry one.
         inputs = [{"prompt_token_ids": self.tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
-        outs = self.llm.generate(inputs, params, use_tqdm=True)
-        return [completion_from_vllm(out, s) for out, s in zip(outs, samplings, strict=True)]
+
+        def run(keep: list[int]) -> list[Completion]:
+            outs = self.llm.generate([inputs[i] for i in keep], [params[i] for i in keep], use_tqdm=True)
+            return [completion_from_vllm(out, samplings[i]) for out, i in zip(outs, keep, strict=True)]
+
+        # what vLLM settled on (max_model_len: null means the model's own), else what was asked
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        limit = getattr(config, "max_model_len", None) or self.max_model_len
+        return within_context([len(x["prompt_token_ids"]) for x in inputs], limit, run)

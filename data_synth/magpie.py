@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import Completion, EngineConfig, Sampling, load_tokenizer, make_engine, request_seed
+from core.engines import (
+    CONTEXT_FULL,
+    Completion,
+    EngineConfig,
+    Sampling,
+    load_tokenizer,
+    make_engine,
+    request_seed,
+)
 from core.io import ShardWriter, atomic_write_json
 from data_synth.templates import PreQuery, pre_query
 
@@ -378,7 +386,10 @@ class _Synthesizer:
                 ]  # fmt: skip
                 kept = []
                 for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):
-                    text, reason = clean_instruction(c)
+                    # a conversation that fills the context (vLLM's max_model_len) ends: dropped and counted
+                    text, reason = (
+                        (None, "context_full") if c.finish_reason == CONTEXT_FULL else clean_instruction(c)
+                    )
                     if text is None:
                         self._fail(d, f"follow_up_{reason}")
                         continue
@@ -395,8 +406,8 @@ class _Synthesizer:
             prompts = [render_prompt(self.tok, d["messages"]) for d in live]
             kept = []
             for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):
-                if not c.text.strip():
-                    self._fail(d, "empty_response")
+                if c.finish_reason == CONTEXT_FULL or not c.text.strip():
+                    self._fail(d, "context_full" if c.finish_reason == CONTEXT_FULL else "empty_response")
                     continue
                 d["messages"].append({"role": "assistant", "content": c.text.strip()})
                 d["assistant_tokens"] += c.n_tokens

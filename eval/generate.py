@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
-from core.engines import EngineConfig, Sampling, make_engine, request_seed
+from core.engines import CONTEXT_FULL, EngineConfig, Sampling, make_engine, request_seed
 from core.io import atomic_write_json, digest, is_user_hub_error, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
 
@@ -188,7 +188,11 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
                 # A chat API (engine.chat, e.g. a hosted baseline model) takes the messages; the rest get text.
                 prompts = chats if cfg.engine.chat else [render_prompt(engine.tokenizer, m) for m in chats]
                 samplings = [answer_sampling(cfg, q["id"], turn) for q, _ in batch]
+                full = []  # prompts that fill the model's context: no answer, never an empty one
                 for (q, k), c in zip(batch, engine.complete(prompts, samplings), strict=True):
+                    if c.finish_reason == CONTEXT_FULL:
+                        full.append(q["id"])
+                        continue
                     row = done.setdefault(
                         k, {"id": q["id"], "key": k, "model": cfg.model, "answers": [], "n_tokens": []}
                     )
@@ -198,6 +202,12 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
                 order = list(dict.fromkeys([k for k in keys if k in done] + list(done)))
                 write_jsonl(path, [done[k] for k in order])
                 bar.update(len(batch))
+                if full:
+                    raise ConfigError(
+                        f"questions {full[:5]} (turn {turn + 1}): the prompt fills the model's context, so there is "
+                        "no room to answer; raise engine.max_model_len (vLLM) or use a model with a longer "
+                        "context. Every other answer is written and kept"
+                    )
         bar.close()
         del engine
         gc.collect()

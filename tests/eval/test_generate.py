@@ -199,3 +199,36 @@ def test_a_reordered_and_edited_questions_file_keeps_each_answer_with_its_questi
         ("Tell me about apples.", "About apples."),
         ("Tell me about dunes.", "Recomputed."),  # the same text: one answer, given once
     ]
+
+
+@pytest.mark.integration
+def test_a_prompt_that_fills_the_context_is_never_answered_empty(tmp_path, embedded_path):
+    """vLLM refuses a whole call when one prompt exceeds max_model_len (a long Magpie-MT or MT-Bench history):
+    the engines answer such a prompt with finish_reason "context" instead, and generate stops naming the question,
+    keeping every other answer, rather than scoring an empty answer as the model's."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core.engines import CONTEXT_FULL, EngineConfig, Sampling, TransformersEngine
+    from tests.core.test_output_dir import main as run
+
+    tok = AutoTokenizer.from_pretrained(embedded_path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = tmp_path / "short_context"
+    LlamaForCausalLM(config).save_pretrained(model)
+    tok.save_pretrained(model)
+    long = "Tell me everything about " + "the sea and the sky, " * 40
+    short, full = TransformersEngine(str(model), EngineConfig()).complete(
+        ["Hi", long], Sampling(max_tokens=3)
+    )
+    assert short.finish_reason == "length" and short.n_tokens == 3
+    assert (full.text, full.n_tokens, full.finish_reason) == ("", 0, CONTEXT_FULL)
+
+    questions = tmp_path / "q.json"
+    write(questions, [{"instruction": "Name a color."}, {"instruction": long}], True)
+    code, err = run("eval.generate", f"model={model}", "bench=alpaca_eval", f"questions={questions}", "name=m",
+                    "max_tokens=4", f"output_dir={tmp_path / 'g'}")  # fmt: skip
+    assert code == 2 and "the prompt fills the model's context" in err and "(turn 1)" in err
+    kept = [json.loads(line) for line in (tmp_path / "g" / "answers.jsonl").read_text().splitlines()]
+    assert len(kept) == 1 and kept[0]["answers"][0] != ""
