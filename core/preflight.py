@@ -110,6 +110,29 @@ def problems(config: dict[str, Any], available: set[str] | None = None) -> list[
     return [n.message() for n in needs(config) if not any(_normal(d) in have for d in n.dists)]
 
 
+REASONING_MODEL = re.compile(r"o\d|gpt-5")  # OpenAI's reasoning families, by name
+
+
+def api_problems(config: Any, prefix: str = "") -> list[str]:
+    """Settings OpenAI's reasoning models refuse, wherever a model sits beside an engine that calls api.openai.com
+    (a judge, a hosted baseline): a temperature other than 1, and logprobs (a weighted judge needs them)."""
+    out: list[str] = []
+    if not isinstance(config, dict):
+        return out
+    engine, model = config.get("engine"), config.get("model")
+    hosted = isinstance(engine, dict) and any("api.openai.com" in u for u in engine.get("base_urls") or [])
+    if hosted and isinstance(model, str) and REASONING_MODEL.match(model):
+        if config.get("temperature") not in (None, 1, 1.0):
+            out.append(f"{prefix}temperature={config['temperature']}: OpenAI's reasoning model {model} accepts only "
+                       f"temperature 1; set {prefix}temperature=1.0")  # fmt: skip
+        if config.get("logprobs"):
+            out.append(f"{prefix}logprobs={config['logprobs']}: OpenAI's reasoning model {model} returns no "
+                       f"logprobs; set {prefix}logprobs=null, or choose a judge that returns them")  # fmt: skip
+    for key, value in config.items():
+        out += api_problems(value, f"{prefix}{key}.")
+    return out
+
+
 def device_problems(config: dict[str, Any]) -> list[str]:
     """What this machine cannot run: flash-attention kernels exist only for CUDA GPUs."""
     import torch

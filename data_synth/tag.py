@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
 from core.config import cli, load_config, prepare_output_dir, resolved
-from core.engines import Completion, EngineConfig, EngineError, Sampling, make_engine
+from core.engines import Completion, EngineConfig, EngineError, Sampling, free_memory, make_engine
 from core.io import (
     ShardWriter,
     atomic_write_json,
@@ -412,6 +412,20 @@ class Context:
         """What `get` built under `key`, or None when nothing asked for it (a run that needed no judge)."""
         return self._cache.get(key)
 
+    def release(self, keep: set[str]) -> None:
+        """Close every model built so far but those in `keep` (a judge keeps its cache and reloads on its next
+        call), so the next tagger's model has the GPU to itself."""
+        for key in ("judge", "rm", "base", "guard"):
+            model = self._cache.get(key)
+            if model is None or key in keep:
+                continue
+            if key == "judge":
+                model.close()
+            else:
+                getattr(model, "close", lambda: None)()
+                del self._cache[key]
+        free_memory()
+
     @property
     def judge(self) -> Judge:
         return self.get("judge", lambda: Judge(self.cfg.judge, self.out / "judge_cache.sqlite"))
@@ -523,24 +537,34 @@ def tag_reward(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> l
     return [None if s is None else {"instruct_reward": s} for s in ctx.rewards(pairs)]
 
 
-def tag_reward_difference(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
-    """r(response) - r(URIAL response of the base model); r(response) is the reward tagger's, not recomputed."""
+def tag_base_response(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    """The base model's URIAL response to each instruction: a tagger of its own, so the base model's engine is
+    closed before the scorer loads (on one GPU, vLLM holds 90% of its memory while it is alive)."""
     cfg = ctx.cfg
     base = ctx.get("base", lambda: make_engine(cfg.base_model, cfg.base_engine))
     # Raw text, no chat template: URIAL aligns a base model in context.
     sampling = Sampling(temperature=0.0, max_tokens=cfg.base_max_tokens, stop=("```", "# Query"))
     prompts = [with_bos(base.tokenizer, URIAL_PROMPT.format(instruction=q)) for q, _ in pairs]
-    base_responses = [o.text.strip() for o in base.complete(prompts, sampling)]
-    earlier = ctx.earlier("reward", idx)
+    return [{"base_response": o.text.strip()} for o in base.complete(prompts, sampling)]
+
+
+def tag_reward_difference(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
+    """r(response) - r(URIAL response of the base model); r(response) is the reward tagger's, not recomputed, and
+    the base responses are the base_response tagger's."""
+    earlier, base = ctx.earlier("reward", idx), ctx.earlier("base_response", idx)
     aligned = earlier.column("instruct_reward").to_pylist()
+    base_responses = base.column("base_response").to_pylist()
     # A row the reward tagger has no result for (its judge never answered) has none here either: missing, not failed
     ctx.missing.update(k for k, tagged in enumerate(earlier.column("__tagged__").to_pylist()) if not tagged)
-    baseline = ctx.rewards([(q, b) for (q, _), b in zip(pairs, base_responses, strict=True)])
+    scored = [k for k, text in enumerate(base_responses) if text is not None]
+    rewards = ctx.rewards([(pairs[k][0], base_responses[k]) for k in scored])
+    baseline: list[float | None] = [None] * len(pairs)
+    for k, r in zip(scored, rewards, strict=True):
+        baseline[k] = r
     return [
-        None if a is None or b is None
-        else {"base_response": text, "base_reward": b, "reward_difference": a - b}
-        for a, b, text in zip(aligned, baseline, base_responses, strict=True)
-    ]  # fmt: skip
+        None if a is None or b is None else {"base_reward": b, "reward_difference": a - b}
+        for a, b in zip(aligned, baseline, strict=True)
+    ]
 
 
 def tag_safety(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict | None]:
@@ -657,6 +681,9 @@ class RewardModel:
         self.model = model.eval().to(self.device)
         self.batch_size = batch_size
 
+    def close(self) -> None:
+        self.model = None
+
     def __call__(self, pairs: list[tuple[str, str]]) -> list[float]:
         import torch
 
@@ -686,6 +713,10 @@ def _reward_source(cfg: TagConfig) -> str:
     return f"judge {cfg.judge.model}: probability-weighted 1-10 score (not a reward model)"
 
 
+def _scorer(cfg: Any) -> set[str]:
+    return {"rm"} if cfg.reward_model else {"judge"}
+
+
 @dataclass(frozen=True)
 class Tagger:
     """One tagger: its columns (with Arrow types), what produced them (recorded in the Parquet field metadata and
@@ -697,18 +728,21 @@ class Tagger:
     fast: bool = False  # no model call per row: shards of FAST_CHUNK rows instead of chunk_size
     whole_set: bool = False  # needs every row at once (the neighbour search)
     needs: tuple[str, ...] = ()  # taggers whose columns it reads; they run first
+    # the models it runs (Context keys: judge, rm, base, guard); the others are closed before it starts
+    uses: Callable[[TagConfig], set[str]] = lambda cfg: {"judge"}
 
 
 TAGGERS: dict[str, Tagger] = {
     "lengths": Tagger(
         {"instruction_length": pa.int64(), "response_length": pa.int64(), "instruction_n_tokens": pa.int64(),
          "response_n_tokens": pa.int64()},
-        lambda cfg: f"characters and {cfg.tokenizer} tokens", tag_lengths, fast=True),
-    "language": Tagger({"language": pa.string()}, lambda cfg: "py3langid", tag_language, fast=True),
+        lambda cfg: f"characters and {cfg.tokenizer} tokens", tag_lengths, fast=True, uses=lambda cfg: set()),
+    "language": Tagger({"language": pa.string()}, lambda cfg: "py3langid", tag_language, fast=True,
+                       uses=lambda cfg: set()),
     "neighbors": Tagger(
         {"min_neighbor_distance": pa.float64(), "repeat_count": pa.int64(), "cluster_id": pa.int64()},
         lambda cfg: f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}",
-        tag_neighbors, whole_set=True),
+        tag_neighbors, whole_set=True, uses=lambda cfg: set()),
     "quality": Tagger(
         {"input_quality": pa.string(), "quality_explanation": pa.string()},
         lambda cfg: f"judge {cfg.judge.model}", judge_labels("quality", QUALITY_PROMPT, parse_quality)),
@@ -718,15 +752,19 @@ TAGGERS: dict[str, Tagger] = {
     "task_category": Tagger(
         {"task_category": pa.string(), "other_task_category": pa.list_(pa.string())},
         lambda cfg: f"judge {cfg.judge.model}", judge_labels("task_category", CATEGORY_PROMPT, parse_category)),
-    "reward": Tagger({"instruct_reward": pa.float64()}, _reward_source, tag_reward),
+    "reward": Tagger({"instruct_reward": pa.float64()}, _reward_source, tag_reward, uses=_scorer),
+    "base_response": Tagger(
+        {"base_response": pa.string()}, lambda cfg: f"{cfg.base_model}'s URIAL response (greedy)",
+        tag_base_response, uses=lambda cfg: {"base"}),
     "reward_difference": Tagger(
-        {"base_response": pa.string(), "base_reward": pa.float64(), "reward_difference": pa.float64()},
+        {"base_reward": pa.float64(), "reward_difference": pa.float64()},
         lambda cfg: f"{_reward_source(cfg)}, minus the same for {cfg.base_model}'s URIAL response",
-        tag_reward_difference, needs=("reward",)),
+        tag_reward_difference, needs=("reward", "base_response"), uses=_scorer),
     "safety": Tagger(
         {"safety": pa.string(), "safety_categories": pa.string(), "p_safe": pa.float64()},
         lambda cfg: f"guard model {cfg.safety_model}" if cfg.safety_model
-        else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)", tag_safety),
+        else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)", tag_safety,
+        uses=lambda cfg: {"guard"} if cfg.safety_model else {"judge"}),
     "curation": Tagger(
         {"curation_score": pa.int64(), "curation_expected": pa.float64(), "curation_reply": pa.string()},
         _curation_source, tag_curation),
@@ -869,16 +907,17 @@ def run(cfg: TagConfig) -> dict[str, Any]:
     start = time.time()
     ctx = Context(cfg, out, row_keys(ds, cfg.input))
     timings: dict[str, float] = {}
-    for name in in_order(cfg.taggers):
+    order = in_order(cfg.taggers)
+    for name in order:
         t0 = time.time()
+        ctx.release(keep=TAGGERS[name].uses(cfg))
         missing = run_tagger(name, ds, ctx, out)
         timings[name] = round(time.time() - t0, 2)
         # Rows the judge never answered stay untagged; past the tolerated share the stage fails here
         if missing:
             ctx.judge.raise_for_outages(missing, len(ctx.keys), f"rows of tagger '{name}'")
+    ctx.release(keep=set())
     judge = ctx.built("judge")
-    if judge is not None:
-        judge.close()
     summary = merge(ds, ctx.keys, cfg, out)
     summary["seconds_per_tagger"] = timings
     if judge is not None:

@@ -95,3 +95,25 @@ def test_the_effective_batch_is_the_recipes_on_any_number_of_processes(
         assert problems == [] and args.gradient_accumulation_steps == expected
     else:
         assert len(problems) == 1 and expected in problems[0]
+
+
+def test_settings_a_hosted_reasoning_judge_refuses_are_named():
+    hosted = {"backend": "openai", "base_urls": ["https://api.openai.com/v1"]}
+    config = {"judge": {"model": "o3-2025-04-16", "engine": hosted, "temperature": 0.0, "logprobs": 5},
+              "baseline": {"model": "gpt-4.1", "engine": hosted, "temperature": 0.0, "logprobs": 5},
+              "local": {"model": "o3", "engine": {"backend": "openai", "base_urls": ["http://node:8000/v1"]},
+                        "temperature": 0.0}}  # fmt: skip
+    assert preflight.api_problems(config) == [
+        "judge.temperature=0.0: OpenAI's reasoning model o3-2025-04-16 accepts only temperature 1; "
+        "set judge.temperature=1.0",
+        "judge.logprobs=5: OpenAI's reasoning model o3-2025-04-16 returns no logprobs; set judge.logprobs=null, "
+        "or choose a judge that returns them",
+    ]
+
+
+def test_training_checks_the_sources_it_reads_not_the_dataset_a_mixture_replaces(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = main("train.sft", "recipe=demo_sft", "dataset_mixture={runs/seed: 1.0}", "--preflight")
+    assert code == 2 and err.strip() == (
+        "error: dataset_mixture=runs/seed does not exist: it is an earlier stage's output"
+    )  # and not dataset=runs/demo/magpie, which the mixture replaces

@@ -81,6 +81,9 @@ def conversations(path):
 
 @pytest.mark.integration
 def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
     data = conversations(tmp_path / "rows.jsonl")
     cfg = tag.TagConfig(
         input=str(data),
@@ -88,7 +91,39 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
         judge=JudgeConfig(max_tokens=48, retries=1, logprobs=None),
         chunk_size=2,
     )
+    # Each tagger's models are the only ones alive while it runs (on a GPU, vLLM holds 90% of the memory): the
+    # URIAL base model is gone before its responses are scored, the judge's engine before the base model loads.
+    made, real_make, real_rewards = [], tag.make_engine, tag.Context.rewards
+    alive_when_scoring, judge_alive_when_base_loads = [], []
+
+    def make(*a):
+        gc.collect()
+        judge = tag_ctx[0].built("judge") if tag_ctx else None
+        judge_alive_when_base_loads.append(judge is not None and judge._engine is not None)
+        made.append(weakref.ref(e := real_make(*a)))
+        return e
+
+    tag_ctx = []
+    real_init = tag.Context.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        tag_ctx.append(self)
+
+    def rewards(self, pairs):
+        gc.collect()
+        alive_when_scoring.append([m() is not None for m in made])
+        return real_rewards(self, pairs)
+
+    monkeypatch.setattr(tag, "make_engine", make)
+    monkeypatch.setattr(tag.Context, "__init__", init)
+    monkeypatch.setattr(tag.Context, "rewards", rewards)
     summary = tag.run(cfg)
+    assert judge_alive_when_base_loads == [
+        False
+    ]  # one base model, loaded once, after the judge's engine closed
+    assert alive_when_scoring == [[]] * 2 + [[False]] * 2  # reward (2 chunks), then reward_difference
+    monkeypatch.undo()
     table = pq.read_table(tmp_path / "tagged" / "train-00000.parquet")
     rows = table.to_pylist()
     assert len(rows) == 4 and [r["messages"][0]["content"] for r in rows][0].startswith("What is the boiling")
