@@ -187,9 +187,8 @@ def bradley_terry(
             rows += [x, x]
             labels += [1.0, 0.0]
             weights += [wins[i, j], wins[j, i]]
-    lr = LogisticRegression(
-        fit_intercept=False, C=np.inf, tol=1e-6
-    )  # no regularization (sklearn >= 1.8 spelling)
+    # no regularization (sklearn >= 1.8 spelling of penalty=None), and compute_mle_elo's tolerance
+    lr = LogisticRegression(fit_intercept=False, C=np.inf, tol=1e-8)
     lr.fit(np.array(rows), np.array(labels), sample_weight=np.array(weights))
     ratings = scale * lr.coef_[0] + init
     ratings += init - ratings[index[baseline]]
@@ -211,13 +210,18 @@ def _row(model: str, rating: float, low: float, high: float) -> dict[str, Any]:
 
 
 def leaderboard(
-    battles: list[tuple[str, str, str]], baseline: str, n_bootstrap: int = 100, seed: int = 0
+    battles: list[tuple[str, str, str]], baseline: str, n_bootstrap: int = 100, seed: int = 42
 ) -> list[dict]:
     ratings = bradley_terry(battles, baseline)
-    rng = np.random.default_rng(seed)
+    # The draws of arena-hard-auto before v2.0 (3071ef9): utils_math.py:10 seeds numpy's global generator with 42
+    # at import, and utils_math.py:78 resamples with `battles.sample(frac=1.0, replace=True)`, which is
+    # RandomState.choice(n, n, replace=True) per round. With the same battles in the same order (judgment files in
+    # the order read, game 1 then game 2, a decisive verdict three times), the intervals are its intervals.
+    # (HEAD draws unseeded; any seed is as good there.)
+    rng = np.random.RandomState(seed)
     samples = []
-    for _ in range(n_bootstrap):  # resample battles with replacement, as arena-hard-auto does
-        picked = [battles[i] for i in rng.integers(0, len(battles), len(battles))]
+    for _ in range(n_bootstrap):
+        picked = [battles[i] for i in rng.choice(len(battles), size=len(battles), replace=True)]
         samples.append(bradley_terry(picked, baseline))
     rows = []
     for model, rating in ratings.items():
@@ -300,7 +304,7 @@ class ArenaHardConfig:
     judgments: str | None = None  # only score these arena-hard-auto judgment files (no judging)
     style_control: bool = False  # add length and markdown-density features to the Bradley-Terry fit
     n_bootstrap: int = 100
-    seed: int = 0
+    seed: int = 42  # arena-hard-auto's before v2.0: with it, v0.1 intervals are show_result.py's own
     output_dir: str | None = (
         None  # default with one answers dir: its parent (arena-hard-auto's data/<bench>/)
     )

@@ -267,3 +267,43 @@ def test_the_same_judgments_twice_are_an_error_naming_both_files(tmp_path):
     code, err = run("eval.arena_hard", f"judgments={d}", "n_bootstrap=10")
     assert code == 2 and "the judgment of m on question 'q0' appears twice:" in err
     assert f"{d / 'm-copy.jsonl'}:1 and {d / 'm.jsonl'}:1" in err
+
+
+@pytest.mark.integration
+def test_v01_intervals_are_pre_v2_show_results_on_the_same_judgments(tmp_path):
+    """arena-hard-auto before v2.0 (3071ef9, vendored unchanged in tests/fixtures) seeds numpy with 42 at import
+    (utils_math.py:10) and bootstraps with `battles.sample(frac=1.0, replace=True)` (utils_math.py:78), so its
+    intervals are reproducible: ours, from the same judgments, are the same numbers."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    work = tmp_path / "arena-hard-auto"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "arena_hard_auto_3071ef9", work)
+    (work / "leaderboard").mkdir()
+    bench = work / "data" / "arena-hard-v0.1"
+    d = bench / "model_judgment" / "gpt-4-1106-preview"
+    labels = ["A>>B", "A>B", "A=B", "B>A", "B>>A", "A>B", "B>A"]
+    for k, model in enumerate(["alpha", "beta"]):  # two models: their files in the order glob lists them
+        _judgments(d, "v0.1", model, lambda i, k=k: (labels[(i + k) % 7], labels[(2 * i + k) % 7]), n=40)
+    answers = bench / "model_answer"
+    answers.mkdir()
+    for model in ("alpha", "beta", "gpt-4-0314"):
+        rows = [{"question_id": f"q{i}", "model_id": model, "choices": [{"turns": [{"content": "x", "token_len": 10}]}]}
+                for i in range(40)]  # fmt: skip
+        (answers / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shim = "import numpy as np; np.NAN = np.nan; import runpy; runpy.run_path('show_result.py', run_name='__main__')"
+    subprocess.run(
+        [sys.executable, "-c", shim, "--output"], cwd=work, check=True, capture_output=True, text=True
+    )
+    (theirs,) = list((work / "leaderboard").glob("*.csv"))
+    with open(theirs) as f:
+        official = {r["model"]: r for r in csv.DictReader(f)}
+
+    # the files in the order their glob read them: one row order, one battle order, the same draws
+    order = [p.stem for p in (work / "data").glob("arena-hard-v0.1/model_judgment/gpt-4-1106-preview/*jsonl")]
+    rows = [json.loads(line) for m in order for line in (d / f"{m}.jsonl").open()]
+    ours = {r["model"]: r for r in leaderboard(battles_from_judgments(rows, "gpt-4-0314"), "gpt-4-0314")}
+    for model in ("alpha", "beta", "gpt-4-0314"):
+        for column in ("score", "rating_q025", "rating_q975"):
+            assert ours[model][column] == float(official[model][column]), (model, column)  # both to 2 decimals
