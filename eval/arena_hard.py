@@ -72,12 +72,27 @@ _SINGLE = re.compile(r"\[([AB<>=]+)\]")
 STRONG_WEIGHT = 3  # a decisive verdict counts as three battles, as in arena-hard-auto
 
 
-def parse_verdict(text: str) -> str | None:
-    """The judge's verdict: the last [[...]] label in the reply, else the last [...] label; None if there is none."""
+# arena-hard-auto HEAD also scores the mirrored spellings (show_result.py:37-48, label_to_score); read as these
+MIRRORED = {"B<<A": "A>>B", "B<A": "A>B", "B=A": "A=B", "A<B": "B>A", "A<<B": "B>>A"}
+
+
+def parse_verdict(text: str, layout: str = "v2") -> str | None:
+    """The judge's verdict as the arena-hard-auto version whose layout is written reads it, or None.
+
+    v2, HEAD gen_judgment.py:21-31 (get_score) with config/arena-hard-v2.0.yaml's regex_patterns: the reply
+    upper-cased, the last match of the first pattern that matches ([[...]], then [...]); a mirrored label is its
+    plain one, and a match that is no label is no verdict (HEAD would fail on it). v0.1, gen_judgment.py:22-32 at
+    3071ef9 with its one pattern (double brackets): the reply as written, and a verdict only when every [[...]]
+    match is the same label."""
+    if layout == "v0.1":
+        found = {m for m in _DOUBLE.findall(text) if m}
+        return next(iter(found)) if len(found) == 1 and next(iter(found)) in LABELS else None
+    upper = text.upper()
     for pattern in (_DOUBLE, _SINGLE):
-        found = [m.strip() for m in pattern.findall(text) if m.strip() in LABELS]
+        found = [m for m in pattern.findall(upper) if m]
         if found:
-            return found[-1]
+            label = found[-1].strip("\n")
+            return label if label in LABELS else MIRRORED.get(label)
     return None
 
 
@@ -117,12 +132,16 @@ def check_unique(rows: list[dict[str, Any]]) -> None:
 
 def normalized(row: dict[str, Any]) -> dict[str, Any]:
     """One judgment row, either layout, as scoring reads it."""
+    v2 = "uid" in row
+    games = [g if isinstance(g, dict) else {"score": None} for g in row["games"]]
     return {
         "question_id": str(row.get("uid", row.get("question_id"))),
         "model": row["model"],
         "category": row.get("category"),
         "baseline": row.get("baseline"),
-        "games": [g if isinstance(g, dict) else {"score": None} for g in row["games"]],
+        "layout": "v2" if v2 else "v0.1",
+        # HEAD scores mirrored labels (B<A is A>B); pre-v2.0 scores only the five plain ones
+        "games": [{**g, "score": MIRRORED.get(g.get("score"), g.get("score"))} if v2 else g for g in games],
     }
 
 
@@ -135,6 +154,10 @@ def battles_from_judgments(
     out = []
     for row in rows:
         model, base = row["model"], row.get("baseline") or baseline
+        if row.get("layout") == "v2" and not all(g.get("score") in LABELS for g in row["games"][:2]):
+            # HEAD show_result.py:31-34 drops the whole question when either game has no verdict ("null
+            # judgments"); pre-v2.0 (show_result.py:25-100 at 3071ef9) drops only that game (weight 0)
+            continue
         for game_index, game in enumerate(row["games"][:2]):
             label = game.get("score")
             if label not in LABELS:
@@ -239,7 +262,8 @@ def _style_vector(meta: dict[str, Any]) -> np.ndarray:
 def style_features(model_meta: dict[str, Any], baseline_meta: dict[str, Any]) -> np.ndarray:
     """arena-hard-auto's style features: relative length difference and markdown-density differences."""
     m, b = _style_vector(model_meta), _style_vector(baseline_meta)
-    md, bd = m[1:] / max(m[0], 1.0), b[1:] / max(b[0], 1.0)
+    # HEAD show_result.py:150-163: markdown counts per (token_len + 1), then (m - b) / (m + b + 1)
+    md, bd = m[1:] / (m[0] + 1), b[1:] / (b[0] + 1)
     return np.array([(m[0] - b[0]) / max(m[0] + b[0], 1.0), *((md - bd) / (md + bd + 1))])
 
 
@@ -375,7 +399,9 @@ def judge_model(
                 question_1=q["turns"][0], answer_1=a[q["id"]]["text"], answer_2=b[q["id"]]["text"]
             )
             conversations.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
-    verdicts = judge.ask(conversations, lambda c: parse_verdict(c.text), desc=f"arena_hard judge {model}")
+    verdicts = judge.ask(
+        conversations, lambda c: parse_verdict(c.text, cfg.layout), desc=f"arena_hard judge {model}"
+    )
     rows = []
     for k, q in enumerate(questions):
         games = []
@@ -478,8 +504,11 @@ def score_judgments(
     primary = "hard_prompt" if "hard_prompt" in tables else next(iter(tables))
     unparsed: dict[str, int] = {}
     missing: dict[str, int] = {}  # games the judge never answered (an outage within judge.max_engine_errors)
+    dropped: dict[str, int] = {}  # v2: questions left out because a game has no verdict, as HEAD prints them
     for r in rows:
         unparsed.setdefault(r["model"], 0)
+        if r.get("layout") == "v2" and not all(g.get("score") in LABELS for g in r["games"][:2]):
+            dropped[r["model"]] = dropped.get(r["model"], 0) + 1
         for g in r["games"][:2]:
             if g.get("score") not in LABELS:
                 tally = missing if g.get("missing") else unparsed
@@ -487,6 +516,8 @@ def score_judgments(
     result = {"leaderboard": tables[primary], "unparsed_games": unparsed, "style_control": cfg.style_control}
     if missing:
         result["missing_games"] = missing
+    if dropped:
+        result["null_judgments"] = dropped
     if len(tables) > 1:
         result["categories"] = tables
     if unscored:

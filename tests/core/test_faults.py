@@ -307,9 +307,13 @@ def test_the_memory_planner_works_offline_and_names_an_unknown_model():
 @pytest.mark.integration
 def test_a_model_path_that_does_not_exist_is_named(tmp_path):
     args = ["questions=eval/data/demo_instructions.jsonl", "bench=arena_hard", f"output_dir={tmp_path / 'g'}"]
-    out = cli("eval.generate", "model=runs/no/such/checkpoint", *args)  # an earlier stage's output: the preflight
+    out = cli(
+        "eval.generate", "model=runs/no/such/checkpoint", *args
+    )  # an earlier stage's output: the preflight
     assert out.returncode == 2
-    assert out.stderr == "error: model=runs/no/such/checkpoint does not exist: it is an earlier stage's output\n"
+    assert (
+        out.stderr == "error: model=runs/no/such/checkpoint does not exist: it is an earlier stage's output\n"
+    )
     out = cli("eval.generate", f"model={tmp_path / 'no_such_checkpoint'}", *args)  # elsewhere: the engine
     assert out.returncode == 2 and "no_such_checkpoint': no such local directory" in out.stderr
 

@@ -33,6 +33,42 @@ def test_every_verdict_form():
     assert parse_verdict("no verdict at all") is None
 
 
+def test_verdicts_are_read_as_the_version_whose_layout_is_written():
+    # HEAD (v2): the reply upper-cased, mirrored labels scored as their plain ones
+    assert parse_verdict("my final verdict: [[b<a]]") == "A>B"
+    assert [parse_verdict(f"[[{m}]]") for m in ("B<<A", "B=A", "A<B", "A<<B")] == [
+        "A>>B",
+        "A=B",
+        "B>A",
+        "B>>A",
+    ]
+    # pre-v2.0 (v0.1): [[...]] as written, and only when every match is the same label
+    assert parse_verdict("my final verdict: [[b<a]]", "v0.1") is None
+    assert parse_verdict("[[A>B]] ... so once more: [[A>B]]", "v0.1") == "A>B"
+    assert parse_verdict("First [[B>A]], on reflection [[A>>B]]", "v0.1") is None
+    assert parse_verdict("Verdict: [B>>A]", "v0.1") is None  # no single-bracket pattern before v2.0
+
+
+def test_a_v2_question_with_a_null_game_is_left_out_whole_as_head_does(tmp_path):
+    """HEAD's show_result.py drops the whole question when either of its games has no verdict; we dropped only
+    the failed game. Here: q0 has a model win and a null game, q1 two wins, q2 and q3 two losses. HEAD scores
+    q1-q3: 2 wins of 6 battles, 33.33; counting q0's game gave 3 of 7, 42.86."""
+    d = tmp_path / "model_judgment" / "gpt-4.1"
+    games = {
+        0: ("B>A", None),
+        1: ("B>A", "B<A"),
+        2: ("A>B", "B>A"),
+        3: ("A>B", "B>A"),
+    }  # B<A: A (the model) won
+    _judgments(d, "v2", "m", lambda i: games[i], n=4, category="hard_prompt", baseline="o3-mini-2025-01-31")
+    main([f"judgments={d}", "n_bootstrap=10", f"output_dir={tmp_path / 'out'}"])
+    result = json.loads((tmp_path / "out" / "arena_hard" / "results.json").read_text())
+    assert {r["model"]: r["score"] for r in result["leaderboard"]}["m"] == pytest.approx(
+        100 * 2 / 6, abs=0.01
+    )
+    assert result["null_judgments"] == {"m": 1} and result["unparsed_games"] == {"m": 1}
+
+
 def test_battles_count_strong_verdicts_three_times_and_swap_game_two():
     rows = [
         {"question_id": "q1", "model": "m", "games": [{"score": "A>>B"}, {"score": "A>B"}]},
@@ -306,4 +342,7 @@ def test_v01_intervals_are_pre_v2_show_results_on_the_same_judgments(tmp_path):
     ours = {r["model"]: r for r in leaderboard(battles_from_judgments(rows, "gpt-4-0314"), "gpt-4-0314")}
     for model in ("alpha", "beta", "gpt-4-0314"):
         for column in ("score", "rating_q025", "rating_q975"):
-            assert ours[model][column] == float(official[model][column]), (model, column)  # both to 2 decimals
+            assert ours[model][column] == float(official[model][column]), (
+                model,
+                column,
+            )  # both to 2 decimals
