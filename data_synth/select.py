@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 
 from core.chat import CONVERSATION_COLUMNS, first_turn
@@ -132,10 +133,12 @@ def mask(f: Filter, df: pd.DataFrame) -> pd.Series:
         return present & col.isin(value)
     if f.op == "not_in":
         return present & ~col.isin(value)
+    # the raw text, as the Magpie authors' `not example['instruction'].endswith(':')` (data_sft/data_filter.ipynb):
+    # an instruction ending ": " does not end with ":"
     if f.op == "endswith":
-        return present & col.astype(str).str.rstrip().str.endswith(value)
+        return present & col.astype(str).str.endswith(value)
     if f.op == "not_endswith":
-        return present & ~col.astype(str).str.rstrip().str.endswith(value)
+        return present & ~col.astype(str).str.endswith(value)
     compare = {
         "==": col.__eq__,
         "!=": col.__ne__,
@@ -178,14 +181,20 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
     if cfg.sort_by:
         df = df.sort_values(cfg.sort_by, ascending=not cfg.descending, kind="stable")
     elif cfg.shuffle:  # no sort: top_k is then a random sample
-        df = df.sample(frac=1.0, random_state=cfg.seed)
+        df = shuffled(df, cfg.seed)
     if cfg.top_k is not None:
         steps.append({"step": f"top_k {cfg.top_k} by {cfg.sort_by}", "removed": max(0, len(df) - cfg.top_k),
                       "remaining": min(len(df), cfg.top_k)})  # fmt: skip
         df = df.head(cfg.top_k)
     if cfg.shuffle and cfg.sort_by:  # the code release sorts, keeps the top k, then shuffles
-        df = df.sample(frac=1.0, random_state=cfg.seed)
+        df = shuffled(df, cfg.seed)
     return df, steps
+
+
+def shuffled(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The order `datasets.Dataset.shuffle(seed=seed)` gives (numpy's default_rng(seed).permutation), which the
+    Magpie authors' release used: the same seed gives their order."""
+    return df.iloc[np.random.default_rng(seed).permutation(len(df))]
 
 
 def run(cfg: SelectConfig) -> dict[str, Any]:

@@ -86,3 +86,57 @@ def _f(column, op, value):
     from data_synth.select import Filter
 
     return Filter(column, op, value)
+
+
+@pytest.mark.integration
+def test_code_release_keeps_the_authors_rows_in_the_authors_order(tmp_path):
+    """The Magpie authors' data_sft/data_filter.ipynb, run as written (datasets' filter, sort, select, shuffle) on
+    rows in their released layout, against `recipe=code_release` on the same file: the same rows in the same order.
+    Their `endswith(':')` reads the raw text, so an instruction ending ": " or ":\\n" is kept; their shuffle is
+    Dataset.shuffle(seed=42); equal response lengths keep the file's order."""
+    import json
+    import random
+
+    from datasets import load_dataset
+
+    from tests.core.test_output_dir import main
+
+    rng = random.Random(0)
+    endings = ["?", ":", ": ", ":\n", "."]
+    rows = []
+    for i in range(60):
+        cid = f"c{i}"
+        rows.append({
+            "conversation_id": cid,
+            "instruction": f"Question {i}{endings[i % 5]}",
+            "response": "x" * rng.choice([40, 40, 55, 70, 70, 90]),  # ties in length
+            "input_quality": rng.choice(["excellent", "good", "good", "average", "poor"]),
+            "instruct_reward": rng.uniform(-14, 2),
+            "min_similar_conversation_id": rng.choice([None, None, cid, "c0"]),
+        })  # fmt: skip
+    path = tmp_path / "magpie.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # data_sft/data_filter.ipynb, with 300000 -> top
+    top = 12
+    dataset = load_dataset("json", data_files=str(path))
+
+    def high_quality_filter(example):
+        return (
+            example["input_quality"] in ["good", "excellent"]
+            and example["instruct_reward"] > -10
+            and not example["instruction"].endswith(":")
+            and (example["min_similar_conversation_id"] is None
+                 or example["conversation_id"] == example["min_similar_conversation_id"])
+        )  # fmt: skip
+
+    filtered = dataset["train"].filter(high_quality_filter)
+    filtered = filtered.map(lambda x: {"response_length": len(x["response"])})
+    theirs = filtered.sort("response_length", reverse=True).select(range(top)).shuffle(seed=42)
+
+    code, err = main("data_synth.select", "recipe=code_release", f"input={path}", f"top_k={top}",
+                     f"output_dir={tmp_path / 'ours'}")  # fmt: skip
+    assert code == 0, err
+    ours = load_dataset("parquet", data_files=str(tmp_path / "ours" / "*.parquet"))["train"]
+    assert ours["conversation_id"] == theirs["conversation_id"]
+    assert any(q.endswith((": ", ":\n")) for q in ours["instruction"])  # kept, as theirs keeps them
