@@ -177,3 +177,19 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     ids = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     return ids[:1] if ids and ids[0] in special else []
+
+
+def instruction_of(row: dict[str, Any], where: str = "a row") -> str:
+    """The instruction a row asks, with or without a response: `instruction` (+ Alpaca's `input`), as the Magpie
+    authors' instruction sets and DPO inputs hold it with tags and no response; `prompt` (text, or trl's chat
+    messages); else the first user turn of its conversation."""
+    if isinstance(row.get("instruction"), str):
+        return row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        user = [m for m in _role_content(prompt, "prompt", where) if m["role"] == "user"]
+        if user:
+            return user[0]["content"]
+    return first_turn(row, where)[0]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from core.chat import first_turn, render_prompt
+from core.chat import instruction_of, render_prompt
 from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
 from core.engines import EngineConfig, Sampling, free_memory, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
@@ -76,8 +76,7 @@ def prescored(row: dict[str, Any], where: str) -> tuple[str, list[str], list[flo
         raise ConfigError(
             f"{where}: {len(scores)} scores for {len(responses) if isinstance(responses, list) else 0} responses"
         )
-    # The authors' rows hold an instruction and no response; other rows a conversation in any layout.
-    instruction = row["instruction"] if isinstance(row.get("instruction"), str) else first_turn(row, where)[0]
+    instruction = instruction_of(row, where)
     return instruction, [str(r) for r in responses], [None if x is None else float(x) for x in scores]
 
 
@@ -109,7 +108,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     rows = rows[: cfg.max_prompts] if cfg.max_prompts else rows
     # Progress is keyed by the instruction itself: a reordered or edited input never pairs responses with another
     # row, and an instruction that appears twice is sampled once (its seeds are named by its text, not its row).
-    questions = [first_turn(row, f"{cfg.input}: row {i}")[0] for i, row in enumerate(rows)]
+    # an instruction alone (the authors' DPO instruction sets, a `prompt` column) or any conversation's first turn
+    questions = [instruction_of(row, f"{cfg.input}: row {i}") for i, row in enumerate(rows)]
     keys = [prompt_key(q) for q in questions]
     first: dict[str, int] = {}  # each distinct instruction's first row, in input order
     for i, k in enumerate(keys):
