@@ -1,4 +1,4 @@
-"""Select a subset of tagged conversations with explicit, reported rules (MAGPIE_REFERENCE.md section 3).
+"""Select a subset of tagged conversations with explicit, reported rules (the paper's filters and the authors' released recipe).
 
     python -m data_synth.select recipe=pro_300k_filtered input=runs/tagged output_dir=runs/pro_300k
 

@@ -1,4 +1,4 @@
-"""Tag every conversation with the columns Magpie filters on (MAGPIE_REFERENCE.md section 2).
+"""Tag every conversation with the columns Magpie filters on (the paper's tags).
 
     python -m data_synth.tag recipe=tag_demo input=runs/demo/magpie output_dir=runs/demo/tagged [taggers=...]
 

@@ -1,4 +1,4 @@
-"""The Magpie authors' released data flows through: their column vocabulary (MAGPIE_REFERENCE.md section 7,
+"""The Magpie authors' released data flows through: their column vocabulary (the layout of their released data sets,
 from their exp/gen_dis.py, exp/unitag.py and data_sft/data_concatenation.ipynb) read by our stages as is."""
 
 import json
