@@ -179,19 +179,7 @@ def preflight(
     from core import preflight as pf
 
     config = resolved(*built)
-    found = pf.problems(config) + pf.device_problems(config) + pf.api_problems(config)
-    if stage != "sweeps":  # a sweep's inputs are written by its own earlier stages; each cell checks its own
-        # A schema that says what it reads (`inputs()`: training reads dataset_mixture's sources, not `dataset`)
-        # is taken at its word; otherwise every runs/ path in the config but its outputs is an input.
-        declared = next((b.inputs() for b in built if hasattr(b, "inputs")), None)
-        if declared is None:
-            reads = [(k, v) for k, v in pf.leaves(config) if not k.endswith("output_dir")]
-        else:
-            named = {v: k for k, v in config.items() if isinstance(v, str)}
-            reads = [(named.get(path, "dataset_mixture"), path) for path in declared]
-        found += [line for key, value in reads for line in pf.missing_input(key, value)]
-    for check in checks:
-        found += check(*built)
+    found = pf.check(stage, built, config) + [line for check in checks for line in check(*built)]
     if found:
         raise ConfigError("\nerror: ".join(found))
     if only:

@@ -1,10 +1,11 @@
 """What a resolved config needs from the machine, checked before any weights load.
 
-Every command runs `check` when its config loads, and `python -m <command> ... --preflight` runs nothing else. A
-recipe names packages indirectly (an attention implementation, a `report_to` integration, an optimizer, an
-engine backend); each is looked up here, so a missing one fails in one line naming the key and the fix instead of
-raising from deep inside transformers after an 8B model has loaded. tests/test_recipes.py runs `check` over every
-shipped recipe against the environment the README's GPU setup resolves to.
+Every command runs `check` when its config loads (core.config.load_config), and `python -m <command> ...
+--preflight` runs nothing else. A recipe names packages indirectly (an attention implementation, a `report_to`
+integration, an optimizer, an engine backend); each is looked up here, so a missing one fails in one line naming
+the key and the fix instead of raising from deep inside transformers after an 8B model has loaded.
+tests/test_recipes.py runs the package check (`problems`) over every shipped recipe against the environment the
+README's GPU setup resolves to.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ def leaves(config: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
         yield prefix.rstrip("."), config
 
 
+def flash_attention(key: str, value: Any) -> bool:
+    return key.rsplit(".", 1)[-1] == "attn_implementation" and str(value).startswith("flash_attention")
+
+
 def needs(config: dict[str, Any]) -> list[Need]:
     """The packages `config` (a resolved config, nested dicts) names, wherever the key sits (an engine inside a
     judge, a training key inside a sweep's overrides)."""
     out = []
     for key, value in leaves(config):
         leaf = key.rsplit(".", 1)[-1]
-        if leaf == "attn_implementation" and isinstance(value, str) and value.startswith("flash_attention"):
+        if flash_attention(key, value):
             out.append(Need(key, value, ("flash-attn", "kernels"),
                             f"{GPU_SETUP} brings transformers' `kernels`, which fetches a flash-attention kernel "
                             "from the Hub; or set attn_implementation=sdpa (the same results, a little slower)"))  # fmt: skip
@@ -142,8 +147,25 @@ def device_problems(config: dict[str, Any]) -> list[str]:
     return [
         f"{key}={value} runs on a CUDA GPU only and this machine has none: set {key}=sdpa to run here"
         for key, value in leaves(config)
-        if key.rsplit(".", 1)[-1] == "attn_implementation" and str(value).startswith("flash_attention")
+        if flash_attention(key, value)
     ]
+
+
+def check(stage: str, built: tuple[Any, ...], config: dict[str, Any]) -> list[str]:
+    """Every problem this machine has with a command's config (`built`, resolved as `config`): packages, device,
+    hosted-judge settings, and inputs under runs/ that an earlier stage has not written."""
+    found = problems(config) + device_problems(config) + api_problems(config)
+    if stage == "sweeps":  # a sweep's inputs are written by its own earlier stages; each cell checks its own
+        return found
+    # A schema that says what it reads (`inputs()`: training reads dataset_mixture's sources, not `dataset`) is
+    # taken at its word; otherwise every runs/ path in the config but its outputs is an input.
+    declared = next((b.inputs() for b in built if hasattr(b, "inputs")), None)
+    if declared is None:
+        reads = [(k, v) for k, v in leaves(config) if not k.endswith("output_dir")]
+    else:
+        named = {v: k for k, v in config.items() if isinstance(v, str)}
+        reads = [(named.get(path, "dataset_mixture"), path) for path in declared]
+    return found + [line for key, value in reads for line in missing_input(key, value)]
 
 
 def missing_input(key: str, value: Any) -> list[str]:

@@ -92,6 +92,24 @@ def start_server(model_path: str, table: Path | None = None) -> tuple[str, subpr
     raise RuntimeError("test server did not start in 120 s")
 
 
+@pytest.fixture
+def table_server(embedded_path, tmp_path):
+    """start(table) -> URL of a table server (its tokenizer is the embedded model's); killed at the end."""
+    procs = []
+
+    def start(table: list) -> str:
+        path = tmp_path / f"table{len(procs)}.json"
+        path.write_text(json.dumps(table))
+        url, proc = start_server(embedded_path, path)
+        procs.append(proc)
+        return url
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def openai_server(embedded_path):
     """A real OpenAI-compatible server on localhost (tests/openai_server.py) with an API key."""

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from core.chat import end_of_turn_ids, training_chat_template
 from core.config import ConfigError, load_config, prepare_output_dir, resolved
-from core.io import atomic_write_json, atomic_write_text, data_files, digest, follow_umask
+from core.io import atomic_file, atomic_write_json, atomic_write_text, data_files, digest, follow_umask
 from core.models import resolve_model
 
 
@@ -287,9 +287,8 @@ def save_template_rows(model: Any, out: Path, is_main: bool) -> None:
         from safetensors.torch import load_file, save_file
 
         path = out / "adapter_model.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({**load_file(path), **layers}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({**load_file(path), **layers}, tmp, metadata={"format": "pt"})
 
 
 def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:

@@ -14,7 +14,6 @@ import pytest
 from core.engines import EngineConfig
 from core.errors import OutageError
 from core.judge import Judge, JudgeConfig
-from tests.conftest import start_server
 from tests.core.test_output_dir import main
 
 QUALITY = ' "explanation": "Clear.", "input_quality": "good"}'
@@ -24,24 +23,6 @@ def dead_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-@pytest.fixture
-def table_server(embedded_path, tmp_path):
-    """start(table) -> URL of a table server (its tokenizer is the embedded model's); killed at the end."""
-    procs = []
-
-    def start(table: list) -> str:
-        path = tmp_path / f"table{len(procs)}.json"
-        path.write_text(json.dumps(table))
-        url, proc = start_server(embedded_path, path)
-        procs.append(proc)
-        return url
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
 
 
 def conversations(path, questions):

@@ -83,42 +83,26 @@ def test_pairs_from_responses_the_input_already_scored(tmp_path):
 
 @pytest.mark.integration
 def test_rows_that_hold_only_an_instruction_are_sampled_scored_and_paired(
-    tmp_path, embedded_path, monkeypatch
+    tmp_path, embedded_path, table_server, monkeypatch
 ):
     """The Magpie authors' DPO inputs hold an instruction and its tags but no response; a plain `prompt` column
     (text, or trl's messages) is the same thing. Every such row is a prompt: a pair or a counted tie."""
-    import json
-
-    from tests.conftest import start_server
     from tests.core.test_output_dir import main
 
     monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
-    procs = []
-
-    def server(table):
-        path = tmp_path / f"t{len(procs)}.json"
-        path.write_text(json.dumps(table))
-        url, proc = start_server(embedded_path, path)
-        procs.append(proc)
-        return url
-
     rows = [{"instruction": "Name a colour.", "input_quality": "good", "difficulty": "easy", "task_category": "x"},
             {"prompt": "Name a fish."}, {"prompt": [{"role": "user", "content": "Name a tree."}]}]  # fmt: skip
     data = tmp_path / "instructions.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    try:
-        policy = server([["", {"cycle": ["Good answer.", "Poor answer."]}]])
-        judge = server([["Poor answer.", {"text": "2", "top_logprobs": {"2": -0.01}}],
-                        ["", {"text": "9", "top_logprobs": {"9": -0.01}}]])  # fmt: skip
-        engine = lambda prefix, url: [f"{prefix}engine.backend=openai", f"{prefix}engine.base_urls=[{url}]",  # noqa: E731
-                                      f"{prefix}engine.tokenizer={embedded_path}",
-                                      f"{prefix}engine.api_key_env=TEST_SERVER_KEY"]  # fmt: skip
-        code, err = main("data_synth.pairs", f"input={data}", f"output_dir={tmp_path / 'pairs'}", "model=policy",
-                         "n_samples=2", "test_size=0", f"judge.model={embedded_path}", "judge.max_tokens=1",
-                         *engine("", policy), *engine("judge.", judge))  # fmt: skip
-    finally:
-        for proc in procs:
-            proc.kill()
+    policy = table_server([["", {"cycle": ["Good answer.", "Poor answer."]}]])
+    judge = table_server([["Poor answer.", {"text": "2", "top_logprobs": {"2": -0.01}}],
+                          ["", {"text": "9", "top_logprobs": {"9": -0.01}}]])  # fmt: skip
+    engine = lambda prefix, url: [f"{prefix}engine.backend=openai", f"{prefix}engine.base_urls=[{url}]",  # noqa: E731
+                                  f"{prefix}engine.tokenizer={embedded_path}",
+                                  f"{prefix}engine.api_key_env=TEST_SERVER_KEY"]  # fmt: skip
+    code, err = main("data_synth.pairs", f"input={data}", f"output_dir={tmp_path / 'pairs'}", "model=policy",
+                     "n_samples=2", "test_size=0", f"judge.model={embedded_path}", "judge.max_tokens=1",
+                     *engine("", policy), *engine("judge.", judge))  # fmt: skip
     assert code == 0, err
     pairs = datasets.load_dataset("parquet", data_dir=str(tmp_path / "pairs"))["train"]
     assert sorted(r["prompt"][0]["content"] for r in pairs) == [

@@ -160,38 +160,24 @@ def test_arena_hard_answer_files_in_both_of_arena_hard_autos_layouts(tmp_path):
 
 
 def test_a_reordered_and_edited_questions_file_keeps_each_answer_with_its_question(tmp_path, embedded_path,
-                                                                                   monkeypatch):  # fmt: skip
+                                                                                   table_server, monkeypatch):  # fmt: skip
     """The issue: resume was keyed by position, so a reordered file put every answer under another question."""
-    from tests.conftest import start_server
     from tests.core.test_output_dir import main as run
 
     monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
-    servers = []
-
-    def server(table):
-        path = tmp_path / f"t{len(servers)}.json"
-        path.write_text(json.dumps(table))
-        url, proc = start_server(embedded_path, path)
-        servers.append(proc)
-        return url
-
-    try:
-        first = server([["apples", "About apples."], ["bees", "About bees."], ["clouds", "About clouds."]])
-        questions = tmp_path / "q.json"
-        args = ["bench=alpaca_eval", f"questions={questions}", "name=m", f"output_dir={tmp_path / 'g'}",
-                "engine.backend=openai", f"engine.tokenizer={embedded_path}", "engine.api_key_env=TEST_SERVER_KEY",
-                "max_tokens=8"]  # fmt: skip
-        write(questions, [{"instruction": f"Tell me about {x}."} for x in ("apples", "bees", "clouds")], True)
-        assert run("eval.generate", *args, f"engine.base_urls=[{first}]")[0] == 0
-        # Reordered, one question edited, one repeated; a server that now answers otherwise shows what is redone
-        again = ("clouds", "dunes", "apples", "dunes")
-        write(questions, [{"instruction": f"Tell me about {x}."} for x in again], True)
-        second = server([["", "Recomputed."]])
-        code, err = run("eval.generate", *args, f"engine.base_urls=[{second}]")
-        assert code == 0, err
-    finally:
-        for proc in servers:
-            proc.kill()
+    first = table_server([["apples", "About apples."], ["bees", "About bees."], ["clouds", "About clouds."]])
+    questions = tmp_path / "q.json"
+    args = ["bench=alpaca_eval", f"questions={questions}", "name=m", f"output_dir={tmp_path / 'g'}",
+            "engine.backend=openai", f"engine.tokenizer={embedded_path}", "engine.api_key_env=TEST_SERVER_KEY",
+            "max_tokens=8"]  # fmt: skip
+    write(questions, [{"instruction": f"Tell me about {x}."} for x in ("apples", "bees", "clouds")], True)
+    assert run("eval.generate", *args, f"engine.base_urls=[{first}]")[0] == 0
+    # Reordered, one question edited, one repeated; a server that now answers otherwise shows what is redone
+    again = ("clouds", "dunes", "apples", "dunes")
+    write(questions, [{"instruction": f"Tell me about {x}."} for x in again], True)
+    second = table_server([["", "Recomputed."]])
+    code, err = run("eval.generate", *args, f"engine.base_urls=[{second}]")
+    assert code == 0, err
     outputs = json.loads((tmp_path / "g" / "model_outputs.json").read_text())
     assert [(o["instruction"], o["output"]) for o in outputs] == [
         ("Tell me about clouds.", "About clouds."),
