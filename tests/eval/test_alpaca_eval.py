@@ -187,3 +187,30 @@ def test_lc_is_unavailable_only_for_a_reason_it_names(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ConfigError, match=r"other\.csv: not alpaca_eval's df_gamed\.csv"):
         ae.length_controlled(df, str(tmp_path / "other.csv"))
+
+
+@pytest.mark.integration
+def test_whole_number_preferences_crash_alpaca_evals_cache_but_score_with_ours(tmp_path, monkeypatch):
+    """The README's caveat, pinned: pandas reads an all-whole-number preference column as int64 and alpaca_eval
+    0.6.6's pairwise_evaluator.py:307 cannot then assign its 1.5. When alpaca_eval fixes this, this test fails and the
+    README's caveat goes. The route the README gives instead scores the same file."""
+    from alpaca_eval.main import evaluate
+
+    rows = annotations([1.0, 2.0, 2.0, 1.0])  # a judge without logprobs: every verdict whole
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps([{**r, "annotator": "weighted_alpaca_eval_gpt4_turbo"} for r in rows]))
+    model = [{"instruction": r["instruction"], "output": r["output_2"], "generator": "model"} for r in rows]
+    reference = [
+        {"instruction": r["instruction"], "output": r["output_1"], "generator": "base"} for r in rows
+    ]
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(Exception, match=r"Invalid value '1.5' for dtype 'int64'"):
+        evaluate(model_outputs=model, reference_outputs=reference, annotators_config="weighted_alpaca_eval_gpt4_turbo",
+                 caching_path=str(path), output_path=str(tmp_path / "theirs"), precomputed_leaderboard=None,
+                 fn_metric="get_winrate", is_return_instead_of_print=True)  # fmt: skip
+
+    out = subprocess.run([sys.executable, "-m", "eval.alpaca_eval", f"annotations={path}"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    ours = json.loads(out.stdout)
+    assert ours["win_rate"] == pytest.approx(50.0) and ours["n_total"] == 4 and ours["n_wins"] == 2
