@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from core.errors import ConfigError, OutageError
+from core.errors import ConfigError, EngineError, OutageError
 from core.io import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -35,7 +35,6 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list[str] | None], Any]:
     """Run a command's main; a user error prints one clear line and exits 2, an engine outage exits 3 (re-run to
     finish), and our own bugs keep their traceback."""
-    from core.engines import EngineError
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> Any:

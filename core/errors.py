@@ -16,3 +16,8 @@ class OutageError(RuntimeError):
         self.completions = (
             completions  # from one engine call: what did come back, None where a request failed
         )
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot start (a missing model, an unset API key variable, no server URL): a user error.
+    A request that fails once the engine runs is an `OutageError` instead."""

@@ -1,11 +1,11 @@
-"""Continuous batching (core/continuous.py) on a tiny random-weight Llama: it must decode exactly what
+"""Continuous batching (core/engines/continuous.py) on a tiny random-weight Llama: it must decode exactly what
 `model.generate` decodes, whatever the batch size, and keep every request's own settings and seed."""
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from core.continuous import ContinuousBatcher, _top_p
+from core.engines.continuous import ContinuousBatcher, _top_p
 from core.engines import Sampling
 
 EOS = 2

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from core.engines import Completion, Sampling, truncate_at_stop
+from core.engines.base import Completion, Sampling, truncate_at_stop
 
 
 class _SlotCache:

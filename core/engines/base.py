@@ -1,0 +1,178 @@
+"""The engine interface: sampling settings, completions, engine settings, and the helpers every backend shares
+(per-request seeds, stop strings, the context limit)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from core.errors import EngineError
+from core.models import resolve_model
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: int | None = None  # top-k logprobs of the first generated token (judges need them)
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    # "stop" (end marker or stop string), "length" (max_tokens), or "context": the prompt alone fills the model's
+    # context (vLLM's max_model_len, a model's max_position_embeddings), so nothing was generated. The engine
+    # answers that per prompt instead of failing the call: vLLM refuses a whole call for one long prompt.
+    finish_reason: str
+    top_logprobs: dict[str, float] | None = None  # first generated token: token text -> logprob
+
+
+class Engine(Protocol):
+    model_name: str
+    tokenizer: Any  # the model's tokenizer, for rendering chat prompts
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]: ...
+
+    def close(self) -> None:
+        """Drop the model (on a GPU: its weights and KV cache), so the next one can load beside it."""
+
+
+def free_memory() -> None:
+    """Collect what closed engines left behind and hand the GPU's cached blocks back to the driver."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class EngineConfig:
+    """How to run a model; one group in every recipe that generates text."""
+
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    tokenizer: str | None = (
+        None  # renders chat prompts; defaults to the model (set it when a server's name differs)
+    )
+    # transformers
+    batch_size: int = 16  # rows decoding at once (continuous batching); callers never cut work to this size
+    # "auto" = float32 on CPU, bfloat16 on GPU; "int8" = float32 with every Linear layer dynamically quantized
+    # to int8 (CPU only: 2-3x faster decoding here, at a small cost in fidelity)
+    dtype: str = "auto"
+    device: str | None = None
+    # openai-compatible servers (vllm serve, SGLang, llama.cpp server, TGI)
+    base_urls: list[str] = field(default_factory=list)
+    api_key_env: str | None = None  # name of the environment variable that holds the key; never the key
+    # /chat/completions with messages instead of /completions with rendered text: hosted chat-only models
+    # (gpt-4-1106-preview as AlpacaEval/Arena-Hard judge). Only callers that pass messages may use it.
+    chat: bool = False
+    concurrency: int = 8  # requests in flight per server
+    timeout: float = 600.0
+    max_retries: int = (
+        6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
+    )
+    # The request field for the reply's length. OpenAI's API takes max_completion_tokens (its reasoning models
+    # refuse max_tokens); vLLM, SGLang and llama.cpp servers take max_tokens. auto: the former for api.openai.com.
+    token_limit: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
+    # vLLM extension: prompts already carry their BOS, so the server must not add one.
+    extra_body: dict = field(default_factory=lambda: {"add_special_tokens": False})
+    # vllm
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = 4096
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # Never echo the value: a common slip is passing the key itself ($OPENAI_API_KEY).
+            raise ValueError(
+                "engine.api_key_env must be the NAME of an environment variable (letters, digits, _), such as "
+                "OPENAI_API_KEY, not the key itself; the value given is not shown"
+            )
+        if self.backend == "openai" and not self.base_urls:
+            raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
+
+
+def load_tokenizer(model: str, cfg: EngineConfig) -> Any:
+    """The tokenizer that renders `model`'s chat prompts: `engine.tokenizer` if set, else the model's own."""
+    from transformers import AutoTokenizer
+
+    name = resolve_model(cfg.tokenizer or model)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (
+        OSError,
+        ValueError,
+    ) as e:  # a missing path reads as a bad Hub id ("Repo id must be in the form ...")
+        where = "no such local directory, and" if not Path(name).exists() else "a local path, but"
+        raise EngineError(
+            f"model '{name}': {where} its tokenizer could not be loaded ({str(e).strip().splitlines()[0][:160]})"
+        ) from None
+
+
+def request_seed(*parts: int | str) -> int:
+    """A request's own seed, derived from (run seed, stage, row, turn, attempt, ...).
+
+    Serving engines (vLLM, SGLang, `vllm serve`) seed every request on its own, so two requests with the same
+    prompt, settings and seed return the same text: a seed shared by a chunk of identical Magpie prompts would
+    repeat one instruction. Deriving each seed from the request's identity instead gives distinct samples, the
+    same rows for the same command whatever the engine, the batching or the number of servers, and the same
+    sequence after a resume. 31 bits, the range every engine accepts (llama.cpp's server takes a uint32).
+    """
+    blob = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big") & 0x7FFFFFFF
+
+
+def prompt_seed(prompt: str | list[dict[str, str]], *parts: int | str) -> int:
+    """A seed named by a prompt's content and `parts` (the attempt): for judges, whose requests have no row."""
+    digest = hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()
+    return request_seed(digest, *parts)
+
+
+def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> tuple[str, bool]:
+    """Cut `text` at its earliest stop string (which is not kept)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _as_list(sampling: Sampling | list[Sampling], n: int) -> list[Sampling]:
+    if isinstance(sampling, Sampling):
+        return [sampling] * n
+    if len(sampling) != n:
+        raise ValueError(f"got {n} prompts but {len(sampling)} sampling settings")
+    return list(sampling)
+
+
+# --------------------------------------------------------------------------------------------- transformers
+
+
+CONTEXT_FULL = "context"
+
+
+def within_context(token_counts: list[int], limit: int | None, run: Any) -> list[Completion]:
+    """`run(indices)` on the prompts whose token count leaves room to generate under `limit`; the others get an
+    empty completion whose finish_reason is "context" (callers drop or report them, never keep them as replies)."""
+    fits = [i for i, n in enumerate(token_counts) if limit is None or n < limit]
+    out: list[Completion] = [Completion("", 0, CONTEXT_FULL) for _ in token_counts]
+    for i, c in zip(fits, run(fits) if fits else [], strict=True):
+        out[i] = c
+    return out
+
+
+def _ids(x: int | list[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)

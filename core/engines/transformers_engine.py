@@ -1,0 +1,76 @@
+"""The transformers engine: continuous batching over a local model, on CPU or one GPU."""
+
+from __future__ import annotations
+
+from core.engines.base import (
+    Completion,
+    EngineConfig,
+    Sampling,
+    _as_list,
+    _ids,
+    load_tokenizer,
+    within_context,
+)
+from core.errors import EngineError
+
+
+class TransformersEngine:
+    """Continuous batching over a transformers model (`continuous.py`): up to `batch_size` rows decode at
+    once, a finished row is refilled from the queue at once, and every request keeps its own sampling settings
+    and seed, as on vLLM. Callers hand over all their prompts; the engine does its own batching."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = cfg or EngineConfig()
+        self.cfg = cfg
+        self.model_name = str(model_path)
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if cfg.dtype == "int8" and self.device != "cpu":
+            raise EngineError(
+                "engine.dtype=int8 is dynamic int8 quantization for CPUs; on a GPU use bfloat16"
+            )
+        if cfg.dtype in ("auto", "int8"):
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        else:
+            dtype = getattr(torch, cfg.dtype)
+        self.tokenizer = load_tokenizer(model_path, cfg)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # sdpa takes the 4D per-row masks continuous batching needs (flash-attention kernels do not).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        if cfg.dtype == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        # the tokenizer's eos and every eos the model's generation_config lists (<|eot_id|> for Llama-3-Instruct
+        # and for models this harness trains on a chat template)
+        generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))
+        self.eos_ids = list(dict.fromkeys(_ids(self.tokenizer.eos_token_id) + generation_eos))
+
+    def close(self) -> None:
+        self.model = None
+
+    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+        from tqdm.auto import tqdm
+
+        from core.engines.continuous import ContinuousBatcher
+
+        samplings = _as_list(sampling, len(prompts))
+        if not prompts:
+            return []
+        # A bar of its own for calls longer than one batch (805 AlpacaEval answers arrive as one call).
+        with tqdm(total=len(prompts), desc="generate", unit="req", leave=False,
+                  disable=len(prompts) <= self.cfg.batch_size) as bar:  # fmt: skip
+            batcher = ContinuousBatcher(self.model, self.tokenizer, self.cfg.batch_size, self.eos_ids, bar)
+            counts = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+            return within_context(
+                counts,
+                limit,
+                lambda keep: batcher.run([prompts[i] for i in keep], [samplings[i] for i in keep]),
+            )
