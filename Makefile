@@ -75,7 +75,7 @@ demo-sweep: setup
 
 # Humpback (instruction backtranslation, self-curation, two iterations) on the embedded model (~9 min on CPU).
 demo-humpback: setup
-	$(PY) -m data_synth.backtranslate recipe=humpback_demo
+	$(PY) -m experiments.humpback recipe=humpback_demo
 
 test: setup
 	$(PY) -m pytest --durations=15

@@ -516,6 +516,8 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 HEADER = "# magpie-harness: written by {command}; re-run the same command here to resume it\n"
+# Commands that moved: a run written under the old name is a run of the new one, so it resumes.
+RENAMED = {"data_synth.backtranslate": "experiments.humpback"}
 MOVED_ASIDE = re.compile(
     r"\.old-\d{8}-\d{6}(-\d+)?$"
 )  # what overwrite=true names a previous run: <dir>.old-<time>
@@ -531,7 +533,8 @@ def owner(out: Path, command: str, config: dict[str, Any], outputs: tuple[str, .
             first = f.readline()
         prefix = HEADER.partition("{command}")[0]
         if first.startswith(prefix):
-            return first[len(prefix) :].split(";")[0].strip()
+            found = first[len(prefix) :].split(";")[0].strip()
+            return RENAMED.get(found, found)
         try:
             keys = yaml.safe_load(cfg_file.read_text(encoding="utf-8", errors="replace"))
         except yaml.YAMLError:

@@ -516,7 +516,7 @@ def cell_state(dirs: list[Path]) -> str:
 
 
 def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
-    """Run (or plan, with dry_run) every cell; `claimed`: the caller (data_synth.backtranslate) already holds the
+    """Run (or plan, with dry_run) every cell; `claimed`: the caller (experiments.humpback) already holds the
     output directory as its own."""
     out = Path(cfg.output_dir or f"runs/sweeps/{cfg.name}")
     assignments = {cell_name(a): a for a in cells(cfg)}

@@ -30,7 +30,7 @@ COMMANDS = {
     "sweeps": ("experiments.sweep", ["SweepConfig"]),
     "corpus": ("data_synth.corpus", ["CorpusConfig"]),
     "augment": ("data_synth.augment", ["AugmentConfig"]),
-    "backtranslate": ("data_synth.backtranslate", ["BacktranslateConfig"]),
+    "humpback": ("experiments.humpback", ["HumpbackConfig"]),
 }
 
 
@@ -237,7 +237,7 @@ def test_a_training_recipe_gets_its_batch_from_the_launch_line_it_documents(path
 
 
 # Inputs under runs/ that commands without recipes write: data_synth.baselines (`name=sharegpt ...`, as each baseline
-# recipe's comment says), and Humpback's stages, whose paths data_synth.backtranslate passes to each stage itself.
+# recipe's comment says), and Humpback's stages, whose paths experiments.humpback passes to each stage itself.
 PREPARED_WITHOUT_A_RECIPE = ("runs/baselines/", "runs/humpback/")
 
 

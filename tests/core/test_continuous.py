@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from core.engines.continuous import ContinuousBatcher, _top_p
 from core.engines import Sampling
+from core.engines.continuous import ContinuousBatcher, _top_p
 
 EOS = 2
 

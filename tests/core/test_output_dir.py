@@ -246,3 +246,10 @@ def test_the_leaderboard_skips_runs_moved_aside(tmp_path):
     code, err = main("eval.leaderboard", f"runs={tmp_path / 'runs'}", f"output_dir={tmp_path / 'board'}")
     assert code == 0, err
     assert "| m | 1.0 |" in (tmp_path / "board" / "leaderboard.md").read_text()
+
+
+def test_a_run_written_under_a_commands_old_name_is_a_run_of_the_new_one(tmp_path):
+    from core.config import HEADER, owner
+
+    (tmp_path / "config.yaml").write_text(HEADER.format(command="data_synth.backtranslate") + "name: x\n")
+    assert owner(tmp_path, "experiments.humpback", {"name": "x"}) == "experiments.humpback"

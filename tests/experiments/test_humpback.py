@@ -18,8 +18,9 @@ import pytest
 from core.config import ConfigError, build
 from core.engines import Completion
 from core.judge import JudgeConfig
-from data_synth import backtranslate, baselines, corpus, select, tag
-from data_synth.backtranslate import S_A, S_W
+from data_synth import baselines, corpus, select, tag
+from experiments import humpback
+from experiments.humpback import S_A, S_W
 from tests.conftest import ROOT
 
 # ------------------------------------------------------------------------------------------- seed: oasst1
@@ -262,7 +263,7 @@ def test_paper_curation_over_http_scores_retries_counts_failures_and_keeps_a5(
         out = select.run(select.SelectConfig(input=str(tmp_path / "curate"), output_dir=str(tmp_path / f"a{k}"),
                                              filters=[select.Filter("curation_score", ">=", k)]))  # fmt: skip
         assert out["selected_rows"] == kept and out["steps"][1]["missing_values"] == 1
-    summary = backtranslate.curation_summary(tmp_path / "curate", threshold=4)
+    summary = humpback.curation_summary(tmp_path / "curate", threshold=4)
     assert summary["scores"] == {"1": 0, "2": 0, "3": 1, "4": 1, "5": 1}
     assert summary["unparseable"] == 1 and summary["unparseable_rate"] == 0.25 and summary["kept"] == 2
 
@@ -307,8 +308,8 @@ def test_augmentation_seeds_each_request_and_resumes_a_lost_chunk(embedded_path,
 
 
 def test_the_loop_unrolls_iterations_with_the_previous_model_curating():
-    cfg = backtranslate.BacktranslateConfig(iterations=2, threshold=4, seed_data="seed.jsonl")
-    stages = {s.name: s for s in backtranslate.stages(cfg)}
+    cfg = humpback.HumpbackConfig(iterations=2, threshold=4, seed_data="seed.jsonl")
+    stages = {s.name: s for s in humpback.stages(cfg)}
     assert list(stages) == ["corpus", "backward", "augment", "m0", "curate1", "report1", "select1", "m1", "curate2",
                             "report2", "select2", "m2", "evaluate"]  # fmt: skip
     assert stages["backward"].overrides["reverse_pairs"] is True
@@ -316,12 +317,12 @@ def test_the_loop_unrolls_iterations_with_the_previous_model_curating():
     assert stages["select1"].overrides["filters"] == [{"column": "curation_score", "op": ">=", "value": 4}]
     assert stages["m2"].overrides["system_prompts"] == {"seed.jsonl": S_A, "{select2}": S_W}
     assert stages["evaluate"].overrides["system_prompts"] == {"m1": f"{S_A} {S_W}", "m2": f"{S_A} {S_W}"}
-    full_m0 = backtranslate.stages(dataclasses.replace(cfg, m0_overrides={"peft": "none"}))
+    full_m0 = humpback.stages(dataclasses.replace(cfg, m0_overrides={"peft": "none"}))
     assert (
         next(s for s in full_m0 if s.name == "curate1").overrides["judge.model"] == "{m0}"
     )  # no merged copy
     with pytest.raises(ConfigError, match=r"key 'threshold': must be in \[1, 5\], got 6"):
-        build({"threshold": 6}, backtranslate.BacktranslateConfig)
+        build({"threshold": 6}, humpback.HumpbackConfig)
 
 
 SEED = [("What is a list in Python?", "A list is an ordered, mutable collection of items."),
@@ -342,7 +343,7 @@ def test_the_whole_loop_on_the_embedded_model_resumes_after_a_kill(tmp_path):
             "augment.overrides={max_tokens: 16, chunk_size: 6}",
             "curate.overrides={chunk_size: 2}",
             "evaluate.overrides={max_instructions: 2, max_tokens: 12, n_bootstrap: 50}"]  # fmt: skip
-    cmd = [sys.executable, "-m", "data_synth.backtranslate", "recipe=humpback_demo", *args]
+    cmd = [sys.executable, "-m", "experiments.humpback", "recipe=humpback_demo", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip

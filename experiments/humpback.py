@@ -1,6 +1,6 @@
 """Humpback: instruction backtranslation with self-curation, iterated (Li et al. 2023), as one command.
 
-    python -m data_synth.backtranslate recipe=humpback_demo [iterations=2] [threshold=5]
+    python -m experiments.humpback recipe=humpback_demo [iterations=2] [threshold=5]
                                        [executor=local|slurm] [dry_run=true] [retry_failed=true]
 
 The loop is a chain of this project's own commands, each resumable and runnable alone:
@@ -59,7 +59,7 @@ class Step:
 
 
 @dataclass
-class BacktranslateConfig:
+class HumpbackConfig:
     name: str = "humpback_demo"
     iterations: int = 2  # the paper's final models come after two
     threshold: int = 5  # keep candidates scored >= k: 5 gives A5, 4 gives A4
@@ -87,7 +87,8 @@ class BacktranslateConfig:
     wait: bool = False
     dry_run: bool = False
     retry_failed: bool = False
-    output_dir: str | None = None  # default runs/backtranslate/<name>
+    # default runs/backtranslate/<name>: the name from before the loop moved to experiments/, so earlier runs resume
+    output_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.seed_data is None and self.seed.command not in ("baselines", "synth"):
@@ -111,7 +112,7 @@ def trained(step: Step, name: str, extra: dict[str, Any] | None = None) -> str:
     return f"{{{name}}}/merged" if _adapter(step, extra) else f"{{{name}}}"
 
 
-def stages(cfg: BacktranslateConfig) -> list[Stage]:
+def stages(cfg: HumpbackConfig) -> list[Stage]:
     """The loop unrolled: every step a stage, iteration i's under stages/iter<i>/."""
     seed = cfg.seed_data or "{seed}"
     merge = {"merge_lora": True} if _adapter(cfg.model) else {}
@@ -145,7 +146,7 @@ def stages(cfg: BacktranslateConfig) -> list[Stage]:
     return out
 
 
-def sweep_config(cfg: BacktranslateConfig) -> SweepConfig:
+def sweep_config(cfg: HumpbackConfig) -> SweepConfig:
     return SweepConfig(name=cfg.name, stages=stages(cfg), score_model=f"m{cfg.iterations}", executor=cfg.executor,
                        slurm=cfg.slurm, wait=cfg.wait, dry_run=cfg.dry_run, retry_failed=cfg.retry_failed,
                        output_dir=cfg.output_dir or f"runs/backtranslate/{cfg.name}")  # fmt: skip
@@ -191,7 +192,7 @@ def curation_summary(curate_dir: Path, threshold: int, examples: int = 2) -> dic
     }  # fmt: skip
 
 
-def report(cfg: BacktranslateConfig) -> str | None:
+def report(cfg: HumpbackConfig) -> str | None:
     """report.md and report.json in the loop's directory, from the finished stages' own files."""
     sweep = sweep_config(cfg)
     out = Path(sweep.output_dir)
@@ -237,12 +238,12 @@ def report(cfg: BacktranslateConfig) -> str | None:
     return text
 
 
-def run(cfg: BacktranslateConfig) -> dict[str, Any]:
+def run(cfg: HumpbackConfig) -> dict[str, Any]:
     if cfg.seed_data is not None:
         open_dataset(cfg.seed_data)  # fail now, naming it, not inside the first training stage
     sweep = sweep_config(cfg)
     if not cfg.dry_run:  # what this loop was asked to run, beside its report (the stages keep their own)
-        prepare_output_dir(sweep.output_dir, resolved(cfg), command="data_synth.backtranslate",
+        prepare_output_dir(sweep.output_dir, resolved(cfg), command="experiments.humpback",
                            inputs=(cfg.seed_data,), recomputed=True)  # fmt: skip
     result = run_sweep(sweep, claimed=True)
     if not cfg.dry_run:
@@ -254,7 +255,7 @@ def run(cfg: BacktranslateConfig) -> dict[str, Any]:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
-    (cfg,) = load_config("backtranslate", argv, BacktranslateConfig)
+    (cfg,) = load_config("humpback", argv, HumpbackConfig)
     raise SystemExit(exit_code(run(cfg)))
 
 
