@@ -21,3 +21,8 @@ class OutageError(RuntimeError):
 class EngineError(RuntimeError):
     """An engine that cannot start (a missing model, an unset API key variable, no server URL): a user error.
     A request that fails once the engine runs is an `OutageError` instead."""
+
+
+def first_line(e: Exception) -> str:
+    """omegaconf's messages go on with `full_key: ...` lines; a command's error is one line."""
+    return str(e).partition("\n")[0]

@@ -182,7 +182,7 @@ def missing_input(key: str, value: Any) -> list[str]:
 
 def writers_of(path: str) -> list[str]:
     """The shipped recipes whose output_dir is `path` or holds it (`runs/x/merged` is written by runs/x's)."""
-    from core.config import RECIPES_DIR, load_recipe
+    from core.recipes import RECIPES_DIR, load_recipe
 
     out = []
     for recipe in sorted(RECIPES_DIR.glob("*/*.yaml")):

@@ -26,7 +26,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
 from core.io import (
     atomic_write_json,
@@ -38,6 +38,7 @@ from core.io import (
     table_block,
     write_chunk,
 )
+from core.rundir import prepare_output_dir
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema([("messages", pa.list_(MESSAGE)), ("passage_index", pa.int64()), ("title", pa.string()),

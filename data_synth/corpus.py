@@ -32,8 +32,9 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_json, chunk_meta, digest, iter_rows, open_dataset, read_parquet, write_chunk
+from core.rundir import prepare_output_dir
 
 EMBEDDED = "pydoc"
 SCHEMA = pa.schema([("text", pa.large_string()), ("title", pa.string()), ("doc_id", pa.string()),

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import (
     CONTEXT_FULL,
     Completion,
@@ -30,6 +30,7 @@ from core.engines import (
     request_seed,
 )
 from core.io import ShardWriter, atomic_write_json
+from core.rundir import prepare_output_dir
 from data_synth.templates import PreQuery, pre_query
 
 

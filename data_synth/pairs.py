@@ -20,10 +20,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from core.chat import instruction_of, render_prompt
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import EngineConfig, Sampling, free_memory, make_engine, request_seed
 from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
 from core.judge import JudgeConfig
+from core.rundir import prepare_output_dir
 from data_synth.tag import TAGGERS, Context
 
 

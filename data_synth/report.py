@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from core.chat import CONVERSATION_COLUMNS, first_turn, to_messages  # noqa: E402
-from core.config import cli, load_config, prepare_output_dir, resolved  # noqa: E402
+from core.config import cli, load_config, resolved
 from core.io import atomic_write_text, iter_rows, open_dataset  # noqa: E402
+from core.rundir import prepare_output_dir  # noqa: E402
 from data_synth.tag import DIFFICULTY, QUALITY, TASK_CATEGORIES, embed  # noqa: E402
 
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from core.chat import first_turn, render_prompt, to_messages, with_bos
-from core.config import cli, load_config, prepare_output_dir, resolved
+from core.config import cli, load_config, resolved
 from core.engines import Completion, EngineConfig, EngineError, Sampling, free_memory, make_engine
 from core.io import (
     ShardWriter,
@@ -40,6 +40,7 @@ from core.io import (
 )
 from core.judge import Judge, JudgeConfig, expected_score, label_probabilities
 from core.models import resolve_model
+from core.rundir import prepare_output_dir
 
 QUALITY = ["very poor", "poor", "average", "good", "excellent"]
 DIFFICULTY = ["very easy", "easy", "medium", "hard", "very hard"]

@@ -23,10 +23,11 @@ from typing import Any
 
 import pandas as pd
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import Completion
 from core.io import atomic_write_json, atomic_write_text, is_user_hub_error
 from core.judge import Judge, JudgeConfig, first_token_share
+from core.rundir import prepare_output_dir
 from eval.generate import check_same_questions
 from eval.scores import score_row, write_scores
 

@@ -29,9 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_json, read_jsonl, write_jsonl
 from core.judge import Judge, JudgeConfig
+from core.rundir import prepare_output_dir
 from eval.generate import check_same_questions, load_questions, style_metadata
 from eval.scores import score_row, write_scores, write_table
 

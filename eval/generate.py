@@ -26,10 +26,11 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from core.chat import render_prompt
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import CONTEXT_FULL, EngineConfig, Sampling, make_engine, request_seed
 from core.io import atomic_write_json, digest, is_user_hub_error, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
+from core.rundir import prepare_output_dir
 
 Bench = Literal["alpaca_eval", "arena_hard", "arena_hard_v2", "mt_bench"]
 

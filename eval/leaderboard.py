@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import MOVED_ASIDE, ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_bytes
+from core.rundir import MOVED_ASIDE, prepare_output_dir
 from eval.scores import SCORES_FILE, read_scores, write_table
 
 # Headline metrics first, in the order the paper reports them; anything else follows alphabetically.

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.models import resolve_model
+from core.rundir import prepare_output_dir
 from eval.scores import score_row, write_scores
 
 TASKS_DIR = str(Path(__file__).parent / "lm_eval_tasks")

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from core.config import ConfigError, cli, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.engines import Completion, EngineConfig
 from core.io import read_jsonl, write_jsonl
 from core.judge import Judge, JudgeConfig, first_token_share
 from core.models import resolve_model
+from core.rundir import prepare_output_dir
 from eval.generate import GenerateConfig, generate
 from eval.scores import markdown_table, score_row, write_scores, write_table
 

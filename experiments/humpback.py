@@ -30,8 +30,10 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from core.config import cli, load_config, merge_recipe, prepare_output_dir, resolved
+from core.config import cli, load_config, resolved
 from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset, take_rows
+from core.recipes import merge_recipe
+from core.rundir import prepare_output_dir
 from eval.scores import markdown_table
 from experiments.sweep import Slurm, Stage, SweepConfig, exit_code, status
 from experiments.sweep import run as run_sweep

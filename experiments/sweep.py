@@ -36,8 +36,10 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config import ConfigError, cli, load_config, merge_recipe, prepare_output_dir, resolved
+from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_bytes, atomic_write_json
+from core.recipes import merge_recipe
+from core.rundir import prepare_output_dir
 from eval.scores import SCORES_FILE, read_scores, write_table
 
 ROOT = Path(__file__).resolve().parents[1]

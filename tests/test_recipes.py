@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from core.config import RECIPES_DIR, load_recipe, parse_config, to_plain
+from core.config import parse_config, to_plain
+from core.recipes import RECIPES_DIR, load_recipe
 
 ROOT = RECIPES_DIR.parent
 

@@ -17,9 +17,10 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from core.chat import end_of_turn_ids, training_chat_template
-from core.config import ConfigError, load_config, prepare_output_dir, resolved
+from core.config import ConfigError, load_config, resolved
 from core.io import atomic_file, atomic_write_json, atomic_write_text, data_files, digest, follow_umask
 from core.models import resolve_model
+from core.rundir import prepare_output_dir
 
 
 @dataclass

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from core.config import ConfigError, build, cli, coerce, merge_recipe, parse_argv
+from core.config import ConfigError, build, cli, coerce, parse_argv
+from core.recipes import merge_recipe
 
 GB = 1024**3
 

@@ -3,8 +3,10 @@ from dataclasses import dataclass, field
 import pytest
 from omegaconf import OmegaConf
 
-from core.config import ConfigError, available_recipes, build, parse_config, prepare_output_dir
+from core.config import ConfigError, build, parse_config
 from core.engines import EngineConfig
+from core.recipes import available_recipes
+from core.rundir import prepare_output_dir
 
 
 @dataclass
@@ -115,13 +117,13 @@ def test_output_dir_written_resumed_and_protected(tmp_path):
 
 
 def test_a_recipe_can_inherit_from_another(tmp_path, monkeypatch):
-    import core.config as config
+    import core.recipes as recipes
 
     (tmp_path / "synth").mkdir()
     (tmp_path / "synth" / "parent.yaml").write_text("name: parent\nn: 4\ninner:\n  temperature: 0.7\n")
     (tmp_path / "synth" / "child.yaml").write_text("base: parent\nname: child\ninner:\n  stop: [x]\n")
     (tmp_path / "synth" / "loop.yaml").write_text("base: loop\n")
-    monkeypatch.setattr(config, "RECIPES_DIR", tmp_path)
+    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path)
     (cfg,) = parse_config("synth", ["recipe=child", "n=5"], Cfg)
     assert (cfg.name, cfg.n, cfg.inner.temperature, cfg.inner.stop) == ("child", 5, 0.7, ["x"])
     with pytest.raises(ConfigError, match="inherit in a loop"):
@@ -130,7 +132,8 @@ def test_a_recipe_can_inherit_from_another(tmp_path, monkeypatch):
 
 def test_argv_parsed_and_merged_without_building(tmp_path):
     """What load_config does before `build`, for a command (the memory planner) whose keys are not one schema's."""
-    from core.config import merge_recipe, parse_argv
+    from core.config import parse_argv
+    from core.recipes import merge_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("n: 7\ninner:\n  temperature: 0.5\n")

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError, build, prepare_output_dir, release_output_dir
+from core.config import ConfigError, build
 from core.engines import EngineConfig
 from core.io import ShardWriter, load_rows
+from core.rundir import prepare_output_dir, release_output_dir
 from tests.conftest import ROOT
 
 

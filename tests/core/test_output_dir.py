@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError, prepare_output_dir, release_output_dir
+from core.config import ConfigError
+from core.rundir import prepare_output_dir, release_output_dir
 
 
 def conversations(path: Path, n: int = 3) -> Path:
@@ -249,7 +250,7 @@ def test_the_leaderboard_skips_runs_moved_aside(tmp_path):
 
 
 def test_a_run_written_under_a_commands_old_name_is_a_run_of_the_new_one(tmp_path):
-    from core.config import HEADER, owner
+    from core.rundir import HEADER, owner
 
     (tmp_path / "config.yaml").write_text(HEADER.format(command="data_synth.backtranslate") + "name: x\n")
     assert owner(tmp_path, "experiments.humpback", {"name": "x"}) == "experiments.humpback"

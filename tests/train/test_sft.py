@@ -275,7 +275,8 @@ def test_qlora_sft_on_the_embedded_model(tmp_path, data_file):
 
 def test_a_run_resumes_its_checkpoints_only_on_the_data_it_started_with(tmp_path, data_file):
     """The Trainer resumes by step: other rows under the same path would silently continue the epoch on them."""
-    from core.config import ConfigError, release_output_dir
+    from core.config import ConfigError
+    from core.rundir import release_output_dir
     from train.common import start
 
     out = tmp_path / "sft"
