@@ -9,12 +9,12 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 SCRIPT=$1; shift
+PYTHON=${PYTHON:-.venv/bin/python}  # the sweep passes its own interpreter (an installed package has no .venv here)
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}  # ACCELERATE_CONFIG picks another config (the sweep's CPU test: cpu.yaml)
 MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export NCCL_ASYNC_ERROR_HANDLING=1
 srun --kill-on-bad-exit=1 bash -c "
-  source .venv/bin/activate
-  accelerate launch --config_file ${ACCELERATE_CONFIG:-accelerate_configs/multinode_zero3.yaml} \
+  $PYTHON -m accelerate.commands.launch --config_file ${ACCELERATE_CONFIG:-accelerate_configs/multinode_zero3.yaml} \
     --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
     --machine_rank \$SLURM_PROCID --main_process_ip $MAIN_IP --main_process_port 29500 \
     $SCRIPT $*

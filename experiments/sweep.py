@@ -41,27 +41,9 @@ from core.io import atomic_write_bytes, atomic_write_json
 from core.recipes import merge_recipe
 from core.rundir import prepare_output_dir
 from eval.scores import SCORES_FILE, read_scores, write_table
+from experiments.commands import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-# command -> (module or script, recipe folder); training runs under `accelerate launch`
-COMMANDS = {
-    "synth": ("data_synth.magpie", "magpie"),
-    "baselines": ("data_synth.baselines", "baselines"),
-    "corpus": ("data_synth.corpus", "corpus"),
-    "augment": ("data_synth.augment", "augment"),
-    "tag": ("data_synth.tag", "tag"),
-    "select": ("data_synth.select", "select"),
-    "pairs": ("data_synth.pairs", "pairs"),
-    "report": ("data_synth.report", "report"),
-    "sft": ("train/sft.py", "sft"),
-    "dpo": ("train/dpo.py", "dpo"),
-    "generate": ("eval.generate", "generate"),
-    "alpaca_eval": ("eval.alpaca_eval", "alpaca_eval"),
-    "arena_hard": ("eval.arena_hard", "arena_hard"),
-    "lm_eval": ("eval.lm_eval", "lm_eval"),
-    "pairwise": ("eval.pairwise", "pairwise"),
-}
-TRAINING = ("sft", "dpo")
 STATUS = "sweep_status.json"
 SWEEP_OUTPUTS = ("cells", "stages", "results.md", "results.csv", "results.png")  # what a sweep writes
 
@@ -69,7 +51,7 @@ SWEEP_OUTPUTS = ("cells", "stages", "results.md", "results.csv", "results.png") 
 @dataclass
 class Stage:
     name: str = ""
-    command: str = "select"  # a key of COMMANDS
+    command: str = "select"  # a key of experiments.commands.STAGES
     recipe: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     accelerate_config: str = "cpu"  # training stages: accelerate_configs/<name>.yaml
@@ -118,10 +100,8 @@ class SweepConfig:
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"stages: every stage needs a name of its own, got {names}")
         for s in self.stages:
-            if s.command not in COMMANDS:
-                raise ValueError(
-                    f"stages: '{s.name}' has command '{s.command}'; choose from {list(COMMANDS)}"
-                )
+            if s.command not in STAGES:
+                raise ValueError(f"stages: '{s.name}' has command '{s.command}'; choose from {list(STAGES)}")
 
 
 # ----------------------------------------------------------------------------------------------- cells
@@ -201,9 +181,9 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
                 f"stage '{stage.name}' refers to {unknown}, which {why}: refer only to earlier stages"
             )
         what = {"command": stage.command, "recipe": stage.recipe, "overrides": overrides,
-                "accelerate_config": stage.accelerate_config if stage.command in TRAINING else None}  # fmt: skip
+                "accelerate_config": stage.accelerate_config if STAGES[stage.command].training else None}  # fmt: skip
         # the recipe's content too: an edited recipe is a different stage, not a finished one to skip
-        content = merge_recipe(COMMANDS[stage.command][1], stage.recipe, {}) if stage.recipe else None
+        content = merge_recipe(STAGES[stage.command].recipes, stage.recipe, {}) if stage.recipe else None
         digest = hashlib.sha1(json.dumps([what, content], sort_keys=True, default=str).encode()).hexdigest()[
             :10
         ]
@@ -225,11 +205,10 @@ def _arg(key: str, value: Any) -> str:
 
 
 def script_args(step: dict[str, Any]) -> list[str]:
-    """The command's module (or training script) and its arguments: recipe, overrides, output_dir."""
-    target, _ = COMMANDS[step["command"]]
+    """`-m <module>` and its arguments: recipe, overrides, output_dir."""
     args = [f"recipe={step['recipe']}"] if step["recipe"] else []
     args += [_arg(k, v) for k, v in step["overrides"].items()]
-    return [target, *args, f"output_dir={step['dir']}"]
+    return ["-m", STAGES[step["command"]].module, *args, f"output_dir={step['dir']}"]
 
 
 def accelerate_config(step: dict[str, Any]) -> Path:
@@ -238,10 +217,10 @@ def accelerate_config(step: dict[str, Any]) -> Path:
 
 def command_line(step: dict[str, Any]) -> list[str]:
     """What runs, as a user would type it (training through `accelerate launch`)."""
-    if step["command"] in TRAINING:
+    if STAGES[step["command"]].training:
         launch = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(step))]
         return [sys.executable, *launch, *script_args(step)]
-    return [sys.executable, "-m", *script_args(step)]
+    return [sys.executable, *script_args(step)]
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -304,8 +283,10 @@ def run_local(step: dict[str, Any]) -> bool:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command_line(step), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+        # in the sweep's own working directory, where its relative paths (runs/...) point
+        proc = subprocess.Popen(
+            command_line(step), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         try:
             rc = proc.wait()
         except BaseException:
@@ -362,14 +343,15 @@ def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
     directory: Path = step["dir"]
     lines = ["#!/bin/bash", f"#SBATCH --job-name={cfg.name}-{step['name']}", f"#SBATCH --partition={cfg.slurm.partition}",
              f"#SBATCH --nodes={stage.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cfg.slurm.time}",
-             f"#SBATCH --output={meta(directory)}/slurm-%j.out", f"#SBATCH --chdir={ROOT}"]  # fmt: skip
+             f"#SBATCH --output={meta(directory)}/slurm-%j.out", f"#SBATCH --chdir={Path.cwd()}"]  # fmt: skip
     lines += [f"#SBATCH --account={cfg.slurm.account}"] if cfg.slurm.account else []
     lines += [f"#SBATCH --gres=gpu:{stage.gpus}"] if stage.gpus else []
     lines += [f"#SBATCH --cpus-per-task={cfg.slurm.cpus_per_task}"] if cfg.slurm.cpus_per_task else []
     lines += [f"#SBATCH {x}" for x in cfg.slurm.extra]
-    if step["command"] in TRAINING:
+    if STAGES[step["command"]].training:
+        launcher = ROOT / "accelerate_configs" / "slurm_multinode.sh"
         body = (f"ACCELERATE_CONFIG={shlex.quote(str(accelerate_config(step)))} GPUS_PER_NODE={max(stage.gpus, 1)} "
-                f"bash accelerate_configs/slurm_multinode.sh {shlex.join(script_args(step))}")  # fmt: skip
+                f"PYTHON={shlex.quote(sys.executable)} bash {shlex.quote(str(launcher))} {shlex.join(script_args(step))}")  # fmt: skip
     else:
         body = shlex.join(command_line(step))
     record = "import sys; from experiments.sweep import record_exit; record_exit(sys.argv[1], int(sys.argv[2]), job_id=sys.argv[3])"
@@ -415,7 +397,7 @@ def gpu_hours(cfg: SweepConfig, step: dict[str, Any], p: dict[str, Any]) -> floa
 
 
 def _recipe_value(step: dict[str, Any], key: str, default: Any) -> Any:
-    return merge_recipe(COMMANDS[step["command"]][1], step["recipe"], {}).get(key, default)
+    return merge_recipe(STAGES[step["command"]].recipes, step["recipe"], {}).get(key, default)
 
 
 def base_model(step: dict[str, Any], makers: dict[str, dict[str, Any]]) -> str | None:
@@ -441,7 +423,7 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
             print(
                 f"  {step['name']:<12} {status(step['dir'])['state']:<9} {shlex.join(command_line(step))}{shared}"
             )
-            if step["command"] in TRAINING and step["dir"] not in seen:
+            if STAGES[step["command"]].training and step["dir"] not in seen:
                 p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], gpus=max(1, step["stage"].gpus * step["stage"].nodes),
                                     accelerate_config=step["accelerate_config"], model=base_model(step, makers)),
                          dict(step["overrides"]))  # fmt: skip
@@ -450,7 +432,7 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
                 print(f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
                       f"in {p['gpu_mem_gb']:g} GB)" + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else ""))  # fmt: skip
             seen.add(step["dir"])
-    counted = any(s["stage"].rows for _, steps in plan_cells for s in steps if s["command"] in TRAINING)
+    counted = any(s["stage"].rows for _, steps in plan_cells for s in steps if STAGES[s["command"]].training)
     hours = (
         f"~{total:,.1f} GPU-hours of training"
         if counted

@@ -11,40 +11,21 @@ from omegaconf import OmegaConf
 
 from core.config import parse_config, to_plain
 from core.recipes import RECIPES_DIR, load_recipe
+from experiments.commands import BY_FOLDER, Command
 
 ROOT = RECIPES_DIR.parent
 
-# recipes/<folder>/ is read by exactly one command, named like the folder: its module and config dataclasses.
-COMMANDS = {
-    "magpie": ("data_synth.magpie", ["MagpieConfig"]),
-    "tag": ("data_synth.tag", ["TagConfig"]),
-    "select": ("data_synth.select", ["SelectConfig"]),
-    "pairs": ("data_synth.pairs", ["PairsConfig"]),
-    "report": ("data_synth.report", ["ReportConfig"]),
-    "sft": ("train.sft", ["SFTScriptArgs", "SFTConfig"]),
-    "dpo": ("train.dpo", ["ScriptArgs", "DPOConfig"]),
-    "generate": ("eval.generate", ["GenerateConfig"]),
-    "alpaca_eval": ("eval.alpaca_eval", ["AlpacaEvalConfig"]),
-    "arena_hard": ("eval.arena_hard", ["ArenaHardConfig"]),
-    "lm_eval": ("eval.lm_eval", ["LmEvalConfig"]),
-    "pairwise": ("eval.pairwise", ["PairwiseConfig"]),
-    "sweeps": ("experiments.sweep", ["SweepConfig"]),
-    "corpus": ("data_synth.corpus", ["CorpusConfig"]),
-    "augment": ("data_synth.augment", ["AugmentConfig"]),
-    "humpback": ("experiments.humpback", ["HumpbackConfig"]),
-}
+
+def command(folder: str) -> Command:
+    """recipes/<folder>/ is read by exactly one command (experiments.commands), named like the folder."""
+    if folder not in BY_FOLDER:
+        pytest.fail(f"recipes/{folder}/ is not a command's folder: name it after the command that reads it "
+                    f"and add it to experiments/commands.py (known: {', '.join(BY_FOLDER)})")  # fmt: skip
+    return BY_FOLDER[folder]
 
 
-def command(stage: str) -> Any:
-    if stage not in COMMANDS:
-        pytest.fail(f"recipes/{stage}/ is not a command's folder: name it after the command that reads it "
-                    f"and register it in COMMANDS (known: {', '.join(COMMANDS)})")  # fmt: skip
-    return importlib.import_module(COMMANDS[stage][0])
-
-
-def schemas(stage: str) -> tuple[type, ...]:
-    module = command(stage)
-    return tuple(getattr(module, name) for name in COMMANDS[stage][1])
+def schemas(folder: str) -> tuple[type, ...]:
+    return command(folder).schemas()
 
 
 def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -112,7 +93,7 @@ def test_recipe_validates(path: Path):
 @pytest.mark.parametrize("stage", sorted(p.name for p in RECIPES_DIR.iterdir() if p.is_dir()))
 def test_each_folder_is_read_by_the_command_it_is_named_after(stage: str, capsys):
     with pytest.raises(SystemExit) as exit_:
-        command(stage).main(["recipe=no_such_recipe"])
+        importlib.import_module(command(stage).module).main(["recipe=no_such_recipe"])
     assert exit_.value.code == 2
     assert f"unknown {stage} recipe 'no_such_recipe'" in capsys.readouterr().err
     assert list((RECIPES_DIR / stage).glob("*.yaml")), f"recipes/{stage}/ holds no recipe"

@@ -8,8 +8,9 @@ import typing
 import pytest
 
 from core.config import RANGES, ConfigError, _hints, parse_config
+from experiments.commands import COMMANDS
 from tests.core.test_output_dir import main
-from tests.test_recipes import COMMANDS, schemas
+from tests.test_recipes import schemas
 
 
 def numeric_fields(schema: type, prefix: str = "") -> list[str]:
@@ -28,7 +29,7 @@ def numeric_fields(schema: type, prefix: str = "") -> list[str]:
 
 
 def test_every_numeric_setting_of_ours_has_a_range():
-    ours = [s for stage in COMMANDS for s in schemas(stage) if s.__module__.split(".")[0] != "trl"]
+    ours = [s for c in COMMANDS.values() for s in c.schemas() if s.__module__.split(".")[0] != "trl"]
     missing = sorted({k for s in ours for k in numeric_fields(s) if k.rsplit(".", 1)[-1] not in RANGES})
     assert not missing, f"add these keys to core.config.RANGES: {missing}"
 

@@ -181,7 +181,7 @@ def test_slurm_sweep_trains_through_accelerate_inside_srun_end_to_end(tmp_path, 
     for d in sft_dirs:
         script = (d.with_name(d.name + ".sweep") / "job.sbatch").read_text()
         assert (
-            f"#SBATCH --partition={slurm.partition}" in script and "slurm_multinode.sh train/sft.py" in script
+            f"#SBATCH --partition={slurm.partition}" in script and "slurm_multinode.sh -m train.sft" in script
         )
         assert "ACCELERATE_CONFIG=" in script and status(d)["job_id"]
     again = run(cfg)  # everything done: nothing is submitted again
