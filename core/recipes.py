@@ -13,7 +13,17 @@ from omegaconf import OmegaConf
 
 from core.errors import ConfigError, first_line
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+INSTALL_ROOT = Path(__file__).resolve().parents[1]  # the checkout, or site-packages for an installed wheel
+RECIPES_DIR = INSTALL_ROOT / "recipes"
+
+
+def shipped(path: str) -> str:
+    """A relative path a shipped recipe names (`eval/data/demo_instructions.jsonl`): as given when it exists from
+    here, else the file installed with the package, so the recipe runs outside the checkout too."""
+    installed = INSTALL_ROOT / path
+    if Path(path).is_absolute() or Path(path).exists() or not installed.exists():
+        return path
+    return str(installed)
 
 
 def available_recipes(stage: str) -> list[str]:

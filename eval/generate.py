@@ -30,6 +30,7 @@ from core.config import ConfigError, cli, load_config, resolved
 from core.engines import CONTEXT_FULL, EngineConfig, Sampling, make_engine, request_seed
 from core.io import atomic_write_json, digest, is_user_hub_error, load_rows, read_jsonl, write_jsonl
 from core.models import resolve_model
+from core.recipes import shipped
 from core.rundir import prepare_output_dir
 
 Bench = Literal["alpaca_eval", "arena_hard", "arena_hard_v2", "mt_bench"]
@@ -71,7 +72,7 @@ def model_name(cfg: GenerateConfig) -> str:
 
 def load_questions(bench: str, source: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Questions as {"id", "turns": [str], "category", "extra"}; `extra` goes back into the answer files."""
-    source = source or HUB_QUESTIONS[bench]
+    source = shipped(source) if source else HUB_QUESTIONS[bench]
     if bench in HUB_FILES and source == HUB_QUESTIONS[bench]:
         import httpx
         from huggingface_hub import hf_hub_download  # no loadable dataset in these repos; read the file

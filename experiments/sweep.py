@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = load_config("sweeps", argv, SweepConfig)
     result = run(cfg)
     print(json.dumps(result, indent=2, default=str))
-    sys.exit(exit_code(result))
+    sys.exit(0 if cfg.dry_run else exit_code(result))
 
 
 def exit_code(result: dict[str, Any]) -> int:
