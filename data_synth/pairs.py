@@ -25,7 +25,7 @@ from core.engines import EngineConfig, Sampling, free_memory, make_engine, reque
 from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
 from core.judge import JudgeConfig
 from core.rundir import prepare_output_dir
-from data_synth.tag import TAGGERS, Context
+from data_synth.scoring import Scorer, reward_source
 
 
 @dataclass
@@ -119,9 +119,8 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
     done = {prompt_key(r["prompt"][0]["content"]) for r in work.rows()}
     todo = [i for k, i in first.items() if k not in done]
-    scorer = Context(
-        cfg, out
-    )  # the taggers' scorer: PairsConfig has the reward_model and judge fields it reads
+    scorer = Scorer(cfg.judge, out / "judge_cache.sqlite", cfg.reward_model, cfg.reward_batch_size,
+                    cfg.reward_trust_remote_code)  # fmt: skip
     bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="score pairs", unit="prompt")
     missing = 0
     for start in range(0, len(todo), cfg.chunk_size):
@@ -146,7 +145,11 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     results = [{**by_key[k], "source_index": i} for k, i in first.items() if k in by_key]
     extra = {"duplicate_prompts": len(rows) - len(first), "unscored_prompts": len(first) - len(results)}
     return write_pairs(
-        cfg, out, results, TAGGERS["reward"].source(cfg), {k: v for k, v in extra.items() if v}
+        cfg,
+        out,
+        results,
+        reward_source(cfg.reward_model, cfg.judge.model),
+        {k: v for k, v in extra.items() if v},
     )
 
 

@@ -22,7 +22,7 @@ from core.chat import CONVERSATION_COLUMNS, first_turn
 from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_json, iter_rows, open_dataset, take_rows, write_parquet
 from core.rundir import prepare_output_dir
-from data_synth.tag import DIFFICULTY, QUALITY
+from data_synth.labels import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
 ORDINAL = {"input_quality": QUALITY, "difficulty": DIFFICULTY}

@@ -8,6 +8,7 @@ import core.judge
 import data_synth.tag as tag
 from core.config import ConfigError
 from core.judge import JudgeConfig
+from data_synth.tag import taggers
 
 
 def test_judge_replies_parse_strictly():
@@ -93,7 +94,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
     )
     # Each tagger's models are the only ones alive while it runs (on a GPU, vLLM holds 90% of the memory): the
     # URIAL base model is gone before its responses are scored, the judge's engine before the base model loads.
-    made, real_make, real_rewards = [], tag.make_engine, tag.Context.rewards
+    made, real_make, real_rewards = [], taggers.make_engine, tag.Context.rewards
     alive_when_scoring, judge_alive_when_base_loads = [], []
 
     def make(*a):
@@ -115,7 +116,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
         alive_when_scoring.append([m() is not None for m in made])
         return real_rewards(self, pairs)
 
-    monkeypatch.setattr(tag, "make_engine", make)
+    monkeypatch.setattr(taggers, "make_engine", make)
     monkeypatch.setattr(tag.Context, "__init__", init)
     monkeypatch.setattr(tag.Context, "rewards", rewards)
     summary = tag.run(cfg)
@@ -163,7 +164,7 @@ def test_tagging_real_rows_with_the_embedded_judge_and_resuming(tmp_path, monkey
     def no_engine(*a, **k):
         raise AssertionError("a finished tagging run must not call the judge again")
 
-    monkeypatch.setattr(tag, "make_engine", no_engine)
+    monkeypatch.setattr(taggers, "make_engine", no_engine)
     monkeypatch.setattr(core.judge, "make_engine", no_engine)
     assert tag.run(cfg)["rows"] == 4
 

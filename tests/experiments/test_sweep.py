@@ -122,7 +122,9 @@ def test_local_sweep_runs_resumes_isolates_a_failure_and_retries(tmp_path, capsy
 def test_dry_run_prints_every_stage_and_the_memory_plan_without_running(tmp_path, capsys):
     from experiments.sweep import main
 
-    with pytest.raises(SystemExit) as done:  # the command, not only run(): its exit code once crashed on a plan
+    with pytest.raises(
+        SystemExit
+    ) as done:  # the command, not only run(): its exit code once crashed on a plan
         main(["recipe=demo_sweep", f"output_dir={tmp_path / 's'}", "dry_run=true"])
     assert done.value.code == 0
     out = capsys.readouterr().out

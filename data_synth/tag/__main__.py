@@ -1,0 +1,3 @@
+from data_synth.tag.command import main
+
+main()
