@@ -33,6 +33,7 @@ from core.config import ConfigError, cli, load_config, resolved
 from core.io import atomic_write_json, read_jsonl, write_jsonl
 from core.judge import Judge, JudgeConfig
 from core.rundir import prepare_output_dir
+from eval.bootstrap import bootstrap, interval
 from eval.generate import check_same_questions, load_questions, style_metadata
 from eval.scores import score_row, write_scores, write_table
 
@@ -242,15 +243,12 @@ def leaderboard(
     # RandomState.choice(n, n, replace=True) per round. With the same battles in the same order (judgment files in
     # the order read, game 1 then game 2, a decisive verdict three times), the intervals are its intervals.
     # (HEAD draws unseeded; any seed is as good there.)
-    rng = np.random.RandomState(seed)
-    samples = []
-    for _ in range(n_bootstrap):
-        picked = [battles[i] for i in rng.choice(len(battles), size=len(battles), replace=True)]
-        samples.append(bradley_terry(picked, baseline))
+    samples = bootstrap(len(battles), n_bootstrap, lambda idx: bradley_terry([battles[i] for i in idx], baseline),
+                        np.random.RandomState(seed))  # fmt: skip
     rows = []
     for model, rating in ratings.items():
         boot = [x[model] for x in samples if model in x]
-        low, high = (np.percentile(boot, 2.5), np.percentile(boot, 97.5)) if boot else (rating, rating)
+        low, high = interval(boot) if boot else (rating, rating)
         rows.append(_row(model, rating, low, high))
     return sorted(rows, key=lambda r: -r["score"])
 
@@ -301,14 +299,13 @@ def style_controlled_leaderboard(
 
     to_rating = lambda coef: 1000.0 + 400.0 * coef / math.log(10)  # noqa: E731
     ratings = to_rating(fit(np.arange(len(battles))))
-    rng = np.random.default_rng(seed)
     boots = np.array(
-        [to_rating(fit(rng.integers(0, len(battles), len(battles)))) for _ in range(n_bootstrap)]
+        bootstrap(len(battles), n_bootstrap, lambda idx: to_rating(fit(idx)), np.random.default_rng(seed))
     )
+    lows, highs = interval(boots, axis=0)
     table = [_row(baseline, 1000.0, 1000.0, 1000.0)]
     for j, model in enumerate(models):
-        low, high = np.percentile(boots[:, j], [2.5, 97.5])
-        table.append(_row(model, float(ratings[j]), float(low), float(high)))
+        table.append(_row(model, float(ratings[j]), float(lows[j]), float(highs[j])))
     return sorted(table, key=lambda r: -r["score"])
 
 

@@ -23,6 +23,7 @@ from core.io import read_jsonl, write_jsonl
 from core.judge import Judge, JudgeConfig, first_token_share
 from core.models import resolve_model
 from core.rundir import prepare_output_dir
+from eval.bootstrap import bootstrap, interval
 from eval.generate import GenerateConfig, generate
 from eval.scores import markdown_table, score_row, write_scores, write_table
 
@@ -162,19 +163,17 @@ def leaderboard(
     models = list(answers)
     ids = [a["id"] for a in next(iter(answers.values()))]
     wins = win_matrix(judgments, models, ids)
-    rng = np.random.default_rng(seed)
-    boots = np.empty((n_bootstrap, len(models)))
-    for b in range(n_bootstrap):
-        sample = rng.integers(0, len(ids), len(ids))
-        boots[b] = np.nanmean(wins[:, sample], axis=1)
+    boots = np.array(bootstrap(len(ids), n_bootstrap, lambda idx: np.nanmean(wins[:, idx], axis=1),
+                               np.random.default_rng(seed)))  # fmt: skip
+    lows, highs = interval(boots, axis=0)
     rows = []
     for m, name in enumerate(models):
         rows.append(
             {
                 "model": name,
                 "win_rate": round(100 * float(np.nanmean(wins[m])), 2),
-                "ci_low": round(100 * float(np.nanpercentile(boots[:, m], 2.5)), 2),
-                "ci_high": round(100 * float(np.nanpercentile(boots[:, m], 97.5)), 2),
+                "ci_low": round(100 * float(lows[m]), 2),
+                "ci_high": round(100 * float(highs[m]), 2),
                 "n_questions": int(np.sum(~np.isnan(wins[m]))),
                 "n_judgments": sum(1 for r in judgments if name in (r["model_a"], r["model_b"])),
                 "n_failed": sum(1 for r in judgments if r["failed"] and name in (r["model_a"], r["model_b"])),
