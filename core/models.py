@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from core.io import follow_umask, umask
 
@@ -103,3 +104,17 @@ def resolve_model(name: str) -> str:
     if name in EMBEDDED_EMBEDDER_NAMES:
         return str(embedded_embedder_path())
     return name
+
+
+def default_dtype(device: str) -> Any:
+    """bfloat16 on a CUDA GPU; float32 on a CPU, where it runs much faster than bfloat16."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def padded(tokenizer: Any) -> Any:
+    """`tokenizer`, padding with its end-of-sequence token when it has no pad token of its own (batches need one)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -11,7 +11,7 @@ from typing import Any
 from core.engines import Completion, Sampling
 from core.errors import EngineError
 from core.judge import Judge, JudgeConfig, expected_score
-from core.models import resolve_model
+from core.models import default_dtype, padded, resolve_model
 from data_synth import prompts
 
 SCORE_PREFILL = '{\n    "score": '
@@ -86,11 +86,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_model(name)
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
+        self.tok = padded(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = default_dtype(self.device)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         )

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 from core.chat import end_of_turn_ids, training_chat_template
 from core.config import ConfigError, load_config, resolved
 from core.io import atomic_file, atomic_write_json, atomic_write_text, data_files, digest, follow_umask
-from core.models import resolve_model
+from core.models import default_dtype, padded, resolve_model
 from core.rundir import prepare_output_dir
 
 
@@ -163,9 +163,7 @@ def load_tokenizer(script: ScriptArgs, args: Any, assistant_only_loss: bool = Fa
         template = training_chat_template(tokenizer)
         if template is not None:
             tokenizer.chat_template = template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return padded(tokenizer)
 
 
 def template_token_ids(tokenizer: Any) -> list[int]:
@@ -243,7 +241,7 @@ def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, 
 
 def model_dtype(script: ScriptArgs) -> torch.dtype:
     if script.torch_dtype == "auto":  # bf16 on GPUs; CPUs train much faster in float32
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return default_dtype("cuda" if torch.cuda.is_available() else "cpu")
     return getattr(torch, script.torch_dtype)
 
 

@@ -12,6 +12,7 @@ from core.engines.base import (
     within_context,
 )
 from core.errors import EngineError
+from core.models import default_dtype, padded
 
 
 class TransformersEngine:
@@ -31,13 +32,8 @@ class TransformersEngine:
             raise EngineError(
                 "engine.dtype=int8 is dynamic int8 quantization for CPUs; on a GPU use bfloat16"
             )
-        if cfg.dtype in ("auto", "int8"):
-            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        else:
-            dtype = getattr(torch, cfg.dtype)
-        self.tokenizer = load_tokenizer(model_path, cfg)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = default_dtype(self.device) if cfg.dtype in ("auto", "int8") else getattr(torch, cfg.dtype)
+        self.tokenizer = padded(load_tokenizer(model_path, cfg))
         # sdpa takes the 4D per-row masks continuous batching needs (flash-attention kernels do not).
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=cfg.trust_remote_code
