@@ -16,16 +16,25 @@ seed or stop strings, so this loop is our own, written against the model's ordin
 - identical prompts (Magpie's pre-query template, `n_samples` of one prompt) are prefilled once;
 - when the columns run out the cache shifts left past what no live row needs; when the queue is empty and few
   rows are left the batch shrinks, so the tail does not pay for empty rows.
+
+What it relies on in transformers (tested on the pinned floor's API and on the newest release, and bounded above in
+pyproject.toml): the forward's cache keyword (`cache`, formerly `past_key_values`, found by name), a 4D boolean
+`attention_mask` taken as given, `DynamicCache(config=...)` and its `layers[i].keys/values` for the prefill, and a
+cache object with `update(key, value, layer_idx)` and `get_seq_length()` for decoding. One mask serves every layer,
+so a model with sliding-window attention (Mistral, Gemma 2/3) is refused when a request could outgrow its window:
+within the window, a sliding mask and a full one are the same.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from core.engines.base import Completion, Sampling, truncate_at_stop
+from core.errors import EngineError
 
 
 class _SlotCache:
@@ -69,6 +78,10 @@ class ContinuousBatcher:
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.window = sliding_window(cfg)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # ------------------------------------------------------------------------------------------ entry point
 
@@ -82,6 +95,12 @@ class ContinuousBatcher:
         ]
         self.max_prompt = max((len(r.prompt_ids) for r in queue), default=1)
         longest = max((len(r.prompt_ids) + r.sampling.max_tokens for r in queue), default=1)
+        if self.window is not None and longest > self.window:
+            raise EngineError(
+                f"continuous batching has no sliding-window mask, and this model attends within {self.window} "
+                f"tokens while a request here may reach {longest} (prompt + max_tokens): lower max_tokens, or use "
+                "engine.backend=vllm"
+            )
         self.capacity = longest + max(64, longest // 2)
         self._allocate(min(self.batch_size, len(queue)) or 1)
         queue.reverse()  # pop() from the end serves requests in the caller's order
@@ -187,7 +206,7 @@ class ContinuousBatcher:
         kv = DynamicCache(config=self.model.config)
         if shared >= 8:  # worth a forward pass of its own
             head = torch.tensor([prompts[0][:shared]], device=self.device)
-            self.model(input_ids=head, past_key_values=kv, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=head, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: kv})
             expanded = DynamicCache(config=self.model.config)
             for i, (k, v) in enumerate(_cache_layers(kv)):
                 expanded.update(k.expand(len(prompts), -1, -1, -1).contiguous(),
@@ -205,9 +224,9 @@ class ContinuousBatcher:
             input_ids=input_ids,
             attention_mask=attn,
             position_ids=shared + (tail_mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=kv,
             use_cache=True,
             logits_to_keep=1,
+            **{self.cache_kwarg: kv},
         )
         columns = [
             torch.cat([torch.arange(shared), torch.arange(shared + width - len(p), shared + width)]).to(
@@ -242,8 +261,8 @@ class ContinuousBatcher:
             input_ids=self.pending[:, None],
             attention_mask=self.mask[:, None, None, : t + 1],
             position_ids=(t - self.start)[:, None],
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_kwarg: self.cache},
         )
         self.cache.t = t + 1
         slots = [s for s, r in enumerate(self.rows) if r is not None]
@@ -299,6 +318,17 @@ class ContinuousBatcher:
         self.mask[slot] = False
         if self.progress is not None:
             self.progress.update(1)
+
+
+def sliding_window(cfg: Any) -> int | None:
+    """The attention window of a model that uses one in any layer, else None."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:  # Gemma 2/3, Qwen2 and others say per layer
+        return window if "sliding_attention" in types else None
+    return window if getattr(cfg, "use_sliding_window", True) else None  # Mistral: every layer
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -109,3 +109,55 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     kept = _top_p(probs, torch.tensor([0.7, 1.0]))
     assert kept[0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0])
     assert kept[1].tolist() == pytest.approx([0.25] * 4)
+
+
+def test_a_sliding_window_model_runs_within_its_window_and_is_refused_beyond_it(tiny):
+    """One mask serves every layer, so a window the requests could outgrow is refused, never silently widened."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from core.errors import EngineError
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS, sliding_window=48,
+    )  # fmt: skip
+    model = MistralForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    prompt = PROMPTS[1]  # 13 tokens
+    out = ContinuousBatcher(model, tok, 2, [EOS]).run([prompt], [Sampling(temperature=0.0, max_tokens=20)])
+    assert out[0].text == reference(
+        model, tok, prompt, 20
+    )  # within the window: exactly what generate decodes
+    with pytest.raises(EngineError, match=r"attends within 48 tokens while a request here may reach 63"):
+        ContinuousBatcher(model, tok, 2, [EOS]).run([prompt], [Sampling(temperature=0.0, max_tokens=50)])
+
+
+@pytest.mark.integration
+def test_continuous_batching_on_the_oldest_transformers_we_allow(tmp_path):
+    """The tests above run on the installed (newest) transformers; these run them on the floor pyproject.toml states,
+    which names the forward's cache keyword differently. Needs the package index, as the GPU-setup test does."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import tomllib
+
+    from tests.conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = re.search(r"transformers>=(\d+\.\d+)", " ".join(deps)).group(1)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                    f"transformers=={floor}.*"], check=True, capture_output=True, timeout=600)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{site}:{ROOT}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not integration", __file__],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                             env=env, capture_output=True, text=True).stdout  # fmt: skip
+    assert version.startswith(floor + "."), version
