@@ -50,7 +50,9 @@ SHAREGPT_ROLES = {
 
 
 def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]:
-    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role", "content"}]`; unknown speakers fail."""
+    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role", "content"}]`; unknown speakers fail.
+    Our own because trl's `maybe_convert_to_chatml` renames the keys but keeps the speakers as roles ("human",
+    "gpt", "bing"), which no chat template knows, and passes malformed turns on."""
     if not isinstance(conversations, list):
         raise ConversationError(
             f"{where}: 'conversations' must be a list, got {type(conversations).__name__}"

@@ -203,6 +203,9 @@ def write_pairs(
     import pyarrow as pa
 
     pairs = [r for r in results if r["status"] == "pair"]
+    # Our own split, not Dataset.train_test_split: that one refuses test_size=0, rounds the test share up (2% of
+    # 3 pairs is one test pair) and shuffles both splits; here a seeded draw picks the test rows and both splits
+    # keep the input's order, so reruns and the authors' files diff cleanly.
     order = np.random.default_rng(cfg.seed).permutation(len(pairs))
     n_test = int(round(len(pairs) * cfg.test_size))
     splits = {

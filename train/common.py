@@ -212,31 +212,28 @@ def gathered(params: list[Any]) -> Any:
 
 
 def peft_and_quantization(script: ScriptArgs, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The LoRA config and (QLoRA) the 4-bit quantization config, made by trl's own get_peft_config and
+    get_quantization_config from our recipe keys: NF4 with nested quantization, computing in the model's dtype."""
     if script.peft == "none":
         return None, None
-    from peft import LoraConfig
+    from trl import ModelConfig, get_peft_config, get_quantization_config
 
     targets = script.lora_target_modules
-    lora = LoraConfig(
-        r=script.lora_r,
+    dtype_name = str(dtype).removeprefix("torch.")
+    model_args = ModelConfig(
+        dtype=dtype_name,
+        use_peft=True,
+        lora_r=script.lora_r,
         lora_alpha=script.lora_alpha,
         lora_dropout=script.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
+        lora_target_modules=targets[0] if targets == ["all-linear"] else targets,
+        load_in_4bit=script.peft == "qlora",
+        bnb_4bit_quant_type="nf4",
+        use_bnb_nested_quant=True,
+        # Under ZeRO-3 the 4-bit weights are sharded like any parameter: storage must be the model dtype.
+        bnb_4bit_quant_storage=dtype_name,
     )
-    quant = None
-    if script.peft == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            # Under ZeRO-3 the 4-bit weights are sharded like any parameter: storage must be the model dtype.
-            bnb_4bit_quant_storage=dtype,
-        )
-    return lora, quant
+    return get_peft_config(model_args), get_quantization_config(model_args)
 
 
 def model_dtype(script: ScriptArgs) -> torch.dtype:

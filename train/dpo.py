@@ -14,6 +14,7 @@ import sys
 
 import datasets
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import extract_prompt
 
 from core.chat import check_messages
 from core.config import ConfigError, cli
@@ -27,10 +28,13 @@ def normalize_preference(row: dict, where: str) -> dict:
         if key not in row:
             raise ConfigError(f"{where}: missing '{key}' (columns: {sorted(row)})")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if (
-        isinstance(chosen, list) and len(chosen) > 1
-    ):  # whole conversations: the prompt is all but the last turn
-        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    if isinstance(chosen, list) and len(chosen) > 1:
+        # Whole conversations: trl's rule, the prompt is their longest common prefix (a given `prompt` repeats it)
+        split = extract_prompt({"chosen": chosen, "rejected": rejected})
+        prompt, chosen, rejected = split["prompt"], split["chosen"], split["rejected"]
+        if not all(isinstance(r, list) and r and r[0].get("role") == "assistant" for r in (chosen, rejected)):
+            raise ConfigError(f"{where}: 'chosen' and 'rejected' differ before their replies: they must share the "
+                              "prompt (every turn up to the last assistant turn)")  # fmt: skip
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:

@@ -30,6 +30,12 @@ def test_preference_rows_are_normalized_or_rejected_naming_the_row():
         )
     with pytest.raises(ConfigError, match="row 4: missing 'chosen'"):
         normalize_preference({"prompt": "x", "rejected": []}, "row 4")
+    # Whole conversations whose turns before the reply differ do not share a prompt: refused, not split at the end
+    other = {"role": "user", "content": "Name a star."}
+    with pytest.raises(ConfigError, match=r"row 5: 'chosen' and 'rejected' differ before their replies"):
+        normalize_preference(
+            {**whole, "rejected": [other, {"role": "assistant", "content": "Sirius."}]}, "row 5"
+        )
 
 
 @pytest.mark.integration

@@ -294,3 +294,22 @@ def test_a_run_resumes_its_checkpoints_only_on_the_data_it_started_with(tmp_path
     with pytest.raises(ConfigError, match="the training data changed since its checkpoints were written"):
         start("sft", argv, SFTScriptArgs, SFTConfig)
     release_output_dir(out)
+
+
+def test_qlora_configs_are_trls_own_from_our_recipe_keys():
+    from train.common import peft_and_quantization
+
+    script = SFTScriptArgs(model_name_or_path="embedded", peft="qlora", lora_r=16, lora_alpha=32,
+                           lora_target_modules=["all-linear"])  # fmt: skip
+    lora, quant = peft_and_quantization(script, torch.bfloat16)
+    assert (lora.r, lora.lora_alpha, lora.target_modules, lora.task_type) == (
+        16,
+        32,
+        "all-linear",
+        "CAUSAL_LM",
+    )
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16 and quant.bnb_4bit_quant_storage == torch.bfloat16
+    lora, quant = peft_and_quantization(SFTScriptArgs(peft="lora", lora_target_modules=["q_proj", "v_proj"]),
+                                       torch.float32)  # fmt: skip
+    assert quant is None and set(lora.target_modules) == {"q_proj", "v_proj"}
