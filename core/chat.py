@@ -44,9 +44,16 @@ def check_messages(messages: Any, where: str) -> None:
 
 # ShareGPT-style speaker names (ShareGPT, Evol-Instruct V2, OpenHermes, Magpie's releases) -> chat roles.
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
-    "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system",
-}  # fmt: skip
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]:
@@ -67,7 +74,15 @@ def sharegpt_to_messages(conversations: Any, where: str) -> list[dict[str, str]]
 
 
 # Every column `to_messages` may read: select these to stream conversations without a row's other columns
-CONVERSATION_COLUMNS = ("messages", "conversation", "conversations", "instruction", "input", "response", "output")  # fmt: skip
+CONVERSATION_COLUMNS = (
+    "messages",
+    "conversation",
+    "conversations",
+    "instruction",
+    "input",
+    "response",
+    "output",
+)
 
 
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:

@@ -36,8 +36,10 @@ def cli(main: typing.Callable[[list[str] | None], Any]) -> typing.Callable[[list
             return main(argv)
         except OutageError as e:
             _close_progress_bars()
-            print(f"error: {e}; nothing it failed to produce was written: re-run the same command to redo it",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {e}; nothing it failed to produce was written: re-run the same command to redo it",
+                file=sys.stderr,
+            )
             raise SystemExit(3) from None
         except (ConfigError, EngineError) as e:
             _close_progress_bars()
@@ -118,8 +120,10 @@ def preflight(
         raise ConfigError("\nerror: ".join(found))
     if only:
         named = sorted({n.dists[0] if len(n.dists) == 1 else " or ".join(n.dists) for n in pf.needs(config)})
-        print(f"preflight: {stage} is ready to run (the packages it names: {', '.join(named) or 'none beyond the base install'}; "
-              "the settings and the inputs under runs/ are checked)")  # fmt: skip
+        print(
+            f"preflight: {stage} is ready to run (the packages it names: {', '.join(named) or 'none beyond the base install'}; "
+            "the settings and the inputs under runs/ are checked)"
+        )
         raise SystemExit(0)
 
 
@@ -215,20 +219,66 @@ FRACTION, PROBABILITY = Bounds(0, 1, high_open=True), Bounds(0, 1)
 # tests/core/test_ranges.py fails for a numeric field of ours that is missing here.
 RANGES: dict[str, Bounds] = {
     # sizes of work: chunks, batches, shards, limits
-    **dict.fromkeys(["batch_size", "chunk_size", "concurrency", "cpus_per_task", "docs_per_shard", "embed_batch_size",
-                     "iterations", "limit", "max_instances", "max_instructions", "max_model_len", "max_passages",
-                     "max_points", "max_prompts", "max_questions", "max_samples", "max_tokens", "base_max_tokens",
-                     "n_conversations", "n_turns", "neighbors_block", "neighbors_k", "nodes", "reward_batch_size",
-                     "rows", "rows_per_shard", "tensor_parallel_size", "tokens_per_row", "top_k", "lora_r",
-                     "min_chars", "max_chars", "logprobs"], COUNT),
+    **dict.fromkeys(
+        [
+            "batch_size",
+            "chunk_size",
+            "concurrency",
+            "cpus_per_task",
+            "docs_per_shard",
+            "embed_batch_size",
+            "iterations",
+            "limit",
+            "max_instances",
+            "max_instructions",
+            "max_model_len",
+            "max_passages",
+            "max_points",
+            "max_prompts",
+            "max_questions",
+            "max_samples",
+            "max_tokens",
+            "base_max_tokens",
+            "n_conversations",
+            "n_turns",
+            "neighbors_block",
+            "neighbors_k",
+            "nodes",
+            "reward_batch_size",
+            "rows",
+            "rows_per_shard",
+            "tensor_parallel_size",
+            "tokens_per_row",
+            "top_k",
+            "lora_r",
+            "min_chars",
+            "max_chars",
+            "logprobs",
+        ],
+        COUNT,
+    ),
     "n_samples": Bounds(2),  # a pair needs two responses
     "n_bootstrap": Bounds(10),  # fewer resamples give intervals of noise (and 0 a zero-width or NaN one)
     "threshold": Bounds(1, 5),  # Humpback's curation scores
     "dataset_mixture": NONNEGATIVE,  # a source's weight: the share of its rows to take (above 1 repeats it)
     "system_prompt_mix": PROBABILITY,
-    **dict.fromkeys(["gpus", "retries", "max_retries", "num_fewshot", "seed", "mixture_seed", "data_seed",
-                     "dataloader_num_workers", "warmup_steps", "weight_decay", "max_grad_norm",
-                     "near_duplicate_distance"], NONNEGATIVE),
+    **dict.fromkeys(
+        [
+            "gpus",
+            "retries",
+            "max_retries",
+            "num_fewshot",
+            "seed",
+            "mixture_seed",
+            "data_seed",
+            "dataloader_num_workers",
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "near_duplicate_distance",
+        ],
+        NONNEGATIVE,
+    ),
     # sampling
     **dict.fromkeys(["temperature", "retry_temperature"], NONNEGATIVE),
     "top_p": Bounds(0, 1, low_open=True),
@@ -239,13 +289,25 @@ RANGES: dict[str, Bounds] = {
     **dict.fromkeys(["gpu_memory_utilization", "mfu"], Bounds(0, 1, low_open=True)),
     **dict.fromkeys(["timeout", "gpu_peak_tflops", "lora_alpha"], POSITIVE),
     # trl's SFTConfig / DPOConfig (transformers accepts a negative learning rate or a batch of 0 without a word)
-    **dict.fromkeys(["learning_rate", "num_train_epochs", "beta", "logging_steps", "save_steps", "eval_steps"],
-                    POSITIVE),
-    **dict.fromkeys(["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "effective_batch_size", "max_length", "max_prompt_length", "max_completion_length", "save_total_limit"], COUNT),
+    **dict.fromkeys(
+        ["learning_rate", "num_train_epochs", "beta", "logging_steps", "save_steps", "eval_steps"], POSITIVE
+    ),
+    **dict.fromkeys(
+        [
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "effective_batch_size",
+            "max_length",
+            "max_prompt_length",
+            "max_completion_length",
+            "save_total_limit",
+        ],
+        COUNT,
+    ),
     "max_steps": Bounds(1, also=(-1,)),  # -1: train for num_train_epochs
     "label_smoothing": Bounds(0, 0.5),
-}  # fmt: skip
+}
 
 
 class RangeError(ConfigError):

@@ -15,7 +15,11 @@ def embed(texts: list[str], model: str, batch_size: int, block: int = 65_536) ->
     encoder = SentenceTransformer(resolve_model(model), device=None)
     out = np.empty((len(texts), encoder.get_embedding_dimension()), dtype=np.float32)
     for start in tqdm(range(0, len(texts), block), desc="embed", unit="block", disable=len(texts) <= block):
-        out[start : start + block] = encoder.encode(texts[start : start + block], batch_size=batch_size,
-                                                    show_progress_bar=len(texts) <= block, convert_to_numpy=True,
-                                                    normalize_embeddings=True)  # fmt: skip
+        out[start : start + block] = encoder.encode(
+            texts[start : start + block],
+            batch_size=batch_size,
+            show_progress_bar=len(texts) <= block,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
     return out

@@ -13,9 +13,8 @@ class OutageError(RuntimeError):
 
     def __init__(self, message: str, completions: list | None = None):
         super().__init__(message)
-        self.completions = (
-            completions  # from one engine call: what did come back, None where a request failed
-        )
+        # from one engine call: what did come back, None where a request failed
+        self.completions = completions
 
 
 class EngineError(RuntimeError):

@@ -178,8 +178,10 @@ def _named(read: Any, path: Path, **kwargs: Any) -> Any:
     except (pa.ArrowInvalid, OSError) as e:
         if isinstance(e, OSError) and e.errno in LOCAL_FAILURES:  # the disk's failure, not the file's
             raise
-        raise ConfigError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); if it is "
-                          "a shard of a run, move it away and re-run to redo its rows") from None  # fmt: skip
+        raise ConfigError(
+            f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); if it is "
+            "a shard of a run, move it away and re-run to redo its rows"
+        ) from None
 
 
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
@@ -271,8 +273,14 @@ def data_files(directory: Path, split: str = "train") -> list[Path]:
     a directory without split names is one split. A split is read whole, in one format: files of two formats are
     refused naming one of each, never read as half the data. Names starting with `_` or `.` are skipped, as
     `datasets` skips them."""
-    files = sorted(f for f in directory.iterdir() if f.suffix in DATA_SUFFIXES and f.name not in RUN_FILES
-                   and not f.name.startswith(("_", ".")) and f.is_file())  # fmt: skip
+    files = sorted(
+        f
+        for f in directory.iterdir()
+        if f.suffix in DATA_SUFFIXES
+        and f.name not in RUN_FILES
+        and not f.name.startswith(("_", "."))
+        and f.is_file()
+    )
     if not files:
         raise ConfigError(f"{directory}: no .parquet, .jsonl or .json files in this directory")
     named = [f for f in files if SPLIT_FILE.match(f.name)]
@@ -284,8 +292,10 @@ def data_files(directory: Path, split: str = "train") -> list[Path]:
     one_each = {f.suffix: f for f in reversed(files)}
     if len(one_each) > 1:
         shown = " and ".join(f"{s} ({f.name})" for s, f in sorted(one_each.items()))
-        raise ConfigError(f"{directory}: holds both {shown} files; a data set is read whole in one format, so keep "
-                          "one format per directory (convert or move the others)")  # fmt: skip
+        raise ConfigError(
+            f"{directory}: holds both {shown} files; a data set is read whole in one format, so keep "
+            "one format per directory (convert or move the others)"
+        )
     return files
 
 
@@ -310,8 +320,10 @@ def open_dataset(source: str | Path, split: str = "train") -> Any:
         except (OSError, ValueError) as e:  # offline, unknown id, gated, no such split (not: a full disk)
             if not is_user_hub_error(e):
                 raise
-            raise ConfigError(f"{source}: could not load split '{split}' from the Hub ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None  # fmt: skip
+            raise ConfigError(
+                f"{source}: could not load split '{split}' from the Hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from None
         return _nonempty(ds, source)
     kind = "parquet" if files[0].suffix == ".parquet" else "json"
     if kind == "parquet" and _rows_in(files) == 0:  # reads every footer: a truncated file is named here

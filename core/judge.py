@@ -61,9 +61,8 @@ class JudgeConfig:
     retries: int = 2  # extra attempts for a reply with no verdict (at retry_temperature, new seed each)
     retry_temperature: float = 0.7
     cache: str | None = None  # SQLite file; default <output_dir>/judge_cache.sqlite
-    chunk_size: int = (
-        1024  # prompts per engine call and cache commit (a resume unit; the engine batches itself)
-    )
+    # prompts per engine call and cache commit (a resume unit; the engine batches itself)
+    chunk_size: int = 1024
     # Text that starts the judge's reply (e.g. "My final verdict is [[" for small local judges that wander);
     # parsers see it in front of the reply. Empty = the benchmark's protocol.
     prefill: str = ""
@@ -296,6 +295,7 @@ class Judge:
             self.cache.put_many([(keys[i], c) for i, c in answered])
             for i, c in zip(batch, outs, strict=True):
                 verdicts[i] = (
-                    verdict(c, attempt) if c is not None
+                    verdict(c, attempt)
+                    if c is not None
                     else Verdict(None, None, attempt + 1, f"engine error: {cause}", missing=True)
-                )  # fmt: skip
+                )

@@ -78,15 +78,27 @@ def needs(config: dict[str, Any]) -> list[Need]:
     for key, value in leaves(config):
         leaf = key.rsplit(".", 1)[-1]
         if flash_attention(key, value):
-            out.append(Need(key, value, ("flash-attn", "kernels"),
-                            f"{GPU_SETUP} brings transformers' `kernels`, which fetches a flash-attention kernel "
-                            "from the Hub; or set attn_implementation=sdpa (the same results, a little slower)"))  # fmt: skip
+            out.append(
+                Need(
+                    key,
+                    value,
+                    ("flash-attn", "kernels"),
+                    f"{GPU_SETUP} brings transformers' `kernels`, which fetches a flash-attention kernel "
+                    "from the Hub; or set attn_implementation=sdpa (the same results, a little slower)",
+                )
+            )
         elif leaf == "report_to":
             for name in [value] if isinstance(value, str) else value or []:
                 if name in REPORTERS:
-                    out.append(Need(key, name, REPORTERS[name],
-                                    f"{GPU_SETUP} brings tensorboard; pip install {REPORTERS[name][0]}; "
-                                    "or set report_to=none"))  # fmt: skip
+                    out.append(
+                        Need(
+                            key,
+                            name,
+                            REPORTERS[name],
+                            f"{GPU_SETUP} brings tensorboard; pip install {REPORTERS[name][0]}; "
+                            "or set report_to=none",
+                        )
+                    )
         elif leaf == "optim" and isinstance(value, str):
             for pattern, dists in OPTIMIZERS:
                 if re.search(pattern, value):
@@ -95,8 +107,14 @@ def needs(config: dict[str, Any]) -> list[Need]:
         elif leaf == "use_liger_kernel" and value is True:
             out.append(Need(key, value, ("liger-kernel",), f"{GPU_SETUP}, or set use_liger_kernel=false"))
         elif leaf == "backend" and value == "vllm":
-            out.append(Need(key, value, ("vllm",),
-                            f"{GPU_SETUP} on a machine with a CUDA GPU; or set {key}=transformers"))  # fmt: skip
+            out.append(
+                Need(
+                    key,
+                    value,
+                    ("vllm",),
+                    f"{GPU_SETUP} on a machine with a CUDA GPU; or set {key}=transformers",
+                )
+            )
     return out
 
 
@@ -128,11 +146,15 @@ def api_problems(config: Any, prefix: str = "") -> list[str]:
     hosted = isinstance(engine, dict) and any("api.openai.com" in u for u in engine.get("base_urls") or [])
     if hosted and isinstance(model, str) and REASONING_MODEL.match(model):
         if config.get("temperature") not in (None, 1, 1.0):
-            out.append(f"{prefix}temperature={config['temperature']}: OpenAI's reasoning model {model} accepts only "
-                       f"temperature 1; set {prefix}temperature=1.0")  # fmt: skip
+            out.append(
+                f"{prefix}temperature={config['temperature']}: OpenAI's reasoning model {model} accepts only "
+                f"temperature 1; set {prefix}temperature=1.0"
+            )
         if config.get("logprobs"):
-            out.append(f"{prefix}logprobs={config['logprobs']}: OpenAI's reasoning model {model} returns no "
-                       f"logprobs; set {prefix}logprobs=null, or choose a judge that returns them")  # fmt: skip
+            out.append(
+                f"{prefix}logprobs={config['logprobs']}: OpenAI's reasoning model {model} returns no "
+                f"logprobs; set {prefix}logprobs=null, or choose a judge that returns them"
+            )
     for key, value in config.items():
         out += api_problems(value, f"{prefix}{key}.")
     return out

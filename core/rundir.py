@@ -19,9 +19,22 @@ from core.io import atomic_write_text
 
 # Settings that change how a run executes, not what it produces: they may change when a run resumes (a dead
 # server dropped from base_urls, a larger batch). Matched on the last part of a dotted key, in any group.
-EXECUTION_ONLY = {"batch_size", "concurrency", "timeout", "base_urls", "api_key_env", "max_retries", "rows_per_shard",
-                  "chunk_size", "overwrite", "output_dir", "device", "reward_batch_size", "embed_batch_size",
-                  "max_engine_errors"}  # fmt: skip
+EXECUTION_ONLY = {
+    "batch_size",
+    "concurrency",
+    "timeout",
+    "base_urls",
+    "api_key_env",
+    "max_retries",
+    "rows_per_shard",
+    "chunk_size",
+    "overwrite",
+    "output_dir",
+    "device",
+    "reward_batch_size",
+    "embed_batch_size",
+    "max_engine_errors",
+}
 
 _LOCKS: dict[str, int] = {}  # output directories this process holds: path -> open lock file descriptor
 
@@ -68,9 +81,8 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 HEADER = "# magpie-harness: written by {command}; re-run the same command here to resume it\n"
 # Commands that moved: a run written under the old name is a run of the new one, so it resumes.
 RENAMED = {"data_synth.backtranslate": "experiments.humpback"}
-MOVED_ASIDE = re.compile(
-    r"\.old-\d{8}-\d{6}(-\d+)?$"
-)  # what overwrite=true names a previous run: <dir>.old-<time>
+# what overwrite=true names a previous run: <dir>.old-<time>
+MOVED_ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")
 
 
 def owner(out: Path, command: str, config: dict[str, Any], outputs: tuple[str, ...] = ()) -> str | None:
@@ -196,9 +208,7 @@ def prepare_output_dir(
         raise ConfigError(f"output_dir {out} is a file, not a directory")
     _check_not_inside(out, inputs)
     config = to_plain(config)
-    _check_ours(
-        out, command, config, outputs, bool(overwrite)
-    )  # before the lock: a refused directory gets none
+    _check_ours(out, command, config, outputs, bool(overwrite))  # before the lock: a refused one gets none
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out)
@@ -219,14 +229,17 @@ def prepare_output_dir(
         diff = sorted(
             k
             for k in set(previous) | set(current)
-            if k.split(".")[-1] not in EXECUTION_ONLY and k.split(".")[0] not in may_differ
+            if k.split(".")[-1] not in EXECUTION_ONLY
+            and k.split(".")[0] not in may_differ
             and previous.get(k) != current.get(k)
-        )  # fmt: skip
+        )
         if diff:
             shown = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
             aside = ", or pass overwrite=true to move that run aside" if overwrite is not None else ""
-            raise ConfigError(f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir "
-                              f"or re-run with the same settings to resume it{aside}.")  # fmt: skip
+            raise ConfigError(
+                f"output_dir {out} holds a run with a different config ({shown}). Use a new output_dir "
+                f"or re-run with the same settings to resume it{aside}."
+            )
         resuming = True
     else:
         resuming = bool(_results(out))

@@ -41,8 +41,16 @@ from core.io import (
 from core.rundir import prepare_output_dir
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-SCHEMA = pa.schema([("messages", pa.list_(MESSAGE)), ("passage_index", pa.int64()), ("title", pa.string()),
-                    ("doc_id", pa.string()), ("generator", pa.string()), ("finish_reason", pa.string())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("messages", pa.list_(MESSAGE)),
+        ("passage_index", pa.int64()),
+        ("title", pa.string()),
+        ("doc_id", pa.string()),
+        ("generator", pa.string()),
+        ("finish_reason", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -76,8 +84,15 @@ def generate_chunk(
     done: dict[int, Any] = {}
     pending = list(range(len(texts)))
     for attempt in range(cfg.retries + 1):
-        samplings = [Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                              seed=request_seed(cfg.seed, "augment", first + i, attempt)) for i in pending]  # fmt: skip
+        samplings = [
+            Sampling(
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                seed=request_seed(cfg.seed, "augment", first + i, attempt),
+            )
+            for i in pending
+        ]
         outs = engine.complete([prompts[i] for i in pending], samplings)
         for i, c in zip(pending, outs, strict=True):
             done[i] = c
@@ -92,9 +107,19 @@ def generate_chunk(
                 {"passage_index": first + i, "reason": "empty instruction", "finish_reason": c.finish_reason}
             )
             continue
-        rows.append({"messages": [{"role": "user", "content": c.text.strip()}, {"role": "assistant", "content": text}],
-                     "passage_index": first + i, "title": titles[i], "doc_id": doc_ids[i], "generator": cfg.model,
-                     "finish_reason": c.finish_reason})  # fmt: skip
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": c.text.strip()},
+                    {"role": "assistant", "content": text},
+                ],
+                "passage_index": first + i,
+                "title": titles[i],
+                "doc_id": doc_ids[i],
+                "generator": cfg.model,
+                "finish_reason": c.finish_reason,
+            }
+        )
     return rows, failures
 
 
@@ -109,8 +134,12 @@ def rows_match(out: Path, k: int, ds: Any, cfg: AugmentConfig) -> bool:
     if not shard.is_file():
         return False
     rows = read_parquet(shard, columns=["passage_index", "messages"]).to_pylist()
-    return all(r["passage_index"] < len(ds) and r["messages"][1]["content"] ==
-               table_block(ds, r["passage_index"], 1).column(cfg.text_column)[0].as_py() for r in rows)  # fmt: skip
+    return all(
+        r["passage_index"] < len(ds)
+        and r["messages"][1]["content"]
+        == table_block(ds, r["passage_index"], 1).column(cfg.text_column)[0].as_py()
+        for r in rows
+    )
 
 
 def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
@@ -124,8 +153,13 @@ def uncovered(covered: np.ndarray, size: int) -> list[tuple[int, int]]:
 
 def run(cfg: AugmentConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="data_synth.augment", inputs=(cfg.input, cfg.model),
-                       overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.augment",
+        inputs=(cfg.input, cfg.model),
+        overwrite=cfg.overwrite,
+    )
     ds = open_dataset(cfg.input)
     if cfg.text_column not in ds.column_names:
         raise ConfigError(
@@ -139,8 +173,10 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
     for k, meta in done.items():
         first, count = meta["first"], meta["count"]
         same = first + count <= len(ds) and (
-            meta.get("digest") == passages_digest(ds, cfg, first, count) if "digest" in meta else rows_match(out, k, ds, cfg)
-        )  # fmt: skip
+            meta.get("digest") == passages_digest(ds, cfg, first, count)
+            if "digest" in meta
+            else rows_match(out, k, ds, cfg)
+        )
         if not same:
             drop_chunk(out, k)  # ours, computed from passages that are no longer there
             continue
@@ -152,22 +188,40 @@ def run(cfg: AugmentConfig) -> dict[str, Any]:
     for first, count in spans:
         rows, failures = generate_chunk(engine, cfg, table_block(ds, first, count), first)
         # The chunk's failures travel with its rows: one atomic file holds the whole chunk's outcome.
-        meta = {"first": first, "count": count, "digest": passages_digest(ds, cfg, first, count), "rows": len(rows),
-                "failures": failures, "truncated": sum(r["finish_reason"] == "length" for r in rows)}  # fmt: skip
+        meta = {
+            "first": first,
+            "count": count,
+            "digest": passages_digest(ds, cfg, first, count),
+            "rows": len(rows),
+            "failures": failures,
+            "truncated": sum(r["finish_reason"] == "length" for r in rows),
+        }
         write_chunk(out, k, pa.Table.from_pylist(rows, schema=SCHEMA), meta)
         k += 1
         bar.update(count)
     bar.close()
     metas = list(finished_chunks(out).values())
     failures = [f for m in metas for f in m["failures"]]
-    summary = {"model": cfg.model, "passages": n, "rows": sum(m["rows"] for m in metas), "failed": len(failures),
-               "truncated": sum(m["truncated"] for m in metas),
-               "failures": failures[:1000], "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
-               "max_tokens": cfg.max_tokens, "seed": "per request: (seed, passage index, attempt)"}}  # fmt: skip
+    summary = {
+        "model": cfg.model,
+        "passages": n,
+        "rows": sum(m["rows"] for m in metas),
+        "failed": len(failures),
+        "truncated": sum(m["truncated"] for m in metas),
+        "failures": failures[:1000],
+        "sampling": {
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens,
+            "seed": "per request: (seed, passage index, attempt)",
+        },
+    }
     atomic_write_json(out / "manifest.json", summary)
     if summary["rows"] == 0:
-        raise ConfigError(f"{cfg.model}: no instruction for any of {n} passages ({len(failures)} empty after "
-                          f"{cfg.retries} retries; see {out / 'manifest.json'})")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.model}: no instruction for any of {n} passages ({len(failures)} empty after "
+            f"{cfg.retries} retries; see {out / 'manifest.json'})"
+        )
     return summary
 
 

@@ -105,8 +105,14 @@ def oasst_first_turns(source: str, split: str) -> list[dict[str, Any]]:
     ):
         if parent in roots and role == "assistant" and lang == "en" and rank == 0 and not deleted[i]:
             root = roots[parent]
-            rows.append({"instruction": cols["text"][root], "response": cols["text"][i],
-                         "id": cols["message_id"][root], "conversation_id": cols["message_id"][root]})  # fmt: skip
+            rows.append(
+                {
+                    "instruction": cols["text"][root],
+                    "response": cols["text"][i],
+                    "id": cols["message_id"][root],
+                    "conversation_id": cols["message_id"][root],
+                }
+            )
     return rows
 
 
@@ -150,8 +156,14 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
     if cfg.max_samples is not None and len(kept) > cfg.max_samples:
         kept = [kept[i] for i in sorted(random.Random(cfg.seed).sample(range(len(kept)), cfg.max_samples))]
     write_parquet(out / "train-00000.parquet", pa.Table.from_pylist(kept))
-    summary = {"name": cfg.name, "source": source, "input_rows": len(rows), "rows": len(kept),
-               "dropped": dropped, "duplicates_dropped": duplicates}  # fmt: skip
+    summary = {
+        "name": cfg.name,
+        "source": source,
+        "input_rows": len(rows),
+        "rows": len(kept),
+        "dropped": dropped,
+        "duplicates_dropped": duplicates,
+    }
     atomic_write_json(out / "manifest.json", summary)
     return summary
 

@@ -37,8 +37,15 @@ from core.io import atomic_write_json, chunk_meta, digest, iter_rows, open_datas
 from core.rundir import prepare_output_dir
 
 EMBEDDED = "pydoc"
-SCHEMA = pa.schema([("text", pa.large_string()), ("title", pa.string()), ("doc_id", pa.string()),
-                    ("doc_index", pa.int64()), ("segment_index", pa.int64())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("text", pa.large_string()),
+        ("title", pa.string()),
+        ("doc_id", pa.string()),
+        ("doc_index", pa.int64()),
+        ("segment_index", pa.int64()),
+    ]
+)
 REASONS = ("boilerplate_heading", "too_short", "too_long", "low_letters", "duplicate")
 # The paper drops segments under headers that are mostly capitals or navigation text (its appendix names these)
 NAVIGATION = (
@@ -62,9 +69,8 @@ class CorpusConfig:
     # The paper's later version (appendix E) keeps segments of 600-3,000 characters; its first gives no numbers
     min_chars: int = 600
     max_chars: int = 3000  # longer paragraphs are dropped, never cut mid-paragraph
-    min_letter_share: float = (
-        0.6  # letters and spaces over all characters: drops tables, code and markup dumps
-    )
+    # letters and spaces over all characters: drops tables, code and markup dumps
+    min_letter_share: float = 0.6
     dedup: bool = True
     max_passages: int | None = None  # stop after this many passages (in document order)
     docs_per_shard: int = 10_000  # the resumable unit
@@ -193,8 +199,10 @@ def documents(cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
     ds = open_dataset(cfg.source, cfg.split)
     for column in (cfg.text_column, cfg.title_column):
         if column and column not in ds.column_names:
-            raise ConfigError(f"{cfg.source}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
-                              "set text_column= (and title_column=)")  # fmt: skip
+            raise ConfigError(
+                f"{cfg.source}: no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                "set text_column= (and title_column=)"
+            )
     return _rows(ds, cfg)
 
 
@@ -216,8 +224,15 @@ def segment(
                 drops["duplicate"] += 1
                 continue
             seen.add(key)
-            rows.append({"text": passage, "title": heading, "doc_id": doc_id, "doc_index": doc_index,
-                         "segment_index": len(rows)})  # fmt: skip
+            rows.append(
+                {
+                    "text": passage,
+                    "title": heading,
+                    "doc_id": doc_id,
+                    "doc_index": doc_index,
+                    "segment_index": len(rows),
+                }
+            )
     return rows
 
 
@@ -242,8 +257,14 @@ def finished_prefix(cfg: CorpusConfig, out: Path) -> int:
 
 def run(cfg: CorpusConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="data_synth.corpus", inputs=(cfg.source,),
-                       may_differ=("docs_per_shard",), overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.corpus",
+        inputs=(cfg.source,),
+        may_differ=("docs_per_shard",),
+        overwrite=cfg.overwrite,
+    )
     seen: set[bytes] = set()
     totals: Counter = Counter()
     start_chunk = finished_prefix(cfg, out)  # resume: finished chunks keep their counts and passages
@@ -285,10 +306,18 @@ def run(cfg: CorpusConfig) -> dict[str, Any]:
         flush(k)
     bar.close()
     if totals["passages"] == 0:
-        raise ConfigError(f"{cfg.source}: no passage of {cfg.min_chars}-{cfg.max_chars} characters in "
-                          f"{totals['documents']} documents (drops: {dict((r, totals[r]) for r in REASONS)})")  # fmt: skip
-    summary = {"source": cfg.source, "documents": totals["documents"], "passages": totals["passages"],
-               "dropped": {r: totals[r] for r in REASONS}, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars}  # fmt: skip
+        raise ConfigError(
+            f"{cfg.source}: no passage of {cfg.min_chars}-{cfg.max_chars} characters in "
+            f"{totals['documents']} documents (drops: {dict((r, totals[r]) for r in REASONS)})"
+        )
+    summary = {
+        "source": cfg.source,
+        "documents": totals["documents"],
+        "passages": totals["passages"],
+        "dropped": {r: totals[r] for r in REASONS},
+        "min_chars": cfg.min_chars,
+        "max_chars": cfg.max_chars,
+    }
     atomic_write_json(out / "manifest.json", summary)
     return summary
 

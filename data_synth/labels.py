@@ -8,6 +8,16 @@ DIFFICULTY = ["very easy", "easy", "medium", "hard", "very hard"]
 
 
 TASK_CATEGORIES = [
-    "Information seeking", "Reasoning", "Planning", "Editing", "Coding & Debugging", "Math", "Role playing",
-    "Data analysis", "Creative writing", "Advice seeking", "Brainstorming", "Others",
-]  # fmt: skip
+    "Information seeking",
+    "Reasoning",
+    "Planning",
+    "Editing",
+    "Coding & Debugging",
+    "Math",
+    "Role playing",
+    "Data analysis",
+    "Creative writing",
+    "Advice seeking",
+    "Brainstorming",
+    "Others",
+]

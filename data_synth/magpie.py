@@ -205,8 +205,14 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
             f"{cfg.n_conversations}; pass n_conversations={on_disk} or more to extend it, or read the first "
             f"{cfg.n_conversations} rows of it"
         )
-    prepare_output_dir(out, resolved(cfg), command="data_synth.magpie", inputs=(cfg.model,),
-                       may_differ=("n_conversations",), overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.magpie",
+        inputs=(cfg.model,),
+        may_differ=("n_conversations",),
+        overwrite=cfg.overwrite,
+    )
     tokenizer = load_tokenizer(cfg.model, cfg.engine)
     choices = cfg.steering()
     # Every template is built before any model loads: a model without a usable chat template fails here.
@@ -220,8 +226,11 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         else None
     )
     if recorded is not None and recorded != writer.n_rows:  # a shard deleted or added by hand
-        print(f"note: {out}/manifest.json records {recorded} rows but the shards hold {writer.n_rows}; counting "
-              "from the shards, and the manifest is rebuilt from them at the end", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: {out}/manifest.json records {recorded} rows but the shards hold {writer.n_rows}; counting "
+            "from the shards, and the manifest is rebuilt from them at the end",
+            file=sys.stderr,
+        )
     seen = {_normalize(row["messages"][0]["content"]) for row in writer.rows()}  # dedup survives resumes
     stats = _Stats()
     synth = _Synthesizer(cfg, engine, tokenizer, templates, choices, seen, stats)
@@ -303,9 +312,8 @@ class _Synthesizer:
         filled: dict[tuple[int, str], list[dict[str, Any]]] = {g: [] for g in groups}
         n_drawn = n_kept = barren = 0
         while any(len(filled[g]) < len(members) for g, members in groups.items()):
-            keep_rate = (
-                n_kept / n_drawn if n_kept else 0.8
-            )  # expected share of candidates that end up as rows
+            # expected share of candidates that end up as rows
+            keep_rate = n_kept / n_drawn if n_kept else 0.8
             requests = []
             for g, members in groups.items():
                 need = len(members) - len(filled[g])
@@ -344,9 +352,15 @@ class _Synthesizer:
         for g, slot, attempt in requests:
             point = cfg.instruction.grid[g[0]]
             samplings.append(
-                Sampling(point.temperature, point.top_p, cfg.instruction.max_tokens, self.stops + self.newline,
-                         self.stop_ids, seed=request_seed(cfg.seed, "instruction", slot, 0, attempt))
-            )  # fmt: skip
+                Sampling(
+                    point.temperature,
+                    point.top_p,
+                    cfg.instruction.max_tokens,
+                    self.stops + self.newline,
+                    self.stop_ids,
+                    seed=request_seed(cfg.seed, "instruction", slot, 0, attempt),
+                )
+            )
         prompts = [self.templates[g[1]].prompt_prefix for g, _, _ in requests]
         outs = self.engine.complete(prompts, samplings)
         self.stats.sampled += len(outs)
@@ -364,10 +378,20 @@ class _Synthesizer:
             else:
                 self.seen.add(_normalize(instruction))
                 taken[g] += 1
-                drafts.append({"group": g, "slot": slot, "attempt": attempt, "seed": sp.seed,
-                               "messages": [{"role": "user", "content": instruction}],
-                               "point": cfg.instruction.grid[g[0]], "key": g[1], "text": text_of[g[1]],
-                               "user_tokens": c.n_tokens, "assistant_tokens": 0})  # fmt: skip
+                drafts.append(
+                    {
+                        "group": g,
+                        "slot": slot,
+                        "attempt": attempt,
+                        "seed": sp.seed,
+                        "messages": [{"role": "user", "content": instruction}],
+                        "point": cfg.instruction.grid[g[0]],
+                        "key": g[1],
+                        "text": text_of[g[1]],
+                        "user_tokens": c.n_tokens,
+                        "assistant_tokens": 0,
+                    }
+                )
         return drafts
 
     def _converse(self, drafts: list[dict[str, Any]]) -> list[tuple[tuple[int, str], dict[str, Any]]]:
@@ -381,10 +405,16 @@ class _Synthesizer:
                     pre_query(self.tok, cfg.mt_system_prompt, d["messages"]).prompt_prefix for d in live
                 ]
                 samplings = [
-                    Sampling(1.0, 1.0, cfg.instruction.max_tokens, self.stops + self.newline, self.stop_ids,
-                             seed=request_seed(cfg.seed, "follow_up", d["slot"], turn, d["attempt"]))
+                    Sampling(
+                        1.0,
+                        1.0,
+                        cfg.instruction.max_tokens,
+                        self.stops + self.newline,
+                        self.stop_ids,
+                        seed=request_seed(cfg.seed, "follow_up", d["slot"], turn, d["attempt"]),
+                    )
                     for d in live
-                ]  # fmt: skip
+                ]
                 kept = []
                 for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):
                     # a conversation that fills the context (vLLM's max_model_len) ends: dropped and counted
@@ -400,10 +430,17 @@ class _Synthesizer:
                 live = kept
             # Assistant turns are answered with the normal template and no steering/MT system prompt.
             samplings = [
-                Sampling(r.temperature, r.top_p, r.max_tokens, self.stops, self.stop_ids, r.repetition_penalty,
-                         seed=request_seed(cfg.seed, "response", d["slot"], turn, d["attempt"]))
+                Sampling(
+                    r.temperature,
+                    r.top_p,
+                    r.max_tokens,
+                    self.stops,
+                    self.stop_ids,
+                    r.repetition_penalty,
+                    seed=request_seed(cfg.seed, "response", d["slot"], turn, d["attempt"]),
+                )
                 for d in live
-            ]  # fmt: skip
+            ]
             prompts = [render_prompt(self.tok, d["messages"]) for d in live]
             kept = []
             for d, c in zip(live, self.engine.complete(prompts, samplings), strict=True):

@@ -42,12 +42,10 @@ class PairsConfig:
     # scoring: a sequence-classification reward model, or null for the judge's probability-weighted 1-10 score
     reward_model: str | None = None
     reward_batch_size: int = 8
-    reward_trust_remote_code: bool = (
-        False  # ArmoRM ships its own model code: set true to run it (you trust it)
-    )
-    judge: JudgeConfig = field(
-        default_factory=JudgeConfig
-    )  # scores (no reward model): one token, its logprobs
+    # ArmoRM ships its own model code: set true to run it (you trust it)
+    reward_trust_remote_code: bool = False
+    # scores (no reward model): one token, its logprobs
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     test_size: float = 0.02
     seed: int = 42
     chunk_size: int = 64  # prompts per resumable unit (x n_samples requests), not a batch size
@@ -86,20 +84,36 @@ def pair_row(
 ) -> dict[str, Any]:
     """trl's conversational preference row; empty replies never win; status says pair or tie."""
     pick = best_and_worst([sc if responses[n] else None for n, sc in enumerate(scores)])
-    row = {"source_index": index, "status": "pair" if pick else "tie", "prompt": [{"role": "user", "content": instruction}],
-           "chosen": None, "rejected": None, "score_chosen": None, "score_rejected": None, "all_scores": scores}  # fmt: skip
+    row = {
+        "source_index": index,
+        "status": "pair" if pick else "tie",
+        "prompt": [{"role": "user", "content": instruction}],
+        "chosen": None,
+        "rejected": None,
+        "score_chosen": None,
+        "score_rejected": None,
+        "all_scores": scores,
+    }
     if pick:
         b, w = pick
-        row.update(chosen=[{"role": "assistant", "content": responses[b]}],
-                   rejected=[{"role": "assistant", "content": responses[w]}],
-                   score_chosen=scores[b], score_rejected=scores[w])  # fmt: skip
+        row.update(
+            chosen=[{"role": "assistant", "content": responses[b]}],
+            rejected=[{"role": "assistant", "content": responses[w]}],
+            score_chosen=scores[b],
+            score_rejected=scores[w],
+        )
     return row
 
 
 def run(cfg: PairsConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="data_synth.pairs", overwrite=cfg.overwrite,
-                       inputs=(cfg.input, cfg.model, cfg.reward_model, cfg.judge.model))  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.pairs",
+        overwrite=cfg.overwrite,
+        inputs=(cfg.input, cfg.model, cfg.reward_model, cfg.judge.model),
+    )
     rows = load_rows(cfg.input)
     if "responses" in rows[0]:  # responses already sampled and scored: pick the pairs, as the authors did
         results = [pair_row(i, *prescored(r, f"{cfg.input}: row {i}")) for i, r in enumerate(rows)]
@@ -119,8 +133,13 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     work = ShardWriter(out / "work", rows_per_shard=cfg.chunk_size, split="part")
     done = {prompt_key(r["prompt"][0]["content"]) for r in work.rows()}
     todo = [i for k, i in first.items() if k not in done]
-    scorer = Scorer(cfg.judge, out / "judge_cache.sqlite", cfg.reward_model, cfg.reward_batch_size,
-                    cfg.reward_trust_remote_code)  # fmt: skip
+    scorer = Scorer(
+        cfg.judge,
+        out / "judge_cache.sqlite",
+        cfg.reward_model,
+        cfg.reward_batch_size,
+        cfg.reward_trust_remote_code,
+    )
     bar = tqdm(total=len(first), initial=len(first) - len(todo), desc="score pairs", unit="prompt")
     missing = 0
     for start in range(0, len(todo), cfg.chunk_size):
@@ -153,8 +172,9 @@ def run(cfg: PairsConfig) -> dict[str, Any]:
     )
 
 
-def sample_responses(cfg: PairsConfig, out: Path, questions: list[str], keys: list[str], first: dict[str, int]
-                     ) -> dict[str, list[str]]:  # fmt: skip
+def sample_responses(
+    cfg: PairsConfig, out: Path, questions: list[str], keys: list[str], first: dict[str, int]
+) -> dict[str, list[str]]:
     """Phase 1: `n_samples` responses for every distinct instruction, written chunk by chunk to `out/responses`
     before anything is scored, so a scoring failure (an outage, an out-of-memory reward model) never costs the
     generations; then the policy engine is released, so that the scorer (a reward model on the same GPU) can load.
@@ -171,12 +191,25 @@ def sample_responses(cfg: PairsConfig, out: Path, questions: list[str], keys: li
                 render_prompt(engine.tokenizer, [{"role": "user", "content": questions[i]}]) for i in idx
             ]
             # n_samples of one prompt must differ: each request its own seed, named by (instruction, sample).
-            samplings = [Sampling(cfg.temperature, cfg.top_p, cfg.max_tokens, seed=request_seed(cfg.seed, "pairs", keys[i], 0, k))
-                         for i in idx for k in range(cfg.n_samples)]  # fmt: skip
+            samplings = [
+                Sampling(
+                    cfg.temperature,
+                    cfg.top_p,
+                    cfg.max_tokens,
+                    seed=request_seed(cfg.seed, "pairs", keys[i], 0, k),
+                )
+                for i in idx
+                for k in range(cfg.n_samples)
+            ]
             outs = engine.complete([p for p in prompts for _ in range(cfg.n_samples)], samplings)
-            rows = [{"key": keys[i], "instruction": questions[i],
-                     "responses": [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]]}
-                    for k, i in enumerate(idx)]  # fmt: skip
+            rows = [
+                {
+                    "key": keys[i],
+                    "instruction": questions[i],
+                    "responses": [c.text.strip() for c in outs[k * cfg.n_samples : (k + 1) * cfg.n_samples]],
+                }
+                for k, i in enumerate(idx)
+            ]
             store.add(rows)
             store.flush()
             sampled.update((r["key"], r["responses"]) for r in rows)

@@ -43,8 +43,18 @@ class ReportConfig:
 
 
 # What the card and plots read besides the conversation: small tag columns, read as columns (not rows)
-STAT_COLUMNS = ("task_category", "input_quality", "difficulty", "language", "instruct_reward", "reward_difference",
-                "min_neighbor_distance", "repeat_count", "generator", "curation_score")  # fmt: skip
+STAT_COLUMNS = (
+    "task_category",
+    "input_quality",
+    "difficulty",
+    "language",
+    "instruct_reward",
+    "reward_difference",
+    "min_neighbor_distance",
+    "repeat_count",
+    "generator",
+    "curation_score",
+)
 
 
 def _frame(path: str) -> tuple[pd.DataFrame, Any]:
@@ -97,8 +107,12 @@ def plots(
     if "curation_score" in df:  # Humpback's self-curation scores, the failed ones counted apart
         fig, ax = plt.subplots(figsize=(6, 3.5))
         scores = df["curation_score"]
-        _bar(ax, Counter(str(int(v)) for v in scores.dropna()), ["1", "2", "3", "4", "5"],
-             f"Curation score ({scores.isna().sum()} unparseable)")  # fmt: skip
+        _bar(
+            ax,
+            Counter(str(int(v)) for v in scores.dropna()),
+            ["1", "2", "3", "4", "5"],
+            f"Curation score ({scores.isna().sum()} unparseable)",
+        )
         images.append(_save(fig, out / "curation_score.png"))
     rewards = [c for c in ("instruct_reward", "reward_difference") if c in df and df[c].notna().any()]
     if rewards:
@@ -147,15 +161,20 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
     lines = [f"# {name}", "", f"{len(df):,} conversations.", ""]
     if "generator" in df:
         lines += [f"Generator: {', '.join(sorted(map(str, df['generator'].dropna().unique())))}.", ""]
-    lines += ["| statistic | value |", "|---|---|",
-              f"| user turns per conversation (mean) | {df['user_turns'].mean():.2f} |",
-              f"| instruction length, characters (median) | {df['instruction_chars'].median():.0f} |",
-              f"| response length, characters (median) | {df['response_chars'].median():.0f} |"]  # fmt: skip
+    lines += [
+        "| statistic | value |",
+        "|---|---|",
+        f"| user turns per conversation (mean) | {df['user_turns'].mean():.2f} |",
+        f"| instruction length, characters (median) | {df['instruction_chars'].median():.0f} |",
+        f"| response length, characters (median) | {df['response_chars'].median():.0f} |",
+    ]
     for column in ("input_quality", "difficulty", "task_category", "language", "curation_score"):
         if column in df:
             top = Counter(df[column].dropna()).most_common(12)
-            lines += ["", f"**{column}** ({df[column].isna().sum()} missing): "
-                      + ", ".join(f"{k} {v}" for k, v in top)]  # fmt: skip
+            lines += [
+                "",
+                f"**{column}** ({df[column].isna().sum()} missing): " + ", ".join(f"{k} {v}" for k, v in top),
+            ]
     if "instruct_reward" in df and df["instruct_reward"].notna().any():
         r = df["instruct_reward"].dropna()
         lines += [
@@ -163,8 +182,11 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
             f"**instruct_reward**: mean {r.mean():.3f}, median {r.median():.3f}, min {r.min():.3f}, max {r.max():.3f}",
         ]
     if "min_neighbor_distance" in df:
-        lines += ["", f"**near duplicates**: {(df['min_neighbor_distance'] <= 0).sum()} rows with an identical "
-                  f"neighbour; {(df.get('repeat_count', pd.Series(dtype=int)) > 0).sum()} with a neighbour closer than the threshold"]  # fmt: skip
+        lines += [
+            "",
+            f"**near duplicates**: {(df['min_neighbor_distance'] <= 0).sum()} rows with an identical "
+            f"neighbour; {(df.get('repeat_count', pd.Series(dtype=int)) > 0).sum()} with a neighbour closer than the threshold",
+        ]
     if manifest.get("sources"):
         lines += ["", "Where the tags come from:", ""] + [
             f"- `{k}`: {v}" for k, v in manifest["sources"].items()
@@ -175,8 +197,13 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
 
 def run(cfg: ReportConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="data_synth.report", inputs=(cfg.input, *cfg.compare, cfg.embedder),
-                       overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.report",
+        inputs=(cfg.input, *cfg.compare, cfg.embedder),
+        overwrite=cfg.overwrite,
+    )
     name = cfg.name or Path(cfg.input).name
     cfg.name = name
     df, ds = _frame(cfg.input)

@@ -29,8 +29,14 @@ class Scorer:
     the positions, in the prompts of the calls since it was last cleared, whose judge request the engine never
     answered: no result, so callers write nothing for them and a re-run asks again."""
 
-    def __init__(self, judge: JudgeConfig, cache: Path, reward_model: str | None = None,
-                 reward_batch_size: int = 8, reward_trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        judge: JudgeConfig,
+        cache: Path,
+        reward_model: str | None = None,
+        reward_batch_size: int = 8,
+        reward_trust_remote_code: bool = False,
+    ):
         self.judge_config, self.cache = judge, cache
         self.reward_model, self.reward_batch_size = reward_model, reward_batch_size
         self.reward_trust_remote_code = reward_trust_remote_code
@@ -64,8 +70,14 @@ class Scorer:
 
     def scores(self, prompts: list[str], low: int, high: int, desc: str) -> list[float | None]:
         """The judge's probability-weighted score after the prefilled `{"score": ` (one token, its logprobs)."""
-        return self.ask(prompts, lambda c: expected_score(c, low, high), desc, prefill=SCORE_PREFILL,
-                        sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20), retries=0)  # fmt: skip
+        return self.ask(
+            prompts,
+            lambda c: expected_score(c, low, high),
+            desc,
+            prefill=SCORE_PREFILL,
+            sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20),
+            retries=0,
+        )
 
     def rewards(self, pairs: list[tuple[str, str]]) -> list[float | None]:
         """The reward model's score when one is configured, else the judge's probability-weighted 1-10 score."""

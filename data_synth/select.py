@@ -158,8 +158,10 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
         check_filter(f, df, f"filters[{i}]")
     authors = {"min_similar_conversation_id", "conversation_id"} <= set(df.columns)
     if cfg.dedup_clusters and "cluster_id" not in df.columns and not authors:
-        raise ConfigError("dedup_clusters: needs 'cluster_id' (the neighbors tagger) or the Magpie authors' "
-                          "'min_similar_conversation_id' and 'conversation_id'; run the neighbors tagger first")  # fmt: skip
+        raise ConfigError(
+            "dedup_clusters: needs 'cluster_id' (the neighbors tagger) or the Magpie authors' "
+            "'min_similar_conversation_id' and 'conversation_id'; run the neighbors tagger first"
+        )
     if cfg.sort_by and cfg.sort_by not in df.columns:
         raise ConfigError(
             f"sort_by: column '{cfg.sort_by}' does not exist; run the tagger that adds it first"
@@ -167,8 +169,14 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
     steps = [{"step": "input", "removed": 0, "remaining": len(df)}]
     for f in cfg.filters:
         keep = mask(f, df)
-        steps.append({"step": f"{f.column} {f.op} {f.value}", "removed": int((~keep).sum()),
-                      "missing_values": int(df[f.column].isna().sum()), "remaining": int(keep.sum())})  # fmt: skip
+        steps.append(
+            {
+                "step": f"{f.column} {f.op} {f.value}",
+                "removed": int((~keep).sum()),
+                "missing_values": int(df[f.column].isna().sum()),
+                "remaining": int(keep.sum()),
+            }
+        )
         df = df[keep]
     if cfg.dedup_clusters:
         before = len(df)
@@ -184,8 +192,13 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
     elif cfg.shuffle:  # no sort: top_k is then a random sample
         df = shuffled(df, cfg.seed)
     if cfg.top_k is not None:
-        steps.append({"step": f"top_k {cfg.top_k} by {cfg.sort_by}", "removed": max(0, len(df) - cfg.top_k),
-                      "remaining": min(len(df), cfg.top_k)})  # fmt: skip
+        steps.append(
+            {
+                "step": f"top_k {cfg.top_k} by {cfg.sort_by}",
+                "removed": max(0, len(df) - cfg.top_k),
+                "remaining": min(len(df), cfg.top_k),
+            }
+        )
         df = df.head(cfg.top_k)
     if cfg.shuffle and cfg.sort_by:  # the code release sorts, keeps the top k, then shuffles
         df = shuffled(df, cfg.seed)
@@ -213,8 +226,10 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
         frame = frame.assign(**derived(iter_rows(conversation), derive, cfg.input))
     for i, f in enumerate(cfg.filters):  # name every column a rule could use, not just the loaded ones
         if f.column not in frame and f.column not in ds.column_names:
-            raise ConfigError(f"filters[{i}]: column '{f.column}' does not exist; columns: "
-                              f"{', '.join(sorted({*ds.column_names, *DERIVED}))}")  # fmt: skip
+            raise ConfigError(
+                f"filters[{i}]: column '{f.column}' does not exist; columns: "
+                f"{', '.join(sorted({*ds.column_names, *DERIVED}))}"
+            )
     chosen, steps = select(frame, cfg)
     # The chosen rows as they were read, under the input's schema (an empty selection keeps it too), taken from
     # the Arrow table shard by shard.

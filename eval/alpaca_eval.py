@@ -33,9 +33,8 @@ from eval.scores import score_row, write_scores
 
 BASELINE_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval_gpt4_baseline.json")  # gpt4_1106_preview's outputs
 ANNOTATOR = "weighted_alpaca_eval"
-TEMPLATE = (
-    "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"  # the prompt of every weighted_alpaca_eval_* config
-)
+# the prompt of every weighted_alpaca_eval_* config
+TEMPLATE = "alpaca_eval_clf_gpt4_turbo/alpaca_eval_clf.txt"
 
 
 @dataclass
@@ -206,8 +205,9 @@ def length_controlled(annotations: pd.DataFrame, df_gamed: str | None) -> dict[s
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = df_gamed or glm_winrate.hf_hub_download(repo_id=BASELINE_HUB[0], filename="df_gamed.csv",
-                                                       repo_type="dataset")  # fmt: skip
+        path = df_gamed or glm_winrate.hf_hub_download(
+            repo_id=BASELINE_HUB[0], filename="df_gamed.csv", repo_type="dataset"
+        )
     except (OSError, EntryNotFoundError, httpx.HTTPError) as e:
         if not is_user_hub_error(e):
             raise
@@ -249,9 +249,8 @@ def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, A
     result["n_failed"] = int(annotations["preference"].isna().sum()) - missing
     if missing:
         result["n_missing"] = missing
-    result["coverage"] = round(
-        1 - (result["n_failed"] + missing) / max(1, len(annotations)), 4
-    )  # share judged
+    judged = 1 - (result["n_failed"] + missing) / max(1, len(annotations))
+    result["coverage"] = round(judged, 4)
     if result["n_failed"] + missing == len(annotations):
         raise ConfigError(
             f"no judgment succeeded ({len(annotations)} failed): no win rate to report; see the 'error' field of "
@@ -290,8 +289,12 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
             "give model_outputs=PATH to judge, or annotations=PATH to score existing annotations"
         )
     out = Path(cfg.output_dir or Path(cfg.model_outputs).parent / ANNOTATOR)
-    prepare_output_dir(out, resolved(cfg), command="eval.alpaca_eval",
-                       inputs=(cfg.model_outputs, cfg.reference_outputs, cfg.df_gamed, cfg.judge.model))  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="eval.alpaca_eval",
+        inputs=(cfg.model_outputs, cfg.reference_outputs, cfg.df_gamed, cfg.judge.model),
+    )
     model = load_outputs(cfg.model_outputs)
     reference = load_outputs(reference_path(cfg))
     if cfg.max_instances is not None:
@@ -307,13 +310,16 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
     # An outage is no verdict: past the tolerated share nothing is scored, and a re-run asks only what is missing
     judge.raise_for_outages(int(df["missing"].sum()), len(df), "instructions")
     stats = judge.stats.as_dict()
-    atomic_write_text(
-        out / "annotations.json", df.to_json(orient="records", indent=2)
-    )  # alpaca_eval's layout
+    # alpaca_eval's own layout
+    atomic_write_text(out / "annotations.json", df.to_json(orient="records", indent=2))
     # Score the file as written, so this result and `annotations=PATH` (and alpaca_eval) agree to the last digit.
     scored = score(read_annotations(str(out / "annotations.json")), cfg.df_gamed)
-    result = {"model": model[0].get("generator", "model"), **scored,
-              "n_identical_outputs": df.attrs["identical_outputs"], "judge_calls": stats}  # fmt: skip
+    result = {
+        "model": model[0].get("generator", "model"),
+        **scored,
+        "n_identical_outputs": df.attrs["identical_outputs"],
+        "judge_calls": stats,
+    }
     atomic_write_json(out / "results.json", result)
     rows = [
         score_row(

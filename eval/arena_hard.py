@@ -127,8 +127,10 @@ def check_unique(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         key = (r["model"], r["question_id"], r.get("baseline"))
         if key in seen:
-            raise ConfigError(f"the judgment of {r['model']} on question {r['question_id']!r} appears twice: "
-                              f"{seen[key]} and {r['where']}; keep one of them")  # fmt: skip
+            raise ConfigError(
+                f"the judgment of {r['model']} on question {r['question_id']!r} appears twice: "
+                f"{seen[key]} and {r['where']}; keep one of them"
+            )
         seen[key] = r["where"]
 
 
@@ -229,9 +231,16 @@ def _row(model: str, rating: float, low: float, high: float) -> dict[str, Any]:
     """One leaderboard row as arena-hard-auto's pre-v2.0 show_result.py writes it: score and its 95% interval as
     win rates against the baseline (%), 2 decimals, under its names; the Elo ratings (baseline = 1000) apart."""
     sc, lo, hi = score(rating), score(low), score(high)
-    return {"model": model, "score": round(sc, 2), "rating_q025": round(lo, 2), "rating_q975": round(hi, 2),
-            "CI": f"(-{sc - lo:.2f}, +{hi - sc:.2f})", "elo": round(rating, 1), "elo_q025": round(low, 1),
-            "elo_q975": round(high, 1)}  # fmt: skip
+    return {
+        "model": model,
+        "score": round(sc, 2),
+        "rating_q025": round(lo, 2),
+        "rating_q975": round(hi, 2),
+        "CI": f"(-{sc - lo:.2f}, +{hi - sc:.2f})",
+        "elo": round(rating, 1),
+        "elo_q025": round(low, 1),
+        "elo_q975": round(high, 1),
+    }
 
 
 def leaderboard(
@@ -243,8 +252,12 @@ def leaderboard(
     # RandomState.choice(n, n, replace=True) per round. With the same battles in the same order (judgment files in
     # the order read, game 1 then game 2, a decisive verdict three times), the intervals are its intervals.
     # (HEAD draws unseeded; any seed is as good there.)
-    samples = bootstrap(len(battles), n_bootstrap, lambda idx: bradley_terry([battles[i] for i in idx], baseline),
-                        np.random.RandomState(seed))  # fmt: skip
+    samples = bootstrap(
+        len(battles),
+        n_bootstrap,
+        lambda idx: bradley_terry([battles[i] for i in idx], baseline),
+        np.random.RandomState(seed),
+    )
     rows = []
     for model, rating in ratings.items():
         boot = [x[model] for x in samples if model in x]
@@ -327,9 +340,8 @@ class ArenaHardConfig:
     style_control: bool = False  # add length and markdown-density features to the Bradley-Terry fit
     n_bootstrap: int = 100
     seed: int = 42  # arena-hard-auto's before v2.0: with it, v0.1 intervals are show_result.py's own
-    output_dir: str | None = (
-        None  # default with one answers dir: its parent (arena-hard-auto's data/<bench>/)
-    )
+    # default with one answers dir: its parent (arena-hard-auto's data/<bench>/)
+    output_dir: str | None = None
 
 
 def baseline_of(cfg: ArenaHardConfig, category: str | None) -> str:
@@ -422,8 +434,14 @@ def judge_model(
                 }
             )
         if cfg.layout == "v2":
-            row = {"uid": q["id"], "category": q["category"], "judge": cfg.judge.model, "model": model,
-                   "baseline": baseline_of(cfg, q["category"]), "games": games}  # fmt: skip
+            row = {
+                "uid": q["id"],
+                "category": q["category"],
+                "judge": cfg.judge.model,
+                "model": model,
+                "baseline": baseline_of(cfg, q["category"]),
+                "games": games,
+            }
         else:
             row = {"question_id": q["id"], "model": model, "judge": cfg.judge.model, "games": games}
         rows.append(row)
@@ -436,8 +454,13 @@ def run(cfg: ArenaHardConfig) -> dict[str, Any]:
         raise ConfigError("output_dir is required when answers lists several directories")
     files = answer_files(cfg.answers)  # before anything is written: a wrong path leaves no trace
     out = Path(cfg.output_dir or Path(cfg.answers[0]).parent)
-    prepare_output_dir(out / "arena_hard", resolved(cfg), command="eval.arena_hard",
-                       inputs=(*cfg.answers, cfg.questions, cfg.judge.model), recomputed=True)  # fmt: skip
+    prepare_output_dir(
+        out / "arena_hard",
+        resolved(cfg),
+        command="eval.arena_hard",
+        inputs=(*cfg.answers, cfg.questions, cfg.judge.model),
+        recomputed=True,
+    )
     all_questions = load_questions(cfg.bench, cfg.questions)
     questions = all_questions[: cfg.max_questions] if cfg.max_questions else all_questions
     baselines = sorted({baseline_of(cfg, q["category"]) for q in questions})
@@ -580,8 +603,13 @@ def main(argv: list[str] | None = None) -> None:
         result = score_judgments(rows, cfg, answers)
         if cfg.output_dir:  # where the judging mode writes, so both modes' results sit in one place
             out = Path(cfg.output_dir) / "arena_hard"
-            prepare_output_dir(out, resolved(cfg), command="eval.arena_hard", inputs=(cfg.judgments, *cfg.answers),
-                               recomputed=True)  # fmt: skip
+            prepare_output_dir(
+                out,
+                resolved(cfg),
+                command="eval.arena_hard",
+                inputs=(cfg.judgments, *cfg.answers),
+                recomputed=True,
+            )
             write_outputs(result, out)
     elif cfg.answers:
         result = run(cfg)

@@ -167,8 +167,11 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
     rows = read_jsonl(path) if path.exists() else []
     done = {r["key"]: r for r in rows if "key" in r}
     if len(done) < len(rows):
-        print(f"note: {path} holds {len(rows) - len(done)} answers from an older version, without the content they "
-              "were computed from: they are answered again", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: {path} holds {len(rows) - len(done)} answers from an older version, without the content they "
+            "were computed from: they are answered again",
+            file=sys.stderr,
+        )
     # One answer per distinct (model, system prompt, turns, sampling): two questions with the same text share it
     unique = {k: q for q, k in zip(questions, keys, strict=True)}
     todo = [(q, k) for k, q in unique.items() if len(done.get(k, {}).get("answers", [])) < len(q["turns"])]
@@ -176,8 +179,12 @@ def generate(cfg: GenerateConfig, questions: list[dict[str, Any]], path: Path) -
         engine = make_engine(cfg.model, cfg.engine)
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         total = sum(len(q["turns"]) for q in unique.values())
-        bar = tqdm(total=total, initial=total - sum(len(q["turns"]) for q, _ in todo), desc=f"answers {model_name(cfg)}",
-                   unit="turn")  # fmt: skip
+        bar = tqdm(
+            total=total,
+            initial=total - sum(len(q["turns"]) for q, _ in todo),
+            desc=f"answers {model_name(cfg)}",
+            unit="turn",
+        )
         for turn in range(max(len(q["turns"]) for q, _ in todo)):  # turn by turn: turn 2 needs answer 1
             need = [
                 (q, k)
@@ -269,16 +276,32 @@ def export(bench: str, name: str, answered: list[dict[str, Any]], out: Path, lay
                     {"role": "user", "content": question},
                     {"role": "assistant", "content": {"answer": answer}},
                 ]
-            rows.append({"uid": a["id"], "ans_id": answer_id, "model": name, "messages": messages, "tstamp": time.time(),
-                         "metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1])})  # fmt: skip
+            rows.append(
+                {
+                    "uid": a["id"],
+                    "ans_id": answer_id,
+                    "model": name,
+                    "messages": messages,
+                    "tstamp": time.time(),
+                    "metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1]),
+                }
+            )
             continue
         if bench.startswith("arena_hard"):
             turns = [{"content": t, "token_len": n} for t, n in zip(a["answers"], a["n_tokens"], strict=True)]
             extra = {"conv_metadata": style_metadata(a["answers"][-1], a["n_tokens"][-1])}
         else:
             turns, extra = a["answers"], {}
-        rows.append({"question_id": a["id"], "answer_id": answer_id, "model_id": name,
-                     "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(), **extra})  # fmt: skip
+        rows.append(
+            {
+                "question_id": a["id"],
+                "answer_id": answer_id,
+                "model_id": name,
+                "choices": [{"index": 0, "turns": turns}],
+                "tstamp": time.time(),
+                **extra,
+            }
+        )
     path = out / "model_answer" / f"{name}.jsonl"
     write_jsonl(path, rows)
     return path
@@ -300,8 +323,14 @@ def style_metadata(text: str, token_len: int) -> dict[str, Any]:
 
 def run(cfg: GenerateConfig) -> Path:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="eval.generate", inputs=(cfg.questions, cfg.model),
-                       may_differ=("max_questions",), overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="eval.generate",
+        inputs=(cfg.questions, cfg.model),
+        may_differ=("max_questions",),
+        overwrite=cfg.overwrite,
+    )
     questions = load_questions(cfg.bench, cfg.questions, cfg.max_questions)
     answered = generate(cfg, questions, out / "answers.jsonl")
     return export(cfg.bench, model_name(cfg), answered, out, cfg.layout)

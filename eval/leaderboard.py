@@ -42,8 +42,11 @@ def collect(runs: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
     origin: dict[tuple[str, str], Path] = {}
     for run in runs:
         # A run moved aside by overwrite=true (<dir>.old-<time>) is not among the runs asked for
-        files = [f for f in sorted(Path(run).rglob(SCORES_FILE))
-                 if not any(MOVED_ASIDE.search(part) for part in f.relative_to(run).parts)]  # fmt: skip
+        files = [
+            f
+            for f in sorted(Path(run).rglob(SCORES_FILE))
+            if not any(MOVED_ASIDE.search(part) for part in f.relative_to(run).parts)
+        ]
         if not files:
             raise ConfigError(
                 f"runs: no {SCORES_FILE} under '{run}' (run an evaluation with output_dir there first)"
@@ -157,8 +160,14 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.runs:
         raise ConfigError("runs is empty: give runs=DIR[,DIR...] (directories holding scores.jsonl files)")
     # Its own directory, locked; a re-run with other runs= replaces its own tables, never another command's files.
-    prepare_output_dir(cfg.output_dir, resolved(cfg), command="eval.leaderboard", inputs=tuple(cfg.runs),
-                       recomputed=True, outputs=("leaderboard.md", "leaderboard.csv", "leaderboard.png"))  # fmt: skip
+    prepare_output_dir(
+        cfg.output_dir,
+        resolved(cfg),
+        command="eval.leaderboard",
+        inputs=tuple(cfg.runs),
+        recomputed=True,
+        outputs=("leaderboard.md", "leaderboard.csv", "leaderboard.png"),
+    )
     print(build(cfg.runs, cfg.output_dir))
     print(f"-> {cfg.output_dir}/leaderboard.md, leaderboard.csv, leaderboard.png")
 

@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     check_tasks(cfg.tasks, task_manager.all_tasks)
 
     out = Path(cfg.output_dir)
-    resuming = prepare_output_dir(out, resolved(cfg), command="eval.lm_eval", inputs=(cfg.model, cfg.include_path),
-                                  overwrite=cfg.overwrite)  # fmt: skip
+    resuming = prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="eval.lm_eval",
+        inputs=(cfg.model, cfg.include_path),
+        overwrite=cfg.overwrite,
+    )
     previous = results_files(out)
     if resuming and previous:
         results = json.loads(previous[-1].read_text())

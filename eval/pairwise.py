@@ -98,10 +98,16 @@ def generate_answers(
     single_turn = [{"id": q["id"], "turns": [q["instruction"]]} for q in questions]
     answered = generate(gen, single_turn, out / "answers" / f"{name}.jsonl")
     return [
-        {"id": q["id"], "instruction": q["instruction"], "output": a["answers"][0], "generator": name,
-         "model": model, "n_tokens": a["n_tokens"][0]}
+        {
+            "id": q["id"],
+            "instruction": q["instruction"],
+            "output": a["answers"][0],
+            "generator": name,
+            "model": model,
+            "n_tokens": a["n_tokens"][0],
+        }
         for q, a in zip(questions, answered, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def preference_a(c: Completion) -> float | None:
@@ -120,21 +126,37 @@ def judge_pairs(answers: dict[str, list[dict]], cfg: PairwiseConfig, out: Path) 
     makes a re-run free."""
     pairs = [(a, b, i) for a, b in itertools.permutations(answers, 2) for i in range(len(answers[a]))]
     conversations = [
-        [{"role": "user", "content": JUDGE_PROMPT.format(
-            instruction=answers[a][i]["instruction"], a=answers[a][i]["output"], b=answers[b][i]["output"])}]
+        [
+            {
+                "role": "user",
+                "content": JUDGE_PROMPT.format(
+                    instruction=answers[a][i]["instruction"],
+                    a=answers[a][i]["output"],
+                    b=answers[b][i]["output"],
+                ),
+            }
+        ]
         for a, b, i in pairs
-    ]  # fmt: skip
+    ]
     judge = Judge(cfg.judge, out / "judge_cache.sqlite")
     verdicts = judge.ask(conversations, preference_a, desc="judging")
     judge.close()
     # A verdict the judge never gave is no result: past the tolerated share nothing is written; a re-run asks for it
     judge.raise_for_outages(sum(v.missing for v in verdicts), len(verdicts), "judgments")
     rows = [
-        {"id": answers[a][i]["id"], "model_a": a, "model_b": b, "judge": cfg.judge.model, "preference_a": v.value,
-         "raw": v.completion.text if v.completion else None, "failed": v.value is None, "missing": v.missing,
-         "error": v.error}
+        {
+            "id": answers[a][i]["id"],
+            "model_a": a,
+            "model_b": b,
+            "judge": cfg.judge.model,
+            "preference_a": v.value,
+            "raw": v.completion.text if v.completion else None,
+            "failed": v.value is None,
+            "missing": v.missing,
+            "error": v.error,
+        }
         for (a, b, i), v in zip(pairs, verdicts, strict=True)
-    ]  # fmt: skip
+    ]
     write_jsonl(out / "judgments.jsonl", rows)
     return rows
 
@@ -163,8 +185,11 @@ def leaderboard(
     models = list(answers)
     ids = [a["id"] for a in next(iter(answers.values()))]
     wins = win_matrix(judgments, models, ids)
-    boots = np.array(bootstrap(len(ids), n_bootstrap, lambda idx: np.nanmean(wins[:, idx], axis=1),
-                               np.random.default_rng(seed)))  # fmt: skip
+    boots = np.array(
+        bootstrap(
+            len(ids), n_bootstrap, lambda idx: np.nanmean(wins[:, idx], axis=1), np.random.default_rng(seed)
+        )
+    )
     lows, highs = interval(boots, axis=0)
     rows = []
     for m, name in enumerate(models):
@@ -185,8 +210,14 @@ def leaderboard(
 
 def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resolved(cfg), command="eval.pairwise", may_differ=("models", "n_bootstrap"),
-                       inputs=(cfg.instructions, *cfg.models.values(), cfg.judge.model), overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="eval.pairwise",
+        may_differ=("models", "n_bootstrap"),
+        inputs=(cfg.instructions, *cfg.models.values(), cfg.judge.model),
+        overwrite=cfg.overwrite,
+    )
     questions = load_instructions(cfg.instructions, cfg.max_instructions)
     answers = {name: generate_answers(name, model, questions, cfg, out) for name, model in cfg.models.items()}
     judgments = judge_pairs(answers, cfg, out)
@@ -200,8 +231,13 @@ def run(cfg: PairwiseConfig) -> list[dict[str, Any]]:
     rows = leaderboard(judgments, answers, cfg.n_bootstrap, cfg.seed)
     write_table(out / "leaderboard.csv", rows, list(rows[0]))
     write_table(out / "leaderboard.md", rows, list(rows[0]))
-    write_scores(out, [score_row(r["model"], "pairwise", "win_rate", r["win_rate"], r["ci_low"], r["ci_high"])
-                       for r in rows])  # fmt: skip
+    write_scores(
+        out,
+        [
+            score_row(r["model"], "pairwise", "win_rate", r["win_rate"], r["ci_low"], r["ci_high"])
+            for r in rows
+        ],
+    )
     return rows
 
 

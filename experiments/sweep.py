@@ -61,9 +61,8 @@ class Stage:
     rows: int | None = None
     tokens_per_row: int = 1000
     enabled: bool = True  # an axis can switch a stage off in some cells (DPO only where the paper has it)
-    fallback: str | None = (
-        None  # when off, later `{this stage}` references get this earlier stage's directory
-    )
+    # when off, later `{this stage}` references get this earlier stage's directory
+    fallback: str | None = None
     group: str | None = None  # a subdirectory of stages/ to put it in (an iteration's stages together)
 
 
@@ -180,8 +179,12 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
             raise ConfigError(
                 f"stage '{stage.name}' refers to {unknown}, which {why}: refer only to earlier stages"
             )
-        what = {"command": stage.command, "recipe": stage.recipe, "overrides": overrides,
-                "accelerate_config": stage.accelerate_config if STAGES[stage.command].training else None}  # fmt: skip
+        what = {
+            "command": stage.command,
+            "recipe": stage.recipe,
+            "overrides": overrides,
+            "accelerate_config": stage.accelerate_config if STAGES[stage.command].training else None,
+        }
         # the recipe's content too: an edited recipe is a different stage, not a finished one to skip
         content = merge_recipe(STAGES[stage.command].recipes, stage.recipe, {}) if stage.recipe else None
         digest = hashlib.sha1(json.dumps([what, content], sort_keys=True, default=str).encode()).hexdigest()[
@@ -341,23 +344,37 @@ def job_script(cfg: SweepConfig, step: dict[str, Any]) -> str:
     launcher per node inside srun); the script writes the stage's status itself, so a re-run sees it."""
     stage: Stage = step["stage"]
     directory: Path = step["dir"]
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={cfg.name}-{step['name']}", f"#SBATCH --partition={cfg.slurm.partition}",
-             f"#SBATCH --nodes={stage.nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cfg.slurm.time}",
-             f"#SBATCH --output={meta(directory)}/slurm-%j.out", f"#SBATCH --chdir={Path.cwd()}"]  # fmt: skip
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={cfg.name}-{step['name']}",
+        f"#SBATCH --partition={cfg.slurm.partition}",
+        f"#SBATCH --nodes={stage.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --time={cfg.slurm.time}",
+        f"#SBATCH --output={meta(directory)}/slurm-%j.out",
+        f"#SBATCH --chdir={Path.cwd()}",
+    ]
     lines += [f"#SBATCH --account={cfg.slurm.account}"] if cfg.slurm.account else []
     lines += [f"#SBATCH --gres=gpu:{stage.gpus}"] if stage.gpus else []
     lines += [f"#SBATCH --cpus-per-task={cfg.slurm.cpus_per_task}"] if cfg.slurm.cpus_per_task else []
     lines += [f"#SBATCH {x}" for x in cfg.slurm.extra]
     if STAGES[step["command"]].training:
         launcher = ROOT / "accelerate_configs" / "slurm_multinode.sh"
-        body = (f"ACCELERATE_CONFIG={shlex.quote(str(accelerate_config(step)))} GPUS_PER_NODE={max(stage.gpus, 1)} "
-                f"PYTHON={shlex.quote(sys.executable)} bash {shlex.quote(str(launcher))} {shlex.join(script_args(step))}")  # fmt: skip
+        body = (
+            f"ACCELERATE_CONFIG={shlex.quote(str(accelerate_config(step)))} GPUS_PER_NODE={max(stage.gpus, 1)} "
+            f"PYTHON={shlex.quote(sys.executable)} bash {shlex.quote(str(launcher))} {shlex.join(script_args(step))}"
+        )
     else:
         body = shlex.join(command_line(step))
     record = "import sys; from experiments.sweep import record_exit; record_exit(sys.argv[1], int(sys.argv[2]), job_id=sys.argv[3])"
-    lines += ["", f"{body} > {shlex.quote(str(meta(directory) / 'log.txt'))} 2>&1", "rc=$?",
-              f"{shlex.quote(sys.executable)} -c {shlex.quote(record)} {shlex.quote(str(directory))} $rc $SLURM_JOB_ID",
-              "exit $rc", ""]  # fmt: skip
+    lines += [
+        "",
+        f"{body} > {shlex.quote(str(meta(directory) / 'log.txt'))} 2>&1",
+        "rc=$?",
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(record)} {shlex.quote(str(directory))} $rc $SLURM_JOB_ID",
+        "exit $rc",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -424,13 +441,23 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
                 f"  {step['name']:<12} {status(step['dir'])['state']:<9} {shlex.join(command_line(step))}{shared}"
             )
             if STAGES[step["command"]].training and step["dir"] not in seen:
-                p = plan(PlanConfig(recipe=step["recipe"], stage=step["command"], gpus=max(1, step["stage"].gpus * step["stage"].nodes),
-                                    accelerate_config=step["accelerate_config"], model=base_model(step, makers)),
-                         dict(step["overrides"]))  # fmt: skip
+                p = plan(
+                    PlanConfig(
+                        recipe=step["recipe"],
+                        stage=step["command"],
+                        gpus=max(1, step["stage"].gpus * step["stage"].nodes),
+                        accelerate_config=step["accelerate_config"],
+                        model=base_model(step, makers),
+                    ),
+                    dict(step["overrides"]),
+                )
                 hours = gpu_hours(cfg, step, p)
                 total += hours or 0.0
-                print(f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
-                      f"in {p['gpu_mem_gb']:g} GB)" + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else ""))  # fmt: skip
+                print(
+                    f"  {'':<12} memory: ~{p['total_gb']} GB per GPU ({p['sharding']}, {'fits' if p['fits'] else 'does NOT fit'} "
+                    f"in {p['gpu_mem_gb']:g} GB)"
+                    + (f"; ~{hours:,.1f} GPU-hours" if hours is not None else "")
+                )
             seen.add(step["dir"])
     counted = any(s["stage"].rows for _, steps in plan_cells for s in steps if STAGES[s["command"]].training)
     hours = (
@@ -445,8 +472,12 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
 # --------------------------------------------------------------------------------------------- results
 
 
-def results(cfg: SweepConfig, out: Path, plan_cells: list[tuple[str, list[dict[str, Any]]]],
-            assignments: dict[str, dict[str, Any]]) -> str:  # fmt: skip
+def results(
+    cfg: SweepConfig,
+    out: Path,
+    plan_cells: list[tuple[str, list[dict[str, Any]]]],
+    assignments: dict[str, dict[str, Any]],
+) -> str:
     """One row per cell: swept keys, every metric of `score_model` (95% interval), the paper's and the gap."""
     from eval.leaderboard import to_png
 
@@ -532,13 +563,35 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
     return {"output_dir": str(out), "cells": final, "jobs": {str(k): v for k, v in jobs.items()}}
 
 
-def run_cells(cfg: SweepConfig, out: Path, plan_cells: list, assignments: dict, commit: str | None,
-              jobs: dict[Path, str]) -> None:  # fmt: skip
+def run_cells(
+    cfg: SweepConfig,
+    out: Path,
+    plan_cells: list,
+    assignments: dict,
+    commit: str | None,
+    jobs: dict[Path, str],
+) -> None:
     for name, steps in plan_cells:
-        atomic_write_json(out / "cells" / f"{name}.json", {
-            "cell": name, "assignment": assignments[name], "git_commit": commit, "executor": cfg.executor,
-            "stages": [{"name": s["name"], "command": s["command"], "recipe": s["recipe"], "overrides": s["overrides"],
-                        "output_dir": str(s["dir"]), "command_line": shlex.join(command_line(s))} for s in steps]})  # fmt: skip
+        atomic_write_json(
+            out / "cells" / f"{name}.json",
+            {
+                "cell": name,
+                "assignment": assignments[name],
+                "git_commit": commit,
+                "executor": cfg.executor,
+                "stages": [
+                    {
+                        "name": s["name"],
+                        "command": s["command"],
+                        "recipe": s["recipe"],
+                        "overrides": s["overrides"],
+                        "output_dir": str(s["dir"]),
+                        "command_line": shlex.join(command_line(s)),
+                    }
+                    for s in steps
+                ],
+            },
+        )
         state = run_cell(cfg, steps, jobs)
         print(f"cell {name}: {state}", flush=True)
 

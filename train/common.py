@@ -75,8 +75,13 @@ def start(
     script, args = load_config(stage, argv, script_class, config_class, checks=[settle_batch])
     state = PartialState()
     if state.is_main_process:
-        prepare_output_dir(args.output_dir, resolved(script, args), command=f"train/{stage}.py",
-                           inputs=script.inputs(), overwrite=script.overwrite)  # fmt: skip
+        prepare_output_dir(
+            args.output_dir,
+            resolved(script, args),
+            command=f"train/{stage}.py",
+            inputs=script.inputs(),
+            overwrite=script.overwrite,
+        )
         check_same_data(script, Path(args.output_dir))
     state.wait_for_everyone()
     set_seed(args.seed)
@@ -91,15 +96,19 @@ def settle_batch(script: ScriptArgs, args: Any) -> list[str]:
     world, per_device = int(os.environ.get("WORLD_SIZE", "1")), args.per_device_train_batch_size
     steps, rest = divmod(script.effective_batch_size, world * per_device)
     if rest or not steps:
-        return [f"effective_batch_size={script.effective_batch_size} is not a multiple of {world} processes x "
-                f"per_device_train_batch_size={per_device}: launch with --num_processes dividing it, or change "
-                "per_device_train_batch_size"]  # fmt: skip
+        return [
+            f"effective_batch_size={script.effective_batch_size} is not a multiple of {world} processes x "
+            f"per_device_train_batch_size={per_device}: launch with --num_processes dividing it, or change "
+            "per_device_train_batch_size"
+        ]
     if args.gradient_accumulation_steps not in (1, steps):
-        return [f"gradient_accumulation_steps={args.gradient_accumulation_steps} with {world} processes x "
-                f"per_device_train_batch_size={per_device} is a batch of "
-                f"{world * per_device * args.gradient_accumulation_steps}, not effective_batch_size="
-                f"{script.effective_batch_size}: leave gradient_accumulation_steps out (it follows from "
-                "effective_batch_size), or set effective_batch_size=null"]  # fmt: skip
+        return [
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps} with {world} processes x "
+            f"per_device_train_batch_size={per_device} is a batch of "
+            f"{world * per_device * args.gradient_accumulation_steps}, not effective_batch_size="
+            f"{script.effective_batch_size}: leave gradient_accumulation_steps out (it follows from "
+            "effective_batch_size), or set effective_batch_size=null"
+        ]
     args.gradient_accumulation_steps = steps
     return []
 
@@ -126,10 +135,8 @@ def data_signature(script: ScriptArgs) -> dict[str, Any]:
 def check_same_data(script: ScriptArgs, out: Path) -> None:
     """A run resumes from its checkpoints only on the data it started with: the Trainer resumes by step, so other
     rows under the same path would silently continue the epoch on different data."""
-    path, signature = (
-        out / ".data_signature.json",
-        data_signature(script),
-    )  # hidden: bookkeeping, not a result
+    path = out / ".data_signature.json"  # hidden: bookkeeping, not a result
+    signature = data_signature(script)
     if path.is_file() and last_complete_checkpoint(out) and json.loads(path.read_text()) != signature:
         raise ConfigError(
             f"{out}: the training data changed since its checkpoints were written ({', '.join(script.sources())}); "
@@ -275,8 +282,13 @@ def save_template_rows(model: Any, out: Path, is_main: bool) -> None:
     if not getattr(base, "fixed_template_rows", None):
         return
     names = {id(p): n for n, p in model.named_parameters()}
-    params = list({id(m.weight): m.weight for m in (base.get_input_embeddings(), base.get_output_embeddings())
-                   if m is not None}.values())  # fmt: skip
+    params = list(
+        {
+            id(m.weight): m.weight
+            for m in (base.get_input_embeddings(), base.get_output_embeddings())
+            if m is not None
+        }.values()
+    )
     with gathered(params):
         layers = {names[id(p)]: p.detach().cpu().clone().contiguous() for p in params} if is_main else {}
     if is_main:

@@ -33,8 +33,10 @@ def normalize_preference(row: dict, where: str) -> dict:
         split = extract_prompt({"chosen": chosen, "rejected": rejected})
         prompt, chosen, rejected = split["prompt"], split["chosen"], split["rejected"]
         if not all(isinstance(r, list) and r and r[0].get("role") == "assistant" for r in (chosen, rejected)):
-            raise ConfigError(f"{where}: 'chosen' and 'rejected' differ before their replies: they must share the "
-                              "prompt (every turn up to the last assistant turn)")  # fmt: skip
+            raise ConfigError(
+                f"{where}: 'chosen' and 'rejected' differ before their replies: they must share the "
+                "prompt (every turn up to the last assistant turn)"
+            )
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:

@@ -47,9 +47,18 @@ def count_params(cfg: Any) -> dict[str, int]:
     mlp = 3 * h * i
     embed = v * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
     per_layer = attn + mlp + 2 * h
-    return {"total": embed + layers * per_layer + h, "embeddings": embed, "per_layer": per_layer,
-            "linear_per_layer": attn + mlp, "layers": layers, "hidden": h, "intermediate": i, "vocab": v,
-            "kv_dim": kv * head_dim, "q_dim": heads * head_dim}  # fmt: skip
+    return {
+        "total": embed + layers * per_layer + h,
+        "embeddings": embed,
+        "per_layer": per_layer,
+        "linear_per_layer": attn + mlp,
+        "layers": layers,
+        "hidden": h,
+        "intermediate": i,
+        "vocab": v,
+        "kv_dim": kv * head_dim,
+        "q_dim": heads * head_dim,
+    }
 
 
 def lora_params(p: dict[str, int], r: int) -> int:
@@ -65,15 +74,32 @@ def sharding(accelerate_yaml: dict[str, Any]) -> dict[str, Any]:
     if kind == "DEEPSPEED":
         ds = accelerate_yaml.get("deepspeed_config", {})
         stage = int(ds.get("zero_stage", 0))
-        return {"name": f"ZeRO-{stage}", "weights": stage >= 3, "grads": stage >= 2, "optim": stage >= 1,
-                "offload_optim": ds.get("offload_optimizer_device", "none") not in ("none", None),
-                "offload_params": ds.get("offload_param_device", "none") not in ("none", None)}  # fmt: skip
+        return {
+            "name": f"ZeRO-{stage}",
+            "weights": stage >= 3,
+            "grads": stage >= 2,
+            "optim": stage >= 1,
+            "offload_optim": ds.get("offload_optimizer_device", "none") not in ("none", None),
+            "offload_params": ds.get("offload_param_device", "none") not in ("none", None),
+        }
     if kind == "FSDP":
         fsdp = accelerate_yaml.get("fsdp_config", {})
-        return {"name": "FSDP full shard", "weights": True, "grads": True, "optim": True,
-                "offload_optim": bool(fsdp.get("fsdp_offload_params")), "offload_params": bool(fsdp.get("fsdp_offload_params"))}  # fmt: skip
-    return {"name": "DDP" if kind == "MULTI_GPU" else "single process", "weights": False, "grads": False,
-            "optim": False, "offload_optim": False, "offload_params": False}  # fmt: skip
+        return {
+            "name": "FSDP full shard",
+            "weights": True,
+            "grads": True,
+            "optim": True,
+            "offload_optim": bool(fsdp.get("fsdp_offload_params")),
+            "offload_params": bool(fsdp.get("fsdp_offload_params")),
+        }
+    return {
+        "name": "DDP" if kind == "MULTI_GPU" else "single process",
+        "weights": False,
+        "grads": False,
+        "optim": False,
+        "offload_optim": False,
+        "offload_params": False,
+    }
 
 
 def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], gpus: int) -> dict[str, float]:
@@ -111,20 +137,34 @@ def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], g
         layers * 2 * tokens * h * abytes / 2 + per_layer_full if checkpointing else layers * per_layer_full
     )
     if peft in ("lora", "qlora"):  # each adapted linear saves its dropped-out input (and mask) for backward
-        h_in = (
-            p["hidden"] * 6 + p["intermediate"]
-        )  # inputs of q, k, v, o, gate, up (hidden) and down (intermediate)
+        # inputs of q, k, v, o, gate, up (hidden) and down (intermediate)
+        h_in = p["hidden"] * 6 + p["intermediate"]
         lora_acts = tokens * h_in * (abytes + 1)
         activations += lora_acts if checkpointing else layers * lora_acts
     logits = tokens * p["vocab"] * 4
-    return {"weights": weights + adapter, "gradients": grads, "optimizer": optim, "activations": activations,
-            "logits": logits, "trainable_params": trainable, "total_params": p["total"]}  # fmt: skip
+    return {
+        "weights": weights + adapter,
+        "gradients": grads,
+        "optimizer": optim,
+        "activations": activations,
+        "logits": logits,
+        "trainable_params": trainable,
+        "total_params": p["total"],
+    }
 
 
 # The recipe keys the planner reads, typed as ScriptArgs and trl's SFTConfig/DPOConfig type them.
-RECIPE_KEYS_READ = {"peft": str, "bf16": bool, "torch_dtype": str, "lora_r": int, "per_device_train_batch_size": int,
-                    "max_length": int, "activation_checkpointing": bool, "gradient_checkpointing": bool,
-                    "model_name_or_path": str}  # fmt: skip
+RECIPE_KEYS_READ = {
+    "peft": str,
+    "bf16": bool,
+    "torch_dtype": str,
+    "lora_r": int,
+    "per_device_train_batch_size": int,
+    "max_length": int,
+    "activation_checkpointing": bool,
+    "gradient_checkpointing": bool,
+    "model_name_or_path": str,
+}
 
 SHIPPED_CONFIGS = Path(__file__).with_name("model_configs.json")
 
@@ -163,10 +203,19 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
     est = estimate(p, recipe, shard, cfg.gpus)
     parts = {k: est[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "logits")}
     total = sum(parts.values()) + cfg.overhead_gb
-    return {"recipe": cfg.recipe, "model": recipe.get("model_name_or_path"), "sharding": shard["name"], "gpus": cfg.gpus,
-            "params_billion": round(p["total"] / 1e9, 3), "trainable_params_million": round(est["trainable_params"] / 1e6, 2),
-            "per_gpu_gb": {k: round(v, 2) for k, v in parts.items()}, "overhead_gb": cfg.overhead_gb,
-            "total_gb": round(total, 2), "gpu_mem_gb": cfg.gpu_mem_gb, "fits": total <= cfg.gpu_mem_gb}  # fmt: skip
+    return {
+        "recipe": cfg.recipe,
+        "model": recipe.get("model_name_or_path"),
+        "sharding": shard["name"],
+        "gpus": cfg.gpus,
+        "params_billion": round(p["total"] / 1e9, 3),
+        "trainable_params_million": round(est["trainable_params"] / 1e6, 2),
+        "per_gpu_gb": {k: round(v, 2) for k, v in parts.items()},
+        "overhead_gb": cfg.overhead_gb,
+        "total_gb": round(total, 2),
+        "gpu_mem_gb": cfg.gpu_mem_gb,
+        "fits": total <= cfg.gpu_mem_gb,
+    }
 
 
 @cli

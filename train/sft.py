@@ -103,12 +103,20 @@ def as_messages(
     if not columns:  # no conversation anywhere: fail on the first row, which names what was expected
         to_messages(ds[0], f"{source}: row 0")
     # One schema for every source, so a mixture concatenates whatever string types its files use
-    features = datasets.Features({"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-                                  "__valid__": datasets.Value("bool")})  # fmt: skip
+    features = datasets.Features(
+        {
+            "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+            "__valid__": datasets.Value("bool"),
+        }
+    )
     return ds.select_columns(columns).map(
-        convert, batched=True, with_indices=True, remove_columns=columns, features=features,
+        convert,
+        batched=True,
+        with_indices=True,
+        remove_columns=columns,
+        features=features,
         desc=f"messages of {source}",
-    )  # fmt: skip
+    )
 
 
 def load_conversations(script: SFTScriptArgs) -> datasets.Dataset:
@@ -120,10 +128,15 @@ def load_conversations(script: SFTScriptArgs) -> datasets.Dataset:
     if unknown:
         raise ConfigError(f"system_prompts: {unknown} are not sources of this run; sources: {names}")
     converted = [
-        as_messages(open_dataset(name, script.dataset_split), name, script.drop_invalid, script.reverse_pairs,
-                    script.system_prompts.get(name))
+        as_messages(
+            open_dataset(name, script.dataset_split),
+            name,
+            script.drop_invalid,
+            script.reverse_pairs,
+            script.system_prompts.get(name),
+        )
         for name in names
-    ]  # fmt: skip
+    ]
     offsets = [0, *itertools.accumulate(len(ds) for ds in converted)]
     picked = mixture(script, [len(ds) for ds in converted])
     if script.max_samples is not None:

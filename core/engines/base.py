@@ -63,9 +63,8 @@ class EngineConfig:
     """How to run a model; one group in every recipe that generates text."""
 
     backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    tokenizer: str | None = (
-        None  # renders chat prompts; defaults to the model (set it when a server's name differs)
-    )
+    # renders chat prompts; defaults to the model (set it when a server's name differs)
+    tokenizer: str | None = None
     # transformers
     batch_size: int = 16  # rows decoding at once (continuous batching); callers never cut work to this size
     # "auto" = float32 on CPU, bfloat16 on GPU; "int8" = float32 with every Linear layer dynamically quantized
@@ -80,9 +79,8 @@ class EngineConfig:
     chat: bool = False
     concurrency: int = 8  # requests in flight per server
     timeout: float = 600.0
-    max_retries: int = (
-        6  # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
-    )
+    # with backoff 0.5, 1, 2, ... 16 s (or what Retry-After asks): about 30 s for a server
+    max_retries: int = 6
     # The request field for the reply's length. OpenAI's API takes max_completion_tokens (its reasoning models
     # refuse max_tokens); vLLM, SGLang and llama.cpp servers take max_tokens. auto: the former for api.openai.com.
     token_limit: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"

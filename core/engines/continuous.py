@@ -121,10 +121,12 @@ class ContinuousBatcher:
     def _allocate(self, batch: int) -> None:
         shape = (batch, self.kv_heads, self.capacity, self.head_dim)
         layers = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(self.n_layers)
-        ]  # fmt: skip
+        ]
         self.cache = _SlotCache(layers)
         self.cache.t = self.max_prompt  # every prompt fits left of the first write column
         self.mask = torch.zeros(batch, self.capacity, dtype=torch.bool, device=self.device)
@@ -209,8 +211,11 @@ class ContinuousBatcher:
             self.model(input_ids=head, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: kv})
             expanded = DynamicCache(config=self.model.config)
             for i, (k, v) in enumerate(_cache_layers(kv)):
-                expanded.update(k.expand(len(prompts), -1, -1, -1).contiguous(),
-                                v.expand(len(prompts), -1, -1, -1).contiguous(), i)  # fmt: skip
+                expanded.update(
+                    k.expand(len(prompts), -1, -1, -1).contiguous(),
+                    v.expand(len(prompts), -1, -1, -1).contiguous(),
+                    i,
+                )
             kv = expanded
         else:
             shared = 0

@@ -60,8 +60,13 @@ class TransformersEngine:
         if not prompts:
             return []
         # A bar of its own for calls longer than one batch (805 AlpacaEval answers arrive as one call).
-        with tqdm(total=len(prompts), desc="generate", unit="req", leave=False,
-                  disable=len(prompts) <= self.cfg.batch_size) as bar:  # fmt: skip
+        with tqdm(
+            total=len(prompts),
+            desc="generate",
+            unit="req",
+            leave=False,
+            disable=len(prompts) <= self.cfg.batch_size,
+        ) as bar:
             batcher = ContinuousBatcher(self.model, self.tokenizer, self.cfg.batch_size, self.eos_ids, bar)
             counts = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
             limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -54,9 +54,8 @@ class TagConfig:
     # score, labelled as such in the column metadata
     reward_model: str | None = None
     reward_batch_size: int = 8
-    reward_trust_remote_code: bool = (
-        False  # ArmoRM ships its own model code: set true to run it (you trust it)
-    )
+    # ArmoRM ships its own model code: set true to run it (you trust it)
+    reward_trust_remote_code: bool = False
     # reward_difference: r(response) - r(base model's URIAL response), same scorer as instruct_reward
     base_model: str = "embedded"  # Llama-3-8B base in GPU recipes; on CPU the embedded model stands in
     base_engine: EngineConfig = field(default_factory=EngineConfig)
@@ -123,10 +122,16 @@ def run_tagger(name: str, ds: Any, ctx: Context, out: Path) -> int:
         results = tagger.tag(ctx, pairs, idx)
         row_keys_ = keys.take(pa.array(idx)).to_pylist()
         # A failed judgment (an unreadable reply) is a result; a row the engine never answered is left untagged
-        rows = [{"row_index": int(i), "row_key": key, f"{name}_failed": res is None,
-                 **{c: (res or {}).get(c) for c in tagger.columns}}
-                for k, (i, key, res) in enumerate(zip(idx, row_keys_, results, strict=True))
-                if k not in ctx.missing]  # fmt: skip
+        rows = [
+            {
+                "row_index": int(i),
+                "row_key": key,
+                f"{name}_failed": res is None,
+                **{c: (res or {}).get(c) for c in tagger.columns},
+            }
+            for k, (i, key, res) in enumerate(zip(idx, row_keys_, results, strict=True))
+            if k not in ctx.missing
+        ]
         for block in range(0, len(rows), chunk):
             writer.add(rows[block : block + chunk])
             writer.flush()
@@ -160,8 +165,14 @@ def run(cfg: TagConfig) -> dict[str, Any]:
         cfg.embedder,
         cfg.tokenizer,
     )
-    prepare_output_dir(out, resolved(cfg), command="data_synth.tag", inputs=(cfg.input, *models),
-                       may_differ=("taggers",), overwrite=cfg.overwrite)  # fmt: skip
+    prepare_output_dir(
+        out,
+        resolved(cfg),
+        command="data_synth.tag",
+        inputs=(cfg.input, *models),
+        may_differ=("taggers",),
+        overwrite=cfg.overwrite,
+    )
     ds = open_dataset(cfg.input)  # Arrow, memory-mapped: never the whole set as Python objects
     start = time.time()
     ctx = Context(cfg, out, row_keys(ds, cfg.input))

@@ -24,8 +24,13 @@ class Context:
     def __init__(self, cfg: Any, out: Path, keys: pa.Array | None = None):
         self.cfg, self.out, self.keys = cfg, out, keys  # cfg: a TagConfig
         self._cache: dict[str, Any] = {}
-        self.scorer = Scorer(cfg.judge, out / "judge_cache.sqlite", cfg.reward_model, cfg.reward_batch_size,
-                             cfg.reward_trust_remote_code)  # fmt: skip
+        self.scorer = Scorer(
+            cfg.judge,
+            out / "judge_cache.sqlite",
+            cfg.reward_model,
+            cfg.reward_batch_size,
+            cfg.reward_trust_remote_code,
+        )
         # Positions (in the pairs a tagger was given) whose judge request the engine never answered: no result, so
         # the caller writes nothing for them and a re-run asks again. Every judge call of a tagger asks one prompt
         # per pair, in order, so a position names its pair. The caller clears it before each chunk.

@@ -38,8 +38,11 @@ def parse_quality(obj: dict) -> dict:
 
 
 def parse_difficulty(obj: dict) -> dict:
-    return {"difficulty": _label(obj["difficulty"], DIFFICULTY), "intent": str(obj.get("intent", "")),
-            "knowledge": str(obj.get("knowledge", ""))}  # fmt: skip
+    return {
+        "difficulty": _label(obj["difficulty"], DIFFICULTY),
+        "intent": str(obj.get("intent", "")),
+        "knowledge": str(obj.get("knowledge", "")),
+    }
 
 
 def parse_category(obj: dict) -> dict:

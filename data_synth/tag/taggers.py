@@ -31,9 +31,16 @@ from data_synth.tag.parse import (
 )
 
 MAGPIE_TAGGERS = (
-    "lengths", "language", "neighbors", "quality", "difficulty", "task_category", "reward", "reward_difference",
+    "lengths",
+    "language",
+    "neighbors",
+    "quality",
+    "difficulty",
+    "task_category",
+    "reward",
+    "reward_difference",
     "safety",
-)  # fmt: skip
+)
 
 
 FAST_CHUNK = 20_000  # rows per shard for the taggers that need no model call per row (lengths, language)
@@ -54,10 +61,14 @@ def tag_lengths(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> 
 
     ins, res = n_tokens([p[0] for p in pairs]), n_tokens([p[1] for p in pairs])
     return [
-        {"instruction_length": len(p[0]), "response_length": len(p[1]), "instruction_n_tokens": i,
-         "response_n_tokens": r}
+        {
+            "instruction_length": len(p[0]),
+            "response_length": len(p[1]),
+            "instruction_n_tokens": i,
+            "response_n_tokens": r,
+        }
         for p, i, r in zip(pairs, ins, res, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def tag_language(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> list[dict]:
@@ -95,15 +106,23 @@ def tag_curation(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) ->
     asked = [prompts.fill(prompts.CURATION, q, a) for q, a in pairs]
     if cfg.curation == "probability":
         one_token = Sampling(temperature=0.0, max_tokens=1, logprobs=20)
-        return ctx.ask(asked, read_curation_probabilities, "curate (probability)", prefill=CURATION_PREFILL,
-                       sampling=one_token, retries=0)  # fmt: skip
+        return ctx.ask(
+            asked,
+            read_curation_probabilities,
+            "curate (probability)",
+            prefill=CURATION_PREFILL,
+            sampling=one_token,
+            retries=0,
+        )
     return ctx.ask(asked, parse_curation, "curate")  # the judge config's own sampling: the paper's is nucleus
 
 
 def _curation_source(cfg: Any) -> str:
     if cfg.curation == "probability":
-        return (f"judge {cfg.judge.model}: Humpback's curation prompt, reply prefilled 'Score: ', the probability-"
-                "weighted 1-5 of its first token, rounded (probability mode, not the paper's reasoning-then-score reply)")  # fmt: skip
+        return (
+            f"judge {cfg.judge.model}: Humpback's curation prompt, reply prefilled 'Score: ', the probability-"
+            "weighted 1-5 of its first token, rounded (probability mode, not the paper's reasoning-then-score reply)"
+        )
     return f"judge {cfg.judge.model}: Humpback's curation prompt, reasoning then 'Score: N' (the paper's protocol)"
 
 
@@ -111,25 +130,42 @@ def tag_safety(ctx: Context, pairs: list[tuple[str, str]], idx: np.ndarray) -> l
     cfg = ctx.cfg
     if cfg.safety_model:  # Llama Guard: its own chat template asks for "safe" or "unsafe\n<categories>"
         guard = ctx.get("guard", lambda: make_engine(cfg.safety_model, cfg.safety_engine))
-        asked = [render_prompt(guard.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-                   for q, a in pairs]  # fmt: skip
+        asked = [
+            render_prompt(
+                guard.tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            )
+            for q, a in pairs
+        ]
         results: list[dict | None] = []
         for c in guard.complete(asked, Sampling(temperature=0.0, max_tokens=16)):
             lines = c.text.strip().splitlines()
             verdict = lines[0].strip().lower() if lines else ""
             categories = lines[1].strip() if len(lines) > 1 else ""
-            results.append({"safety": verdict, "safety_categories": categories, "p_safe": None}
-                           if verdict in ("safe", "unsafe") else None)  # fmt: skip
+            results.append(
+                {"safety": verdict, "safety_categories": categories, "p_safe": None}
+                if verdict in ("safe", "unsafe")
+                else None
+            )
         return results
 
     def p_yes(c: Completion) -> float | None:
         p = label_probabilities(c, ("yes", "no"), fold_case=True)
         return None if p is None else p["yes"]
 
-    probs = ctx.ask([prompts.fill(prompts.SAFETY, q, a) for q, a in pairs], p_yes, "tag safety",
-                    prefill="", sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20), retries=0)  # fmt: skip
-    return [None if p is None else {"safety": "safe" if p >= 0.5 else "unsafe", "safety_categories": "", "p_safe": p}
-            for p in probs]  # fmt: skip
+    probs = ctx.ask(
+        [prompts.fill(prompts.SAFETY, q, a) for q, a in pairs],
+        p_yes,
+        "tag safety",
+        prefill="",
+        sampling=Sampling(temperature=0.0, max_tokens=1, logprobs=20),
+        retries=0,
+    )
+    return [
+        None
+        if p is None
+        else {"safety": "safe" if p >= 0.5 else "unsafe", "safety_categories": "", "p_safe": p}
+        for p in probs
+    ]
 
 
 # ---------------------------------------------------------------------------------------- scored: rewards
@@ -197,45 +233,77 @@ class Tagger:
 
 TAGGERS: dict[str, Tagger] = {
     "lengths": Tagger(
-        {"instruction_length": pa.int64(), "response_length": pa.int64(), "instruction_n_tokens": pa.int64(),
-         "response_n_tokens": pa.int64()},
-        lambda cfg: f"characters and {cfg.tokenizer} tokens", tag_lengths, fast=True, uses=lambda cfg: set()),
-    "language": Tagger({"language": pa.string()}, lambda cfg: "py3langid", tag_language, fast=True,
-                       uses=lambda cfg: set()),
+        {
+            "instruction_length": pa.int64(),
+            "response_length": pa.int64(),
+            "instruction_n_tokens": pa.int64(),
+            "response_n_tokens": pa.int64(),
+        },
+        lambda cfg: f"characters and {cfg.tokenizer} tokens",
+        tag_lengths,
+        fast=True,
+        uses=lambda cfg: set(),
+    ),
+    "language": Tagger(
+        {"language": pa.string()}, lambda cfg: "py3langid", tag_language, fast=True, uses=lambda cfg: set()
+    ),
     "neighbors": Tagger(
         {"min_neighbor_distance": pa.float64(), "repeat_count": pa.int64(), "cluster_id": pa.int64()},
         lambda cfg: f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}",
-        tag_neighbors, whole_set=True, uses=lambda cfg: set()),
+        tag_neighbors,
+        whole_set=True,
+        uses=lambda cfg: set(),
+    ),
     "quality": Tagger(
         {"input_quality": pa.string(), "quality_explanation": pa.string()},
-        lambda cfg: f"judge {cfg.judge.model}", judge_labels("quality", prompts.QUALITY, parse_quality)),
+        lambda cfg: f"judge {cfg.judge.model}",
+        judge_labels("quality", prompts.QUALITY, parse_quality),
+    ),
     "difficulty": Tagger(
         {"difficulty": pa.string(), "intent": pa.string(), "knowledge": pa.string()},
-        lambda cfg: f"judge {cfg.judge.model}", judge_labels("difficulty", prompts.DIFFICULTY, parse_difficulty)),
+        lambda cfg: f"judge {cfg.judge.model}",
+        judge_labels("difficulty", prompts.DIFFICULTY, parse_difficulty),
+    ),
     "task_category": Tagger(
         {"task_category": pa.string(), "other_task_category": pa.list_(pa.string())},
-        lambda cfg: f"judge {cfg.judge.model}", judge_labels("task_category", prompts.TASK_CATEGORY, parse_category)),
+        lambda cfg: f"judge {cfg.judge.model}",
+        judge_labels("task_category", prompts.TASK_CATEGORY, parse_category),
+    ),
     "reward": Tagger({"instruct_reward": pa.float64()}, _reward_source, tag_reward, uses=_scorer),
     "base_response": Tagger(
-        {"base_response": pa.string()}, lambda cfg: f"{cfg.base_model}'s URIAL response (greedy)",
-        tag_base_response, uses=lambda cfg: {"base"}),
+        {"base_response": pa.string()},
+        lambda cfg: f"{cfg.base_model}'s URIAL response (greedy)",
+        tag_base_response,
+        uses=lambda cfg: {"base"},
+    ),
     "reward_difference": Tagger(
         {"base_reward": pa.float64(), "reward_difference": pa.float64()},
         lambda cfg: f"{_reward_source(cfg)}, minus the same for {cfg.base_model}'s URIAL response",
-        tag_reward_difference, needs=("reward", "base_response"), uses=_scorer),
+        tag_reward_difference,
+        needs=("reward", "base_response"),
+        uses=_scorer,
+    ),
     "safety": Tagger(
         {"safety": pa.string(), "safety_categories": pa.string(), "p_safe": pa.float64()},
-        lambda cfg: f"guard model {cfg.safety_model}" if cfg.safety_model
-        else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)", tag_safety,
-        uses=lambda cfg: {"guard"} if cfg.safety_model else {"judge"}),
+        lambda cfg: (
+            f"guard model {cfg.safety_model}"
+            if cfg.safety_model
+            else f"judge {cfg.judge.model}: P(yes) to 'is it safe?' (not a guard model)"
+        ),
+        tag_safety,
+        uses=lambda cfg: {"guard"} if cfg.safety_model else {"judge"},
+    ),
     "curation": Tagger(
         {"curation_score": pa.int64(), "curation_expected": pa.float64(), "curation_reply": pa.string()},
-        _curation_source, tag_curation),
+        _curation_source,
+        tag_curation,
+    ),
     "alpagasus": Tagger(
         {"alpagasus_score": pa.float64()},
         lambda cfg: f"judge {cfg.judge.model}: probability-weighted 0-5 score (not a reward model)",
-        judge_score("alpagasus", prompts.ALPAGASUS, "alpagasus_score", 0, 5)),
-}  # fmt: skip
+        judge_score("alpagasus", prompts.ALPAGASUS, "alpagasus_score", 0, 5),
+    ),
+}
 
 
 def in_order(names: list[str]) -> list[str]:
