@@ -9,7 +9,7 @@ around the released Magpie-Pro's (instructions ~70-900 characters, responses ~30
 Each stage runs as its own process, as a user runs it, and its memory is sampled from /proc every 0.1 s:
 peak RSS, and its anonymous part (what the process really holds; the rest is memory-mapped Arrow files the
 kernel can drop). The baseline, in the same run and on the same files, is what every stage did before: the
-whole set as Python rows (`datasets` `to_list`, as `core.io.load_rows` did).
+whole set as Python rows (`datasets` `to_list`, as `core.data.load_rows` did).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ tags = neighbor_tags(emb, k=500, threshold=0.05, block=4096)
 print(int((tags["repeat_count"] > 0).sum()))
 """
 
-BASELINE = "from core.io import open_dataset; import sys; rows = open_dataset(sys.argv[1]).to_list(); print(len(rows))"
+BASELINE = "from core.data import open_dataset; import sys; rows = open_dataset(sys.argv[1]).to_list(); print(len(rows))"
 
 
 def one_size(n: int, work: Path) -> dict:

@@ -27,18 +27,11 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, resolved
+from core.data import open_dataset, table_block
 from core.engines import EngineConfig, Sampling, make_engine, request_seed
-from core.io import (
-    atomic_write_json,
-    digest,
-    drop_chunk,
-    finished_chunks,
-    open_dataset,
-    read_parquet,
-    table_block,
-    write_chunk,
-)
+from core.io import atomic_write_json, digest, read_parquet
 from core.rundir import prepare_output_dir
+from core.shards import drop_chunk, finished_chunks, write_chunk
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema(

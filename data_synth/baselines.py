@@ -23,7 +23,8 @@ from typing import Any
 
 from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli, load_config, resolved
-from core.io import atomic_write_json, load_rows, open_dataset, write_parquet
+from core.data import load_rows, open_dataset
+from core.io import atomic_write_json, write_parquet
 from core.rundir import prepare_output_dir
 
 # name: (Hub id, split, what the paper used)

@@ -33,8 +33,10 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from core.config import ConfigError, cli, load_config, resolved
-from core.io import atomic_write_json, chunk_meta, digest, iter_rows, open_dataset, read_parquet, write_chunk
+from core.data import iter_rows, open_dataset
+from core.io import atomic_write_json, digest, read_parquet
 from core.rundir import prepare_output_dir
+from core.shards import chunk_meta, write_chunk
 
 EMBEDDED = "pydoc"
 SCHEMA = pa.schema(

@@ -29,8 +29,9 @@ from core.engines import (
     make_engine,
     request_seed,
 )
-from core.io import ShardWriter, atomic_write_json
+from core.io import atomic_write_json
 from core.rundir import prepare_output_dir
+from core.shards import ShardWriter
 from data_synth.templates import PreQuery, pre_query
 
 

@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 
 from core.chat import instruction_of, render_prompt
 from core.config import ConfigError, cli, load_config, resolved
+from core.data import load_rows
 from core.engines import EngineConfig, Sampling, free_memory, make_engine, request_seed
-from core.io import ShardWriter, atomic_write_json, digest, load_rows, write_parquet
+from core.io import atomic_write_json, digest, write_parquet
 from core.judge import JudgeConfig
 from core.rundir import prepare_output_dir
+from core.shards import ShardWriter
 from data_synth.scoring import Scorer, reward_source
 
 

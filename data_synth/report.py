@@ -24,8 +24,9 @@ import pandas as pd  # noqa: E402
 
 from core.chat import CONVERSATION_COLUMNS, first_turn, to_messages  # noqa: E402
 from core.config import cli, load_config, resolved
+from core.data import iter_rows, open_dataset
 from core.embed import embed  # noqa: E402
-from core.io import atomic_write_text, iter_rows, open_dataset  # noqa: E402
+from core.io import atomic_write_text  # noqa: E402
 from core.rundir import prepare_output_dir  # noqa: E402
 from data_synth.labels import DIFFICULTY, QUALITY, TASK_CATEGORIES  # noqa: E402
 

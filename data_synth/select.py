@@ -20,7 +20,8 @@ import pandas as pd
 
 from core.chat import CONVERSATION_COLUMNS, first_turn
 from core.config import ConfigError, cli, load_config, resolved
-from core.io import atomic_write_json, iter_rows, open_dataset, take_rows, write_parquet
+from core.data import iter_rows, open_dataset, take_rows
+from core.io import atomic_write_json, write_parquet
 from core.rundir import prepare_output_dir
 from data_synth.labels import DIFFICULTY, QUALITY
 

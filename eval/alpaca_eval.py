@@ -24,8 +24,9 @@ from typing import Any
 import pandas as pd
 
 from core.config import ConfigError, cli, load_config, resolved
+from core.data import is_user_hub_error
 from core.engines import Completion
-from core.io import atomic_write_json, atomic_write_text, is_user_hub_error
+from core.io import atomic_write_json, atomic_write_text
 from core.judge import Judge, JudgeConfig, first_token_share
 from core.rundir import prepare_output_dir
 from eval.generate import check_same_questions

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from core.chat import render_prompt
 from core.config import ConfigError, cli, load_config, resolved
+from core.data import is_user_hub_error, load_rows
 from core.engines import CONTEXT_FULL, EngineConfig, Sampling, make_engine, request_seed
-from core.io import atomic_write_json, digest, is_user_hub_error, load_rows, read_jsonl, write_jsonl
+from core.io import atomic_write_json, digest, read_jsonl, write_jsonl
 from core.models import resolve_model
 from core.recipes import shipped
 from core.rundir import prepare_output_dir

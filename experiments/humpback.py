@@ -31,7 +31,8 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 
 from core.config import cli, load_config, resolved
-from core.io import atomic_write_json, atomic_write_text, data_files, open_dataset, take_rows
+from core.data import data_files, open_dataset, take_rows
+from core.io import atomic_write_json, atomic_write_text
 from core.recipes import merge_recipe
 from core.rundir import prepare_output_dir
 from eval.scores import markdown_table

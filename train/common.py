@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from core.chat import end_of_turn_ids, training_chat_template
 from core.config import ConfigError, load_config, resolved
-from core.io import atomic_file, atomic_write_json, atomic_write_text, data_files, digest, follow_umask
+from core.data import data_files
+from core.io import atomic_file, atomic_write_json, atomic_write_text, digest, follow_umask
 from core.models import default_dtype, padded, resolve_model
 from core.rundir import prepare_output_dir
 

@@ -18,7 +18,7 @@ from trl.data_utils import extract_prompt
 
 from core.chat import check_messages
 from core.config import ConfigError, cli
-from core.io import batch_rows, open_dataset
+from core.data import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 

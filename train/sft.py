@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from core.chat import CONVERSATION_COLUMNS, check_messages, first_turn, to_messages
 from core.config import ConfigError, cli
-from core.io import batch_rows, open_dataset
+from core.data import batch_rows, open_dataset
 from train.common import ScriptArgs, load_model, load_tokenizer, start, train_and_save
 
 

@@ -24,19 +24,12 @@ from tqdm.auto import tqdm
 
 from core.chat import first_turn, to_messages
 from core.config import cli, load_config, resolved
+from core.data import iter_rows, open_dataset, remapped, shard_bounds, table_block
 from core.engines import EngineConfig
-from core.io import (
-    ShardWriter,
-    atomic_write_json,
-    iter_rows,
-    open_dataset,
-    remapped,
-    shard_bounds,
-    table_block,
-    write_parquet,
-)
+from core.io import atomic_write_json, write_parquet
 from core.judge import JudgeConfig
 from core.rundir import prepare_output_dir
+from core.shards import ShardWriter
 from data_synth.tag.context import Context, aligned_tags
 from data_synth.tag.taggers import FAST_CHUNK, MAGPIE_TAGGERS, TAGGERS, in_order
 

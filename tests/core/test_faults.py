@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError, build
+from core.data import load_rows
 from core.engines import EngineConfig
-from core.io import ShardWriter, load_rows
 from core.rundir import prepare_output_dir, release_output_dir
+from core.shards import ShardWriter
 from tests.conftest import ROOT
 
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError
-from core.io import ShardWriter, load_rows, open_dataset
+from core.data import load_rows, open_dataset
+from core.shards import ShardWriter
 from tests.core.test_output_dir import main
 
 

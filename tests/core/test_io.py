@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.io import iter_rows, open_dataset, shard_bounds, take_rows
+from core.data import iter_rows, open_dataset, shard_bounds, take_rows
 
 
 def data(tmp_path, n=10, shards=(4, 6)):

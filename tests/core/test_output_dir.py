@@ -167,8 +167,9 @@ def test_the_leaderboard_never_replaces_another_runs_tables(tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_files_we_write_follow_the_umask(tmp_path, mask):
-    from core.io import ShardWriter, atomic_write_json, write_chunk
+    from core.io import atomic_write_json
     from core.judge import JudgeCache
+    from core.shards import ShardWriter, write_chunk
     from experiments.sweep import set_status
 
     old = os.umask(mask)
