@@ -203,7 +203,8 @@ def test_a_rate_limit_is_waited_out_and_a_refusal_is_a_reply(embedded_path, tmp_
 def test_a_reasoning_model_gets_max_completion_tokens(embedded_path, monkeypatch):
     """OpenAI's reasoning models refuse `max_tokens` (HTTP 400 for every request); `max_completion_tokens` carries
     the limit instead, and is what api.openai.com gets unless told otherwise."""
-    from core.engines import OutageError, token_limit_field
+    from core.engines import token_limit_field
+    from core.errors import OutageError
     from tests.conftest import start_server
 
     monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")

@@ -51,7 +51,7 @@ def write_parquet(path, rows, schema=None):
 def test_a_second_run_on_one_output_dir_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "m"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from core.config import prepare_output_dir; "
+        [sys.executable, "-c", "import sys, time; from core.rundir import prepare_output_dir; "
          f"prepare_output_dir({str(out)!r}, {{'model': 'embedded'}}, command='data_synth.magpie'); print('held', flush=True); time.sleep(60)"],
         env=ENV, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
