@@ -239,7 +239,7 @@ def test_pairs_keep_their_samples_when_scoring_fails_and_free_the_policy_before_
     import weakref
 
     import data_synth.pairs as pairs
-    import data_synth.tag as tag
+    from data_synth.scoring import Scorer
 
     monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
     policy = table_server([["", {"cycle": ["Good answer.", "Poor answer."]}]])
@@ -268,7 +268,7 @@ def test_pairs_keep_their_samples_when_scoring_fails_and_free_the_policy_before_
     monkeypatch.undo()
     monkeypatch.setenv("TEST_SERVER_KEY", "sk-test-123")
     made, alive_when_scoring = [], []
-    real_make, real_rewards = pairs.make_engine, tag.Context.rewards
+    real_make, real_rewards = pairs.make_engine, Scorer.rewards
 
     def make(*a):
         made.append(weakref.ref(e := real_make(*a)))
@@ -280,7 +280,7 @@ def test_pairs_keep_their_samples_when_scoring_fails_and_free_the_policy_before_
         return real_rewards(self, flat)
 
     monkeypatch.setattr(pairs, "make_engine", make)
-    monkeypatch.setattr(tag.Context, "rewards", rewards)
+    monkeypatch.setattr(Scorer, "rewards", rewards)
     args = [a.replace(f"output_dir={tmp_path / 'pairs'}", f"output_dir={tmp_path / 'fresh'}") for a in args]
     assert main("data_synth.pairs", *args, *engine("", policy), *engine("judge.", judge))[0] == 0
     assert alive_when_scoring == [False]  # the policy engine was released before the first score
