@@ -49,10 +49,6 @@ class Scorer:
             self.models["judge"] = Judge(self.judge_config, self.cache)
         return self.models["judge"]
 
-    def uses(self) -> set[str]:
-        """The model `rewards` runs."""
-        return {"rm"} if self.reward_model else {"judge"}
-
     def release(self, keep: set[str]) -> None:
         """Close the models not in `keep`; the judge keeps its cache and reloads on its next call."""
         if "judge" in self.models and "judge" not in keep:
