@@ -306,7 +306,10 @@ RANGES: dict[str, Bounds] = {
         COUNT,
     ),
     "max_steps": Bounds(1, also=(-1,)),  # -1: train for num_train_epochs
-    "label_smoothing": Bounds(0, 0.5),
+    "label_smoothing": Bounds(0, 0.5, high_open=True),  # robust DPO divides by 1 - 2 x it
+    # the preference methods' own weights (train/dpo.py)
+    **dict.fromkeys(["simpo_gamma", "cpo_alpha"], NONNEGATIVE),
+    **dict.fromkeys(["desirable_weight", "undesirable_weight"], POSITIVE),
 }
 
 

@@ -17,9 +17,14 @@ class Command:
     configs: tuple[str, ...]  # the dataclasses (in `module`) a recipe and its overrides build, in order
     training: bool = False  # launched by accelerate, on the stage's accelerate_config
     stage: bool = True  # a sweep may run it (the orchestrators themselves may not)
+    # a function of `module` that picks the dataclasses from the merged recipe (dpo: by `method`), else `configs`
+    pick: str | None = None
 
-    def schemas(self) -> tuple[type, ...]:
+    def schemas(self, raw: dict | None = None) -> tuple[type, ...]:
+        """The dataclasses the merged recipe `raw` builds (without one: those of the command's defaults)."""
         module = importlib.import_module(self.module)
+        if self.pick:
+            return getattr(module, self.pick)(raw or {})
         return tuple(getattr(module, name) for name in self.configs)
 
 
@@ -33,7 +38,7 @@ COMMANDS = {
     "pairs": Command("data_synth.pairs", "pairs", ("PairsConfig",)),
     "report": Command("data_synth.report", "report", ("ReportConfig",)),
     "sft": Command("train.sft", "sft", ("SFTScriptArgs", "SFTConfig"), training=True),
-    "dpo": Command("train.dpo", "dpo", ("ScriptArgs", "DPOConfig"), training=True),
+    "dpo": Command("train.dpo", "dpo", ("PreferenceArgs", "DPOConfig"), training=True, pick="schemas"),
     "generate": Command("eval.generate", "generate", ("GenerateConfig",)),
     "alpaca_eval": Command("eval.alpaca_eval", "alpaca_eval", ("AlpacaEvalConfig",)),
     "arena_hard": Command("eval.arena_hard", "arena_hard", ("ArenaHardConfig",)),

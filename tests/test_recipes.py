@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from core.config import parse_config, to_plain
-from core.recipes import RECIPES_DIR, load_recipe
+from core.recipes import RECIPES_DIR, load_recipe, merge_recipe
 from experiments.commands import BY_FOLDER, Command
 
 ROOT = RECIPES_DIR.parent
@@ -24,8 +24,9 @@ def command(folder: str) -> Command:
     return BY_FOLDER[folder]
 
 
-def schemas(folder: str) -> tuple[type, ...]:
-    return command(folder).schemas()
+def schemas(folder: str, recipe: str | None = None) -> tuple[type, ...]:
+    """The dataclasses recipe `recipe` of `folder` builds (the preference script's depend on its `method`)."""
+    return command(folder).schemas(merge_recipe(folder, recipe, {}))
 
 
 def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,7 +83,7 @@ def test_recipe_validates(path: Path):
     stage = path.parent.name
     # GPU recipes ask for bf16, which transformers refuses on a machine without a GPU unless told it is CPU.
     extra = ["use_cpu=true"] if stage in ("sft", "dpo") else []
-    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
+    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage, path.stem))
     stated = leaves(OmegaConf.to_container(load_recipe(stage, path.stem), resolve=True))  # `base:` included
     assert stated
     wrong = {key: (value, built_value(built, key)) for key, value in stated.items()
@@ -187,7 +188,7 @@ def test_recipe_passes_the_preflight_in_the_gpu_setup(path: Path, gpu_environmen
 
     stage = path.parent.name
     extra = ["use_cpu=true"] if stage in ("sft", "dpo") else []
-    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage))
+    built = parse_config(stage, [f"recipe={path.stem}", *extra], *schemas(stage, path.stem))
     assert preflight.problems(resolved(*built), set(gpu_environment)) == []
 
 
@@ -203,7 +204,7 @@ def test_a_training_recipe_gets_its_batch_from_the_launch_line_it_documents(path
     text = path.read_text()
     launch = re.search(r"accelerate launch (?:--config_file (\S+))?((?: --num_processes \d+)?)", text)
     script, args = parse_config(
-        path.parent.name, [f"recipe={path.stem}", "use_cpu=true"], *schemas(path.parent.name)
+        path.parent.name, [f"recipe={path.stem}", "use_cpu=true"], *schemas(path.parent.name, path.stem)
     )
     if script.effective_batch_size is None:
         assert not re.search(r"deepspeed|GPUs", text), (

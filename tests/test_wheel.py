@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 CHECK_EVERY_RECIPE = """
 import contextlib, importlib, io, sys
 from core.config import parse_config
-from core.recipes import RECIPES_DIR
+from core.recipes import RECIPES_DIR, merge_recipe
 from experiments.commands import COMMANDS
 assert "site" in str(RECIPES_DIR), RECIPES_DIR
 checked = 0
@@ -22,7 +22,7 @@ for command in COMMANDS.values():
         importlib.import_module(command.module).main(["--help"])
     for path in sorted((RECIPES_DIR / command.recipes).glob("*.yaml")):
         extra = ["use_cpu=true"] if command.training else []  # GPU recipes ask for bf16
-        parse_config(command.recipes, [f"recipe={path.stem}", *extra], *command.schemas())
+        parse_config(command.recipes, [f"recipe={path.stem}", *extra], *command.schemas(merge_recipe(command.recipes, path.stem, {})))
         checked += 1
 print(checked)
 """

@@ -166,3 +166,32 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert state["global_step"] == 4
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert steps[-1] == 4 and 1 not in steps[-2:]  # the resumed run did not start over
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo"])
+def test_zero3_lora_preference_training_on_two_cpu_processes(tmp_path, embedded_path, method):
+    """The preference methods under ZeRO-3 (DPO with its reference model as the frozen base behind the adapter;
+    SimPO on trl's CPO trainer): both processes train, the adapter is gathered and saved, every LoRA B matrix has
+    moved from its zero start, and the reward margin grows."""
+    from tests.train.test_preference_methods import write_pairs
+    from tests.train.test_sft import tiny_llama3
+
+    model = tiny_llama3(tmp_path, embedded_path)
+    out = tmp_path / method
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs/deepspeed_zero3_cpu.yaml"), str(ROOT / "train/dpo.py"),
+           f"recipe=demo_{method}", f"model_name_or_path={model}", f"dataset={write_pairs(tmp_path / 'pairs.jsonl')}",
+           f"output_dir={out}", "chat_template=llama3", "lora_r=4", "lora_alpha=8", "max_steps=4",
+           "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "max_length=64", "learning_rate=2e-2",
+           "lr_scheduler_type=constant", "warmup_steps=0", "save_strategy=steps", "save_steps=4",
+           "merge_lora=false"]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = load_file(out / "adapter_model.safetensors")
+    b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert len(b) == 2 * 7 and all(v.abs().sum() > 0 for v in b.values())  # every adapted linear of both layers
+    log = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    steps = [e for e in log if "rewards/margins" in e]
+    assert len(steps) == 4 and ("nll_loss" in steps[0]) == (method == "simpo")  # CPO's metrics for SimPO
+    assert steps[-1]["rewards/margins"] > steps[0]["rewards/margins"]

@@ -1,11 +1,8 @@
-import json
-
 import pytest
-import torch
 
-from core.config import ConfigError, build, parse_config
+from core.config import ConfigError, parse_config
 from train.common import ScriptArgs
-from train.dpo import DPOConfig, build_trainer, normalize_preference
+from train.dpo import DPOConfig, normalize_preference
 
 USER = {"role": "user", "content": "Name a planet."}
 
@@ -36,59 +33,6 @@ def test_preference_rows_are_normalized_or_rejected_naming_the_row():
         normalize_preference(
             {**whole, "rejected": [other, {"role": "assistant", "content": "Sirius."}]}, "row 5"
         )
-
-
-@pytest.mark.integration
-def test_lora_dpo_on_the_embedded_model_changes_every_lora_parameter(tmp_path):
-    from trl import DPOConfig
-
-    pairs = [
-        ("Name a planet.", "Mars is a planet.", "Bananas."),
-        ("What is 2 + 2?", "2 + 2 = 4.", "5"),
-        ("Say hi in French.", "Bonjour !", "Goodbye."),
-    ]
-    path = tmp_path / "pairs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "prompt": [{"role": "user", "content": q}],
-                    "chosen": [{"role": "assistant", "content": c}],
-                    "rejected": [{"role": "assistant", "content": r}],
-                }
-            )
-            + "\n"
-            for q, c, r in pairs
-        )
-    )
-    script = ScriptArgs(
-        model_name_or_path="embedded", dataset=str(path), peft="lora", lora_r=8, lora_alpha=16
-    )
-    (args,) = build(
-        {
-            "output_dir": str(tmp_path / "dpo"),
-            "max_steps": 3,
-            "per_device_train_batch_size": 3,
-            "learning_rate": 1e-3,
-            "beta": 0.1,
-            "max_length": 128,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": "none",
-            "bf16": False,
-            "activation_checkpointing": False,
-        },
-        DPOConfig,
-    )
-    trainer = build_trainer(script, args)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert before and all("lora_" in n for n in before)
-    trainer.train()
-    after = dict(trainer.model.named_parameters())
-    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
-    assert not unchanged, f"LoRA parameters that did not change: {unchanged[:5]}"
-    log = [e for e in trainer.state.log_history if "rewards/margins" in e]
-    assert log and log[-1]["rewards/margins"] > log[0]["rewards/margins"] - 1e-6  # learning to prefer chosen
 
 
 @pytest.mark.parametrize("key", ["reverse_pairs=true", "dataset_mixture={a: 1.0}", "system_prompts={a: x}",
