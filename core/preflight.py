@@ -161,22 +161,39 @@ def api_problems(config: Any, prefix: str = "") -> list[str]:
 
 
 def device_problems(config: dict[str, Any]) -> list[str]:
-    """What this machine cannot run: flash-attention kernels exist only for CUDA GPUs."""
+    """What this machine cannot run: flash-attention and Liger's Triton kernels exist only for CUDA GPUs."""
     import torch
 
     if torch.cuda.is_available():
         return []
-    return [
-        f"{key}={value} runs on a CUDA GPU only and this machine has none: set {key}=sdpa to run here"
-        for key, value in leaves(config)
-        if flash_attention(key, value)
-    ]
+    out = []
+    for key, value in leaves(config):
+        if flash_attention(key, value):
+            out.append(
+                f"{key}={value} runs on a CUDA GPU only and this machine has none: set {key}=sdpa to run here"
+            )
+        elif key.rsplit(".", 1)[-1] == "use_liger_kernel" and value is True:
+            out.append(
+                f"{key}=true: Liger's Triton kernels run on a CUDA GPU only and this machine has none: set {key}=false"
+            )
+    return out
+
+
+def optimizer_problems(config: dict[str, Any]) -> list[str]:
+    """GaLore and APOLLO project chosen linear layers; transformers fails after loading the model when none are named."""
+    optim = str(config.get("optim") or "")
+    if ("galore" in optim or "apollo" in optim) and not config.get("optim_target_modules"):
+        return [
+            f"optim={optim} needs optim_target_modules, the linear layers it projects (as its paper: "
+            "optim_target_modules=[attn,mlp])"
+        ]
+    return []
 
 
 def check(stage: str, built: tuple[Any, ...], config: dict[str, Any]) -> list[str]:
     """Every problem this machine has with a command's config (`built`, resolved as `config`): packages, device,
     hosted-judge settings, and inputs under runs/ that an earlier stage has not written."""
-    found = problems(config) + device_problems(config) + api_problems(config)
+    found = problems(config) + device_problems(config) + api_problems(config) + optimizer_problems(config)
     if stage == "sweeps":  # a sweep's inputs are written by its own earlier stages; each cell checks its own
         return found
     # A schema that says what it reads (`inputs()`: training reads dataset_mixture's sources, not `dataset`) is

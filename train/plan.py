@@ -9,6 +9,13 @@ master weights and two moments (2 + 2 + 12 bytes per trainable parameter); activ
 are ~34 x hidden bytes with flash attention (Korthikanti et al., 2022), ~2 x hidden with checkpointing plus
 one layer recomputed, and LoRA adds each adapted layer's dropped-out input; logits are batch x length x vocab
 in fp32. benchmarks/plan_check.py compares the estimate with peaks measured on CPU.
+
+The optimizer (`optim`, transformers' names) sets the optimizer-state and gradient terms (`optimizer_memory`):
+AdamW keeps two fp32 moments (8 bytes per trainable parameter), 8-bit AdamW two 8-bit ones (2 bytes, plus a
+scale per 256-value block; the Trainer keeps the embeddings' in 32 bits), Adafactor and AdaLomo a factored second moment (rows + columns of each matrix);
+GaLore and APOLLO keep Adam's moments in a rank-r projection of each targeted matrix plus the projection; LOMO and
+AdaLomo apply each gradient as backward produces it, and so do the `*_layerwise` variants, so only one tensor's
+gradient is held at a time. benchmarks/train_memory.py measures these on CPU beside the estimate.
 """
 
 from __future__ import annotations
@@ -61,6 +68,79 @@ def count_params(cfg: Any) -> dict[str, int]:
     }
 
 
+def matrices(p: dict[str, int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """The model's weight matrices as (rows, columns): the blocks' linear layers, the embeddings (and untied head),
+    and the count of the remaining (vector) parameters."""
+    h, i, q, kv = p["hidden"], p["intermediate"], p["q_dim"], p["kv_dim"]
+    per_layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    linear = per_layer * p["layers"]
+    embeddings = [(p["vocab"], h)] * (p["embeddings"] // (p["vocab"] * h))
+    vectors = p["total"] - sum(a * b for a, b in linear + embeddings)
+    return linear, embeddings, vectors
+
+
+ADAM_LIKE = ("adamw", "adam", "lion", "rmsprop", "sgd", "ademamix")
+
+
+def optimizer_memory(
+    p: dict[str, int], trainable: int, recipe: dict[str, Any], full: bool, grad_bytes: int
+) -> tuple[float, float]:
+    """(optimizer-state bytes, gradient bytes) on one process before sharding, for the recipe's `optim`.
+
+    Full fine-tuning counts per matrix (factored and low-rank states depend on shapes); LoRA's small matrices are
+    counted per parameter. GaLore/APOLLO target the blocks' linear layers (their usual `optim_target_modules`);
+    everything else they update with plain AdamW."""
+    name = str(recipe.get("optim") or "adamw_torch").lower()
+    args = dict(
+        kv.split("=", 1) for kv in str(recipe.get("optim_args") or "").replace(" ", "").split(",") if kv
+    )
+    rank = int(args.get("rank", 128))
+    grads = float(trainable * grad_bytes)
+    fused = "lomo" in name or name.endswith("layerwise")  # each gradient is applied and freed during backward
+    linear, embeddings, vectors = matrices(p) if full else ([], [], trainable)
+    largest = max((a * b for a, b in linear + embeddings), default=trainable)
+    if fused:
+        grads = float(min(largest, trainable) * grad_bytes)
+
+    def factored(shapes: list[tuple[int, int]]) -> float:
+        return sum(4.0 * (a + b) for a, b in shapes)
+
+    if name == "lomo":
+        return 0.0, grads
+    if name in ("adafactor", "adalomo"):  # second moment factored into row and column sums; no first moment
+        if not full:
+            return 4.0 * trainable, grads
+        return factored(linear + embeddings) + 4.0 * vectors, grads
+    if "galore" in name or "apollo" in name:
+        if not full or not recipe.get("optim_target_modules"):
+            return 8.0 * trainable, grads
+        projected = sum(
+            2 * 4.0 * max(a, b) * min(rank, a, b) + 4.0 * min(a, b) * min(rank, a, b) for a, b in linear
+        )
+        rest = 8.0 * (sum(a * b for a, b in embeddings) + vectors)
+        if "8bit" in name:
+            projected, rest = projected / 4, rest / 4
+        return projected + rest, grads
+    if not any(k in name for k in ADAM_LIKE):
+        raise ConfigError(
+            f"optim={name}: the planner does not know its memory; it knows {', '.join(PLANNED_OPTIMIZERS)}"
+        )
+    if "8bit" not in name:
+        return 8.0 * trainable, grads
+    # bitsandbytes: one byte per moment plus an fp32 scale per 256-value block; the Trainer keeps the embeddings'
+    # states in 32 bits (as bitsandbytes advises for stability)
+    eight_bit = 2 * (1 + 4 / 256)
+    embedded = p["vocab"] * p["hidden"] if full else 0  # nn.Embedding only: an untied head is a Linear
+    return eight_bit * (trainable - embedded) + 8.0 * embedded, grads
+
+
+PLANNED_OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "adafactor", "lomo", "adalomo", "galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "apollo_adamw",
+    "apollo_adamw_layerwise",
+)  # fmt: skip
+
+
 def lora_params(p: dict[str, int], r: int) -> int:
     """LoRA on every linear layer of every block (q, k, v, o, gate, up, down): r x (in + out) each."""
     h, i, q, kv = p["hidden"], p["intermediate"], p["q_dim"], p["kv_dim"]
@@ -102,8 +182,10 @@ def sharding(accelerate_yaml: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], gpus: int) -> dict[str, float]:
-    """Bytes per GPU by component."""
+def estimate(
+    p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], gpus: int, reference: bool = False
+) -> dict[str, float]:
+    """Bytes per GPU by component; `reference`: a frozen copy of the model is held too (DPO's family, KTO)."""
     peft = recipe.get("peft", "lora")
     bf16 = bool(recipe.get("bf16", False)) or recipe.get("torch_dtype") == "bfloat16"
     wbytes = 2 if bf16 else 4
@@ -115,9 +197,14 @@ def estimate(p: dict[str, int], recipe: dict[str, Any], shard: dict[str, Any], g
         )
     else:
         weights = p["total"] * wbytes
+    if reference and peft == "none":  # with LoRA the base behind the adapter is the reference
+        weights *= 2
     adapter = 0 if peft == "none" else trainable * 4  # LoRA weights stay fp32 (PEFT's default autocast)
-    grads = trainable * (wbytes if peft == "none" else 4)
-    optim = trainable * (12 if bf16 and peft == "none" else 8)  # fp32 master + 2 moments, or just 2 moments
+    optim, grads = optimizer_memory(p, trainable, recipe, peft == "none", wbytes if peft == "none" else 4)
+    if bf16 and peft == "none" and "lomo" not in str(recipe.get("optim")):
+        optim += (
+            4 * trainable
+        )  # mixed precision: an fp32 master copy of the bf16 weights (LOMO updates in place)
     n = max(gpus, 1)
     if shard["weights"] and peft == "none":
         weights /= n
@@ -164,6 +251,10 @@ RECIPE_KEYS_READ = {
     "activation_checkpointing": bool,
     "gradient_checkpointing": bool,
     "model_name_or_path": str,
+    "optim": str,
+    "optim_args": str,
+    "method": str,
+    "precompute_ref_log_probs": bool,
 }
 
 SHIPPED_CONFIGS = Path(__file__).with_name("model_configs.json")
@@ -187,6 +278,16 @@ def model_config(name: str) -> Any:
         ) from None
 
 
+def needs_reference(stage: str, recipe: dict[str, Any]) -> bool:
+    """Whether training holds a reference model: the preference methods that have one, unless its log-probabilities
+    are computed before training."""
+    if stage != "dpo" or recipe.get("precompute_ref_log_probs"):
+        return False
+    from train.dpo import METHODS
+
+    return METHODS[recipe.get("method", "dpo")].reference
+
+
 def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """`overrides` change recipe keys, as on a training command line (peft=qlora, max_length=4096, ...)."""
     from core.models import resolve_model
@@ -200,7 +301,7 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
         raise ConfigError(f"accelerate_config '{cfg.accelerate_config}': no {acc_path}")
     shard = sharding(yaml.safe_load(acc_path.read_text()))
     p = count_params(model_config(resolve_model(cfg.model or recipe.get("model_name_or_path", "embedded"))))
-    est = estimate(p, recipe, shard, cfg.gpus)
+    est = estimate(p, recipe, shard, cfg.gpus, reference=needs_reference(cfg.stage, recipe))
     parts = {k: est[k] / GB for k in ("weights", "gradients", "optimizer", "activations", "logits")}
     total = sum(parts.values()) + cfg.overhead_gb
     return {
@@ -215,6 +316,7 @@ def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, 
         "total_gb": round(total, 2),
         "gpu_mem_gb": cfg.gpu_mem_gb,
         "fits": total <= cfg.gpu_mem_gb,
+        "optim": recipe.get("optim") or "adamw_torch",
     }
 
 

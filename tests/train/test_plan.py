@@ -2,6 +2,7 @@ import pytest
 from transformers import LlamaConfig
 
 import train.plan
+from core.config import ConfigError
 from train.plan import GB, PlanConfig, count_params, estimate, lora_params, plan, sharding
 
 LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -99,3 +100,60 @@ def test_a_value_training_would_refuse_is_a_one_line_error(capsys):
             train.plan.main(argv)
         err = capsys.readouterr().err
         assert exit.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_each_memory_efficient_optimizer_has_its_own_state_and_gradient_memory():
+    p = count_params(LLAMA3_8B)
+    n, largest = p["total"], 128256 * 4096  # the embedding matrix is the largest tensor
+    base = {"peft": "none", "bf16": True, "per_device_train_batch_size": 1, "max_length": 2048}
+
+    def memory(optim: str, **more) -> tuple[float, float]:
+        est = estimate(p, {**base, "optim": optim, **more}, sharding({"distributed_type": "NO"}), 1)
+        return est["optimizer"], est["gradients"]
+
+    assert memory("adamw_torch") == (12 * n, 2 * n)  # fp32 master + two fp32 moments; bf16 gradients
+    assert memory("paged_adamw_32bit") == memory(
+        "adamw_torch"
+    )  # paging moves states, it does not shrink them
+    optim, grads = memory("adamw_bnb_8bit")
+    embedding = 128256 * 4096  # its states stay 32-bit, as the Trainer registers them with bitsandbytes
+    assert (
+        optim == pytest.approx(4 * n + 2 * (1 + 4 / 256) * (n - embedding) + 8 * embedding) and grads == 2 * n
+    )
+    assert memory("lomo") == (0, 2 * largest)  # no state, and one gradient at a time
+    adalomo, _ = memory("adalomo")
+    assert 0 < adalomo < 0.01 * n  # factored: rows + columns per matrix
+    adafactor, adafactor_grads = memory("adafactor")
+    assert adafactor == pytest.approx(adalomo + 4 * n, rel=1e-6) and adafactor_grads == 2 * n
+    galore, _ = memory("galore_adamw", optim_target_modules=["attn", "mlp"])
+    assert 4 * n < galore < 12 * n  # moments of rank-128 projections of the blocks, AdamW on the embeddings
+    assert memory("galore_adamw", optim_target_modules=["attn", "mlp"], optim_args="rank=512")[0] > galore
+    assert memory("galore_adamw_layerwise", optim_target_modules=["attn", "mlp"]) == (galore, 2 * largest)
+    lora = estimate(
+        p, {**base, "peft": "lora", "optim": "adamw_bnb_8bit"}, sharding({"distributed_type": "NO"}), 1
+    )
+    assert lora["optimizer"] == pytest.approx(2 * (1 + 4 / 256) * lora["trainable_params"])
+    with pytest.raises(ConfigError, match="optim=mystery: the planner does not know its memory"):
+        memory("mystery")
+
+
+def test_a_full_preference_run_holds_the_reference_model_unless_it_is_reference_free_or_precomputed(tmp_path):
+    LLAMA3_8B.save_pretrained(tmp_path / "llama3-8b")
+
+    def weights(recipe: str, **overrides) -> float:
+        cfg = PlanConfig(
+            recipe,
+            stage="dpo",
+            accelerate_config="deepspeed_zero3",
+            gpus=8,
+            model=str(tmp_path / "llama3-8b"),
+        )
+        return plan(cfg, overrides)["per_gpu_gb"]["weights"]
+
+    dpo = weights("magpie_pro_dpo")
+    assert dpo == pytest.approx(
+        2 * 2 * 8.03e9 / 8 / GB, rel=1e-3
+    )  # policy and reference, bf16, sharded 8 ways
+    assert weights("magpie_pro_simpo") == pytest.approx(dpo / 2, rel=1e-3)
+    assert weights("magpie_pro_dpo", precompute_ref_log_probs=True) == pytest.approx(dpo / 2, rel=1e-3)
+    assert weights("magpie_pro_kto") == pytest.approx(dpo, rel=1e-3)
