@@ -150,8 +150,7 @@ def test_the_leaderboard_refuses_nan_naming_the_file(tmp_path):
 
 
 def test_no_test_row_reaches_the_dpo_trainer(tmp_path):
-    from train.common import ScriptArgs
-    from train.dpo import load_preferences
+    from train.dpo import PreferenceArgs, load_preferences
 
     def pair(q):
         return {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": "good"}],
@@ -159,7 +158,7 @@ def test_no_test_row_reaches_the_dpo_trainer(tmp_path):
 
     write_parquet(tmp_path / "pairs" / "train-00000.parquet", [pair("train 1"), pair("train 2")])
     write_parquet(tmp_path / "pairs" / "test-00000.parquet", [pair("TEST ROW")])
-    ds = load_preferences(ScriptArgs(dataset=str(tmp_path / "pairs")))
+    ds = load_preferences(PreferenceArgs(dataset=str(tmp_path / "pairs")))
     assert sorted(r["prompt"][0]["content"] for r in ds) == ["train 1", "train 2"]
     assert [r["prompt"][0]["content"] for r in load_rows(tmp_path / "pairs", "test")] == ["TEST ROW"]
     with pytest.raises(ConfigError, match="no 'validation' split \\(found: test, train\\)"):

@@ -121,7 +121,9 @@ def test_training_checks_the_sources_it_reads_not_the_dataset_a_mixture_replaces
 
 def test_gpu_only_kernels_and_an_unprojected_galore_are_named_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = main("train.sft", "recipe=demo_sft", "use_liger_kernel=true", "optim=galore_adamw", "--preflight")
+    code, err = main(
+        "train.sft", "recipe=demo_sft", "use_liger_kernel=true", "optim=galore_adamw", "--preflight"
+    )
     assert code == 2
     assert "use_liger_kernel=true: Liger's Triton kernels run on a CUDA GPU only" in err
     assert "optim=galore_adamw needs optim_target_modules" in err

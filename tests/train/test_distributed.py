@@ -190,7 +190,9 @@ def test_zero3_lora_preference_training_on_two_cpu_processes(tmp_path, embedded_
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = load_file(out / "adapter_model.safetensors")
     b = {k: v for k, v in adapter.items() if "lora_B" in k}
-    assert len(b) == 2 * 7 and all(v.abs().sum() > 0 for v in b.values())  # every adapted linear of both layers
+    assert len(b) == 2 * 7 and all(
+        v.abs().sum() > 0 for v in b.values()
+    )  # every adapted linear of both layers
     log = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     steps = [e for e in log if "rewards/margins" in e]
     assert len(steps) == 4 and ("nll_loss" in steps[0]) == (method == "simpo")  # CPO's metrics for SimPO

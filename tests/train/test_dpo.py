@@ -1,8 +1,9 @@
 import pytest
+from trl import DPOConfig
 
 from core.config import ConfigError, parse_config
 from train.common import ScriptArgs
-from train.dpo import DPOConfig, normalize_preference
+from train.dpo import normalize_preference
 
 USER = {"role": "user", "content": "Name a planet."}
 
