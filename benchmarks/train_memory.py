@@ -103,7 +103,14 @@ print("RESULT " + json.dumps({"model_rss_gb": before / 2**30, "train_peak_above_
 def predicted(optim: str, extra: dict) -> dict:
     """The planner's per-process terms for this run (fp32 full fine-tuning, one CPU process)."""
     p = count_params(model_config(str(_embedded())))
-    recipe = {"peft": "none", "bf16": False, "per_device_train_batch_size": 2, "max_length": 128, "optim": optim, **extra}
+    recipe = {
+        "peft": "none",
+        "bf16": False,
+        "per_device_train_batch_size": 2,
+        "max_length": 128,
+        "optim": optim,
+        **extra,
+    }
     est = estimate(p, recipe, sharding({"distributed_type": "NO"}), 1)
     return {k: est[k] / GB for k in ("optimizer", "gradients", "activations", "logits")}
 
@@ -127,7 +134,16 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = []
     for optim, extra in CASES:
-        cmd = [sys.executable, "-c", CHILD, optim, json.dumps(extra), str(tmp / optim), str(data), str(a.steps)]
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            optim,
+            json.dumps(extra),
+            str(tmp / optim),
+            str(data),
+            str(a.steps),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         plan = predicted(optim, extra)
@@ -142,7 +158,9 @@ def main() -> None:
                "plan_optimizer_gb": round(plan["optimizer"], 4), "plan_gradients_gb": round(plan["gradients"], 4),
                "plan_train_gb": round(sum(plan.values()), 4)}  # fmt: skip
         if plan["optimizer"] > 0:
-            row["optimizer_state_measured_over_plan"] = round(got["optimizer_state_gb"] / plan["optimizer"], 3)
+            row["optimizer_state_measured_over_plan"] = round(
+                got["optimizer_state_gb"] / plan["optimizer"], 3
+            )
         if got["gradients_held_gb"] > 0:
             row["gradients_measured_over_plan"] = round(got["gradients_held_gb"] / plan["gradients"], 3)
         row["train_peak_measured_over_plan"] = round(got["train_peak_above_model_gb"] / sum(plan.values()), 3)
@@ -165,7 +183,11 @@ def main() -> None:
         {
             "what": "full fine-tuning of the embedded SmolLM2-135M-Instruct, fp32, batch 2 x 128 tokens, "
             f"{a.steps} steps per optimizer, one process each",
-            "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
+            "machine": {
+                "cpus": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
             "results": results,
         },
     )
