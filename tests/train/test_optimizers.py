@@ -20,12 +20,18 @@ OPTIMIZERS = {  # optim -> (its keys, the optimizer class the Trainer builds)
 }
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, embedded_path) -> str:
+    return str(tiny_llama3(tmp_path_factory.mktemp("tiny"), embedded_path))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("optim", list(OPTIMIZERS))
-def test_each_memory_saving_optimizer_trains_every_parameter(optim, tmp_path, data_file, embedded_path):  # noqa: F811
+def test_each_memory_saving_optimizer_trains_every_parameter(optim, tmp_path, data_file, tiny_model):  # noqa: F811
     extra, expected = OPTIMIZERS[optim]
-    script = SFTScriptArgs(model_name_or_path=str(tiny_llama3(tmp_path, embedded_path)), dataset=str(data_file),
-                           peft="none", chat_template="llama3")  # fmt: skip
+    script = SFTScriptArgs(
+        model_name_or_path=tiny_model, dataset=str(data_file), peft="none", chat_template="llama3"
+    )
     trainer = build_trainer(
         script, sft_args(tmp_path / "out", optim=optim, learning_rate=1e-2, max_steps=2, **extra)
     )
