@@ -99,6 +99,8 @@ RIVALS = {  # the other formulas that read the same logged quantities
 # SLiC's hinge on summed log-probabilities is already cleared by these easy pairs at the demo's margin (1/beta = 1):
 # a wider margin keeps it active, so the steps tell it apart from SimPO's
 TEST_SETTINGS = {"slic": ["beta=0.05"]}
+# DPO whose reference log-probabilities are computed once before training (no reference forward in the steps)
+VARIANTS = {"dpo_precomputed": ("dpo", ["precompute_ref_log_probs=true"])}
 
 
 def config(method: str, tmp_path: Path, *overrides: str) -> tuple[PreferenceArgs, object]:
@@ -140,8 +142,9 @@ def reply_lengths(trainer, step: int) -> tuple[int, int]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_trains_with_its_own_loss_and_learns_the_preference(method, tmp_path):
+@pytest.mark.parametrize("case", [*METHODS, *VARIANTS])
+def test_each_method_trains_with_its_own_loss_and_learns_the_preference(case, tmp_path):
+    method, variant = VARIANTS.get(case, (case, []))
     kto_batch = METHODS[method].unpaired
     script, args = config(
         method, tmp_path,
@@ -149,10 +152,11 @@ def test_each_method_trains_with_its_own_loss_and_learns_the_preference(method, 
         "max_steps=3", f"per_device_train_batch_size={2 if kto_batch else 1}", "gradient_accumulation_steps=1",
         "learning_rate=2e-3", "lr_scheduler_type=constant", "warmup_steps=0", "max_length=96", "lora_r=8",
         "lora_alpha=16", "save_strategy=no", "merge_lora=false", "train_sampling_strategy=sequential",
-        *TEST_SETTINGS.get(method, []),
+        *TEST_SETTINGS.get(method, []), *variant,
     )  # fmt: skip
     trainer = build_trainer(script, args)
     assert type(trainer).__name__ == METHODS[method].trainer.split(":")[1]
+    assert ("ref_chosen_logps" in trainer.train_dataset.column_names) == (case == "dpo_precomputed")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in n for n in before)
     margin_before = chosen_over_rejected(trainer)
