@@ -40,9 +40,8 @@ class Method:
     trainer: str  # "module:Class"
     config: str
     paper: str
-    reference: (
-        bool  # needs the reference model (with LoRA, the frozen base; else a second copy or precomputed)
-    )
+    # needs the reference model (with LoRA, the frozen base; else a second copy or precomputed log-probabilities)
+    reference: bool
     unpaired: bool = False  # trains on single completions labelled good or bad, not on pairs
     fixed: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -70,7 +69,7 @@ METHODS = {
         True,
         fixed={"loss_type": ["robust"]},
         defaults={"label_smoothing": 0.1},
-    ),  # fmt: skip
+    ),
     "apo_zero": Method(
         *DPO, "D'Oosterlinck et al. 2024, arXiv:2408.06266", True, fixed={"loss_type": ["apo_zero"]}
     ),
@@ -83,20 +82,20 @@ METHODS = {
         False,
         fixed={"loss_type": "hinge"},
         defaults={"beta": 1.0, "cpo_alpha": 0.1},
-    ),  # fmt: skip
+    ),
     "simpo": Method(
         *CPO,
         "Meng et al. 2024, arXiv:2405.14734",
         False,
         fixed={"loss_type": "simpo"},
         defaults={"cpo_alpha": 0.0},
-    ),  # fmt: skip
+    ),
     "orpo": Method(
         "trl.experimental.orpo:ORPOTrainer",
         "trl.experimental.orpo:ORPOConfig",
         "Hong et al. 2024, arXiv:2403.07691",
         False,
-    ),  # fmt: skip
+    ),
     # KTO estimates its KL term from the other completions of the same batch, in a fixed order: trl requires
     # sequential sampling (load_preferences shuffles the rows once, seeded, instead) and more than one row per device.
     "kto": Method(
@@ -106,7 +105,7 @@ METHODS = {
         True,
         unpaired=True,
         fixed={"loss_type": "kto", "train_sampling_strategy": "sequential"},
-    ),  # fmt: skip
+    ),
 }
 # Keys of a shared config that only some of its methods read: set for another, they would be silently ignored.
 ONLY_FOR = {
@@ -146,6 +145,12 @@ def method_settings(raw: dict[str, Any]) -> tuple[Method, dict[str, Any]]:
     for key, value in method.fixed.items():
         if key in raw and _listed(raw[key]) != _listed(value):
             raise ConfigError(f"{key}={raw[key]}: method={name} is {key}={value}; leave {key} out")
+    batch = raw.get("per_device_train_batch_size")
+    if method.unpaired and isinstance(batch, int) and batch < 2:
+        raise ConfigError(
+            f"per_device_train_batch_size={batch}: method={name} estimates its KL term from the other rows of a "
+            "batch, so it needs at least 2 per device"
+        )
     if raw.get("padding_free") and method.config == DPO[1]:
         raise ConfigError(
             "padding_free=true: trl's DPOTrainer ignores it at present (it warns and pads); leave it out"
@@ -247,11 +252,6 @@ def load_preferences(script: PreferenceArgs, seed: int = 0) -> datasets.Dataset:
 def build_trainer(script: PreferenceArgs, args: Any) -> Any:
     """Data, tokenizer, model and the method's trainer; with LoRA the frozen base doubles as the reference model."""
     method = METHODS[script.method]
-    if method.unpaired and args.per_device_train_batch_size < 2:
-        raise ConfigError(
-            f"per_device_train_batch_size={args.per_device_train_batch_size}: method={script.method} estimates its "
-            "KL term from the other rows of a batch, so it needs at least 2 per device"
-        )
     dataset = load_preferences(script, args.seed)
     tokenizer = load_tokenizer(script, args)
     model, lora = load_model(script, args, tokenizer)

@@ -12,8 +12,8 @@ in fp32. benchmarks/plan_check.py compares the estimate with peaks measured on C
 
 The optimizer (`optim`, transformers' names) sets the optimizer-state and gradient terms (`optimizer_memory`):
 AdamW keeps two fp32 moments (8 bytes per trainable parameter), 8-bit AdamW two 8-bit ones (2 bytes, plus a
-scale per 256-value block; the Trainer keeps the embeddings' in 32 bits), Adafactor and AdaLomo a factored second moment (rows + columns of each matrix);
-GaLore and APOLLO keep Adam's moments in a rank-r projection of each targeted matrix plus the projection; LOMO and
+scale per 256-value block; the Trainer keeps the embeddings' in 32 bits), Adafactor and AdaLomo a factored
+second moment (rows + columns of each matrix); GaLore and APOLLO keep Adam's moments in a rank-r projection of each targeted matrix plus the projection; LOMO and
 AdaLomo apply each gradient as backward produces it, and so do the `*_layerwise` variants, so only one tensor's
 gradient is held at a time. benchmarks/train_memory.py measures these on CPU beside the estimate.
 """
@@ -202,9 +202,8 @@ def estimate(
     adapter = 0 if peft == "none" else trainable * 4  # LoRA weights stay fp32 (PEFT's default autocast)
     optim, grads = optimizer_memory(p, trainable, recipe, peft == "none", wbytes if peft == "none" else 4)
     if bf16 and peft == "none" and "lomo" not in str(recipe.get("optim")):
-        optim += (
-            4 * trainable
-        )  # mixed precision: an fp32 master copy of the bf16 weights (LOMO updates in place)
+        # mixed precision: an fp32 master copy of the bf16 weights (LOMO updates them in place)
+        optim += 4 * trainable
     n = max(gpus, 1)
     if shard["weights"] and peft == "none":
         weights /= n
@@ -283,9 +282,11 @@ def needs_reference(stage: str, recipe: dict[str, Any]) -> bool:
     are computed before training."""
     if stage != "dpo" or recipe.get("precompute_ref_log_probs"):
         return False
-    from train.dpo import METHODS
+    from train.dpo import method_settings
 
-    return METHODS[recipe.get("method", "dpo")].reference
+    return method_settings({"method": recipe.get("method", "dpo")})[
+        0
+    ].reference  # an unknown method: one line
 
 
 def plan(cfg: PlanConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

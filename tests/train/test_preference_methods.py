@@ -219,6 +219,7 @@ def test_kto_unpairs_pairs_into_alternating_good_and_bad_rows_and_reads_labelled
         (["method=ipo", "loss_type=sigmoid"], r"loss_type=sigmoid: method=ipo is loss_type=\['ipo'\]"),
         (["method=kto", "train_sampling_strategy=random"], "method=kto is train_sampling_strategy=sequential"),
         (["method=dpo", "padding_free=true"], "padding_free=true: trl's DPOTrainer ignores it"),
+        (["method=kto", "per_device_train_batch_size=1"], "per_device_train_batch_size=1: method=kto .* at least 2"),
         (["method=sft"], "method 'sft': choose one of dpo, ipo, robust, apo_zero, slic, simpo, orpo, kto"),
         (["method=simpo", "simpo_gamma=-1"], "key .simpo_gamma.: must be >= 0, got -1"),
         (["method=robust", "label_smoothing=0.5"], r"key .label_smoothing.: must be in \[0, 0.5\), got 0.5"),
