@@ -25,6 +25,7 @@ from core.chat import check_messages, to_messages
 from core.config import ConfigError, cli, load_config, resolved
 from core.data import load_rows, open_dataset
 from core.io import atomic_write_json, write_parquet
+from core.recipes import shipped
 from core.rundir import prepare_output_dir
 
 # name: (Hub id, split, what the paper used)
@@ -122,7 +123,7 @@ def run(cfg: BaselineConfig) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     hub_id, default_split, _ = SOURCES[cfg.name]
-    source = cfg.source or hub_id
+    source = shipped(cfg.source) if cfg.source else hub_id  # a shipped file works from a wheel too
     prepare_output_dir(
         out, resolved(cfg), command="data_synth.baselines", inputs=(source,), overwrite=cfg.overwrite
     )

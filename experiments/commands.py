@@ -17,6 +17,8 @@ class Command:
     configs: tuple[str, ...]  # the dataclasses (in `module`) a recipe and its overrides build, in order
     training: bool = False  # launched by accelerate, on the stage's accelerate_config
     stage: bool = True  # a sweep may run it (the orchestrators themselves may not)
+    # scores a model: the only stages an eval-only sweep row (a released checkpoint) runs
+    evaluates: bool = False
     # a function of `module` that picks the dataclasses from the merged recipe (dpo: by `method`), else `configs`
     pick: str | None = None
 
@@ -39,11 +41,11 @@ COMMANDS = {
     "report": Command("data_synth.report", "report", ("ReportConfig",)),
     "sft": Command("train.sft", "sft", ("SFTScriptArgs", "SFTConfig"), training=True),
     "dpo": Command("train.dpo", "dpo", ("PreferenceArgs", "DPOConfig"), training=True, pick="schemas"),
-    "generate": Command("eval.generate", "generate", ("GenerateConfig",)),
-    "alpaca_eval": Command("eval.alpaca_eval", "alpaca_eval", ("AlpacaEvalConfig",)),
-    "arena_hard": Command("eval.arena_hard", "arena_hard", ("ArenaHardConfig",)),
-    "lm_eval": Command("eval.lm_eval", "lm_eval", ("LmEvalConfig",)),
-    "pairwise": Command("eval.pairwise", "pairwise", ("PairwiseConfig",)),
+    "generate": Command("eval.generate", "generate", ("GenerateConfig",), evaluates=True),
+    "alpaca_eval": Command("eval.alpaca_eval", "alpaca_eval", ("AlpacaEvalConfig",), evaluates=True),
+    "arena_hard": Command("eval.arena_hard", "arena_hard", ("ArenaHardConfig",), evaluates=True),
+    "lm_eval": Command("eval.lm_eval", "lm_eval", ("LmEvalConfig",), evaluates=True),
+    "pairwise": Command("eval.pairwise", "pairwise", ("PairwiseConfig",), evaluates=True),
     "sweep": Command("experiments.sweep", "sweeps", ("SweepConfig",), stage=False),
     "humpback": Command("experiments.humpback", "humpback", ("HumpbackConfig",), stage=False),
 }

@@ -46,6 +46,10 @@ from experiments.commands import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = "sweep_status.json"
 SWEEP_OUTPUTS = ("cells", "stages", "results.md", "results.csv", "results.png")  # what a sweep writes
+SPECIAL = (
+    "cell",
+    "checkpoint",
+)  # axis keys that are not a stage's: the row's label, a released model to score
 
 
 @dataclass
@@ -84,11 +88,15 @@ class SweepConfig:
     score_model: str = "tuned"  # whose scores are the cell's (eval stages name the trained model so)
     # the paper's numbers: cell name, or its label without the hash -> "benchmark/metric" -> value
     paper: dict[str, dict[str, float]] = field(default_factory=dict)
+    # eval-only rows: a cell label -> a released model (Hub id or local directory) scored by the same evaluation
+    # stages. Beside a trained cell of the same label, the results split the gap to the paper into evaluation
+    # drift (paper - theirs under our evaluation) and training drift (theirs - ours).
+    checkpoints: dict[str, str] = field(default_factory=dict)
     executor: Literal["local", "slurm"] = "local"
     slurm: Slurm = field(default_factory=Slurm)
     wait: bool = False  # slurm: wait for every job, then write the results
     dry_run: bool = False
-    cells: list[str] = field(default_factory=list)  # only these cells (names or hashes)
+    cells: list[str] = field(default_factory=list)  # only these cells (names, labels or hashes)
     retry_failed: bool = False
     gpu_peak_tflops: float = 989.0  # H100 SXM bf16 dense, for the GPU-hours estimate
     mfu: float = 0.4
@@ -118,11 +126,13 @@ def cells(cfg: SweepConfig) -> list[dict[str, Any]]:
             raise ConfigError(f"zip[{i}]: its lists must have one length, got {sorted(lengths)}")
         axes.append([{k: v[j] for k, v in block.items()} for j in range(lengths.pop())])
     for key in [k for axis in axes for point in axis for k in point]:
-        if key != "cell" and (key.split(".", 1)[0] not in stages or "." not in key):
+        if key not in SPECIAL and (key.split(".", 1)[0] not in stages or "." not in key):
             raise ConfigError(
-                f"axis '{key}': expected `cell` (a label) or <stage>.<key> with a stage of {sorted(stages)}"
+                f"axis '{key}': expected `cell` (a label), `checkpoint` (a released model) or <stage>.<key> "
+                f"with a stage of {sorted(stages)}"
             )
-    return [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*axes)]
+    trained = [{k: v for point in combo for k, v in point.items()} for combo in itertools.product(*axes)]
+    return trained + [{"cell": label, "checkpoint": model} for label, model in cfg.checkpoints.items()]
 
 
 def cell_name(assignment: dict[str, Any]) -> str:
@@ -156,7 +166,12 @@ def resolve(cfg: SweepConfig, assignment: dict[str, Any], out: Path) -> list[dic
     dirs: dict[str, str] = {}
     steps = []
     off: set[str] = set()
+    checkpoint = assignment.get("checkpoint")
     for stage in cfg.stages:
+        if checkpoint and not STAGES[stage.command].evaluates:
+            # an eval-only row: nothing is prepared or trained, and `{sft}`, `{dpo}`... mean the released model
+            dirs[stage.name] = str(checkpoint)
+            continue
         overrides = dict(stage.overrides)
         fields = {}  # Stage fields an axis sets (recipe, enabled, rows, gpus, ...); other keys are overrides
         for key, value in assignment.items():
@@ -427,19 +442,63 @@ def base_model(step: dict[str, Any], makers: dict[str, dict[str, Any]]) -> str |
         step = makers[model]
 
 
-def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+# Settings that name a model or a dataset, which is a Hub id when it is neither a local path nor a stage's output
+HUB_KEYS = ("model_name_or_path", "model", "models", "ref_model", "dataset", "source", "input", "questions",
+            "reference_outputs", "seed_data")  # fmt: skip
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def downloads(step: dict[str, Any]) -> list[str]:
+    """The Hub models and datasets a stage reads: its settings that name no local path, and the sets its command
+    fetches by default (a baseline's source, a benchmark's questions, AlpacaEval's reference outputs)."""
+    raw = (
+        {**merge_recipe(STAGES[step["command"]].recipes, step["recipe"], {}), **step["overrides"]}
+        if step["recipe"]
+        else dict(step["overrides"])
+    )
+    values = [raw.get(k) for k in HUB_KEYS]
+    if step["command"] == "baselines" and not raw.get("source"):
+        from data_synth.baselines import SOURCES
+
+        values.append(SOURCES.get(raw.get("name", "sharegpt"), ("",))[0])
+    if step["command"] == "generate" and not raw.get("questions"):
+        from eval.generate import HUB_QUESTIONS
+
+        values.append(HUB_QUESTIONS.get(raw.get("bench", "alpaca_eval")))
+    if step["command"] == "alpaca_eval" and not raw.get("reference_outputs"):
+        from eval.alpaca_eval import BASELINE_HUB
+
+        values.append(BASELINE_HUB[0])
+    flat = [
+        x for v in values for x in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v])
+    ]
+    return list(
+        dict.fromkeys(v for v in flat if isinstance(v, str) and HUB_ID.fullmatch(v) and not Path(v).exists())
+    )
+
+
+def dry_run(
+    cfg: SweepConfig,
+    plan_cells: list[tuple[str, list[dict[str, Any]]]],
+    assignments: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """Print every cell and stage, each training stage's memory plan and the GPU-hours, before anything runs."""
     from train.plan import PlanConfig, plan
 
-    total, seen = 0.0, set()
+    total, seen, fetched = 0.0, set(), set()
     makers = {str(s["dir"]): s for _, steps in plan_cells for s in steps}
     for name, steps in plan_cells:
-        print(f"cell {name}")
+        released = assignments[name].get("checkpoint")
+        print(f"cell {name}" + (f" (eval-only: scores the released {released})" if released else ""))
         for step in steps:
             shared = " (shared, counted once)" if step["dir"] in seen else ""
             print(
                 f"  {step['name']:<12} {status(step['dir'])['state']:<9} {shlex.join(command_line(step))}{shared}"
             )
+            hub = downloads(step)
+            fetched.update(hub)
+            if hub and not shared:
+                print(f"  {'':<12} downloads: {', '.join(hub)}")
             if STAGES[step["command"]].training and step["dir"] not in seen:
                 p = plan(
                     PlanConfig(
@@ -466,7 +525,13 @@ def dry_run(cfg: SweepConfig, plan_cells: list[tuple[str, list[dict[str, Any]]]]
         else "no GPU-hours estimate (no training stage sets `rows`)"
     )
     print(f"{len(plan_cells)} cells, {len(seen)} distinct stages, {hours}")
-    return {"cells": len(plan_cells), "stages": len(seen), "gpu_hours": round(total, 1)}
+    print(f"downloads from the Hub ({len(fetched)}): {', '.join(sorted(fetched)) or 'nothing'}")
+    return {
+        "cells": len(plan_cells),
+        "stages": len(seen),
+        "gpu_hours": round(total, 1),
+        "downloads": len(fetched),
+    }
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -478,7 +543,9 @@ def results(
     plan_cells: list[tuple[str, list[dict[str, Any]]]],
     assignments: dict[str, dict[str, Any]],
 ) -> str:
-    """One row per cell: swept keys, every metric of `score_model` (95% interval), the paper's and the gap."""
+    """One row per trained cell (and per released checkpoint without one): the swept keys, every metric of
+    `score_model` (95% interval), the paper's, the gap; where a checkpoint of the row's label was scored, its score
+    and the gap split into evaluation drift (paper - theirs) and training drift (theirs - ours)."""
     from eval.leaderboard import to_png
 
     table: dict[tuple[str, str], dict[str, Any]] = {}
@@ -490,33 +557,67 @@ def results(
                     table[(name, f"{row['benchmark']}/{row['metric']}")] = row
     names = [name for name, _ in plan_cells]
     metrics = sorted({m for _, m in table})
-    keys = list(dict.fromkeys(k for a in assignments.values() for k in a))
+    label = {n: str(assignments[n].get("cell", n)) for n in names}
+    theirs = {label[n]: n for n in names if "checkpoint" in assignments[n]}
+    ours = [n for n in names if "checkpoint" not in assignments[n]]
+    rows = ours + [n for n in names if n in theirs.values() and label[n] not in {label[o] for o in ours}]
+    # the swept keys, in the CSV always; in results.md only where no `cell` label already says what the row is
+    keys = [k for k in dict.fromkeys(k for a in assignments.values() for k in a) if k not in SPECIAL]
+    md_keys = [] if any("cell" in a for a in assignments.values()) else keys
+    dirs = dict(plan_cells)
     rows_md, rows_csv = [], []
-    for name in names:
-        md = {"cell": name, **{k: assignments[name].get(k) for k in keys}}
-        csv = dict(md)
+    for name in rows:
+        released = theirs.get(label[name]) if "checkpoint" not in assignments[name] else name
+        mine = name if "checkpoint" not in assignments[name] else None
+        md = {"cell": name, **{k: assignments[name].get(k) for k in md_keys}}
+        csv = {"cell": name, **{k: assignments[name].get(k) for k in keys}}
+        if cfg.checkpoints:
+            md["checkpoint"] = csv["checkpoint"] = assignments[released]["checkpoint"] if released else None
+        paper_row = (
+            cfg.paper.get(name) or cfg.paper.get(label[name]) or cfg.paper.get(name.rsplit("-", 1)[0]) or {}
+        )
         for m in metrics:
-            r = table.get((name, m))
+            r, t, paper = table.get((mine, m)), table.get((released, m)), paper_row.get(m)
             if r is not None:
-                interval = f" [{r['ci_low']:.1f}, {r['ci_high']:.1f}]" if r["ci_low"] is not None else ""
-                md[m] = f"{r['value']:.1f}{interval}"
+                md[m] = _shown(r)
                 csv.update({m: r["value"], f"{m}_ci_low": r["ci_low"], f"{m}_ci_high": r["ci_high"]})
-            by_cell = cfg.paper.get(name) or cfg.paper.get(name.rsplit("-", 1)[0]) or {}
-            paper = by_cell.get(m)
             if paper is not None:
                 md[f"{m} (paper)"], csv[f"{m}_paper"] = paper, paper
                 if r is not None:
                     md[f"{m} (ours - paper)"] = csv[f"{m}_diff"] = round(r["value"] - paper, 2)
-        md["status"] = csv["status"] = cell_state([s["dir"] for s in dict(plan_cells)[name]])
+            if t is not None:
+                md[f"{m} (theirs)"] = _shown(t)
+                csv.update({f"{m}_theirs": t["value"], f"{m}_theirs_ci_low": t["ci_low"],
+                            f"{m}_theirs_ci_high": t["ci_high"]})  # fmt: skip
+                if paper is not None:  # evaluation drift: the same model, the paper's evaluation vs ours
+                    md[f"{m} (paper - theirs)"] = csv[f"{m}_eval_drift"] = round(paper - t["value"], 2)
+                if r is not None:  # training drift: the same evaluation, their training vs ours
+                    md[f"{m} (theirs - ours)"] = csv[f"{m}_training_drift"] = round(
+                        t["value"] - r["value"], 2
+                    )
+        both = [d["dir"] for n in dict.fromkeys(x for x in (mine, released) if x) for d in dirs[n]]
+        md["status"] = csv["status"] = cell_state(both)
         rows_md.append(md)
         rows_csv.append(csv)
-    md_columns = list(dict.fromkeys(c for r in rows_md for c in r))
+    per_metric = [f"{m}{s}" for m in metrics for s in PER_METRIC]
+    present = {c for r in rows_md for c in r}
+    md_columns = [c for c in ["cell", *md_keys, "checkpoint", *per_metric, "status"] if c in present]
     csv_columns = list(dict.fromkeys(c for r in rows_csv for c in r))
     text = write_table(out / "results.md", rows_md, md_columns)
     write_table(out / "results.csv", rows_csv, csv_columns)
     if metrics:
         atomic_write_bytes(out / "results.png", to_png(table, names, metrics))
     return text
+
+
+# a metric's columns in results.md, in this order: the paper's, the released checkpoint's under our evaluation, ours,
+# and the differences
+PER_METRIC = (" (paper)", " (theirs)", "", " (ours - paper)", " (paper - theirs)", " (theirs - ours)")
+
+
+def _shown(row: dict[str, Any]) -> str:
+    interval = f" [{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if row["ci_low"] is not None else ""
+    return f"{row['value']:.1f}{interval}"
 
 
 def cell_state(dirs: list[Path]) -> str:
@@ -538,7 +639,7 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
     picked = {
         n: a
         for n, a in assignments.items()
-        if not cfg.cells or n in cfg.cells or n.rsplit("-", 1)[-1] in cfg.cells
+        if not cfg.cells or n in cfg.cells or any(part in cfg.cells for part in n.rsplit("-", 1))
     }
     if cfg.cells and not picked:
         raise ConfigError(
@@ -546,7 +647,7 @@ def run(cfg: SweepConfig, claimed: bool = False) -> dict[str, Any]:
         )
     plan_cells = [(n, resolve(cfg, a, out)) for n, a in picked.items()]
     if cfg.dry_run:
-        return dry_run(cfg, plan_cells)
+        return dry_run(cfg, plan_cells, picked)
     if not claimed:  # stages are keyed by hashes, so another grid or cell list may run in the same directory
         prepare_output_dir(
             out, resolved(cfg), command="experiments.sweep", recomputed=True, outputs=SWEEP_OUTPUTS

@@ -51,7 +51,10 @@ def test_grid_and_zip_axes_expand_and_names_are_stable():
     assert names[0].startswith("learning_rate=0.0001,seed=1,recipe=a,top_k=10-")
     with pytest.raises(ConfigError, match=r"zip\[0\]: its lists must have one length"):
         cells(SweepConfig(stages=cfg.stages, zip=[{"select.top_k": [1, 2], "select.recipe": ["a"]}]))
-    with pytest.raises(ConfigError, match=r"axis 'train.lr': expected `cell` \(a label\) or <stage>.<key>"):
+    expected = (
+        r"axis 'train.lr': expected `cell` \(a label\), `checkpoint` \(a released model\) or <stage>.<key>"
+    )
+    with pytest.raises(ConfigError, match=expected):
         cells(SweepConfig(stages=cfg.stages, grid={"train.lr": [1]}))
 
 
@@ -129,20 +132,85 @@ def test_dry_run_prints_every_stage_and_the_memory_plan_without_running(tmp_path
     assert done.value.code == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.rindex("\n{") :])
-    assert summary == {"cells": 4, "stages": 21, "gpu_hours": 0.0}
+    assert summary == {"cells": 4, "stages": 21, "gpu_hours": 0.0, "downloads": 0}  # all local
     assert out.count("memory: ~") == 4 and "accelerate.commands.launch" in out
     assert not (tmp_path / "s").exists()  # nothing ran, nothing written
 
 
-def test_table1_reproduction_dry_runs_with_its_gpu_hours(tmp_path, capsys):
+def test_table1_reproduction_dry_runs_from_hub_ids_with_its_checkpoints_and_gpu_hours(tmp_path, capsys):
     (cfg,) = parse_config(
         "sweeps", ["recipe=magpie_table1", f"output_dir={tmp_path / 's'}", "dry_run=true"], SweepConfig
     )
     summary = run(cfg)
     out = capsys.readouterr().out
-    assert summary["cells"] == len(cfg.paper) and summary["gpu_hours"] > 0
+    trained = [c for c in cells(cfg) if "checkpoint" not in c]
+    assert len(trained) == 14 and summary["cells"] == 14 + len(cfg.checkpoints) and summary["gpu_hours"] > 0
     assert "deepspeed_zero3" in out and "GPU-hours" in out
     assert all(name in out for name in cfg.paper)  # every row of the paper's table is a cell
+    # preparation from Hub ids: every comparison set through data_synth.baselines, the raw rows sampled
+    for name in ("sharegpt", "evol_instruct", "wildchat", "ultrachat", "tulu_v2_mix", "openhermes"):
+        assert f"-m data_synth.baselines name={name} " in out
+    for released in ("Magpie-Align/Llama-3-Magpie-Air-3M-v0.1", "Magpie-Align/Llama-3-Magpie-Pro-1M-v0.1"):
+        assert f"recipe=magpie_raw_300k input={released} " in out
+    # the authors' checkpoints and the official Instruct model: eval-only rows, nothing prepared or trained
+    for model in cfg.checkpoints.values():
+        block = out[out.index(f"(eval-only: scores the released {model})") :].split("\ncell ")[0]
+        assert block.count(f"model={model} ") == 2 and "train.sft" not in block and "baselines" not in block
+    assert "Llama-3-8B-Instruct" in cfg.paper and "Llama-3-8B-Instruct" in cfg.checkpoints
+    listed = out[out.index("downloads from the Hub") :]
+    for hub in ("meta-llama/Meta-Llama-3-8B", "anon8231489123/ShareGPT_Vicuna_unfiltered", "tatsu-lab/alpaca_eval",
+                "Magpie-Align/Magpie-Pro-DPO-100K-v0.1", *cfg.checkpoints.values()):  # fmt: skip
+        assert hub in listed
+    assert summary["downloads"] == len(listed.split(": ", 1)[1].split("\n")[0].split(", "))
+
+
+def test_checkpoint_rows_run_only_the_evaluation_on_the_released_model(tmp_path):
+    """An eval-only row: preparation and training stages are skipped, `{sft}` means the released model, and the
+    evaluation stages it shares with no trained row get directories of their own."""
+    stages = [Stage(name="prep", command="select"), Stage(name="sft", command="sft", overrides={"dataset": "{prep}"}),
+              Stage(name="answers", command="generate", overrides={"model": "{sft}", "name": "tuned"}),
+              Stage(name="score", command="alpaca_eval", overrides={"model_outputs": "{answers}/model_outputs.json"})]  # fmt: skip
+    cfg = SweepConfig(stages=stages, zip=[{"cell": ["A", "B"]}], checkpoints={"A": "org/model-a"})
+    assignments = cells(cfg)
+    assert assignments[-1] == {"cell": "A", "checkpoint": "org/model-a"} and len(assignments) == 3
+    theirs = resolve(cfg, assignments[-1], tmp_path)
+    assert [s["name"] for s in theirs] == ["answers", "score"]
+    assert theirs[0]["overrides"]["model"] == "org/model-a"
+    ours = resolve(cfg, assignments[0], tmp_path)
+    assert [s["name"] for s in ours] == ["prep", "sft", "answers", "score"]
+    assert ours[2]["dir"] != theirs[0]["dir"]
+    # `cells=[A]` picks the row: its trained cell and its checkpoint
+    picked = run(dataclasses.replace(cfg, cells=["A"], dry_run=True, output_dir=str(tmp_path / "s")))
+    assert picked["cells"] == 2
+
+
+def test_results_split_the_gap_to_the_paper_into_evaluation_and_training_drift(tmp_path):
+    from experiments.sweep import results
+
+    stages = [Stage(name="sft", command="sft"),
+              Stage(name="answers", command="generate", overrides={"model": "{sft}"})]  # fmt: skip
+    cfg = SweepConfig(stages=stages, zip=[{"cell": ["A", "B"], "sft.learning_rate": [1e-5, 2e-5]}],
+                      checkpoints={"A": "org/a", "Instruct": "org/instruct"},
+                      paper={"A": {"ae/wr": 30.0}, "B": {"ae/wr": 20.0}, "Instruct": {"ae/wr": 22.0}})  # fmt: skip
+    out = tmp_path / "sweep"
+    assignments = {cell_name(a): a for a in cells(cfg)}
+    plan_cells = [(n, resolve(cfg, a, out)) for n, a in assignments.items()]
+    ours, theirs = {"A": 21.0, "B": 18.5}, {"A": 26.0, "Instruct": 24.5}
+    for n, steps in plan_cells:
+        value = (theirs if "checkpoint" in assignments[n] else ours)[assignments[n]["cell"]]
+        write_scores(steps[-1]["dir"], [score_row("tuned", "ae", "wr", value, value - 2, value + 2)])
+    md = results(cfg, out, plan_cells, assignments)
+    header = md.splitlines()[0]
+    assert header == ("| cell | checkpoint | ae/wr (paper) | ae/wr (theirs) | ae/wr | ae/wr (ours - paper) "
+                      "| ae/wr (paper - theirs) | ae/wr (theirs - ours) | status |")  # fmt: skip
+    row = {line.split(" | ")[0].strip("| ").rsplit("-", 1)[0]: line for line in md.splitlines()[2:]}
+    assert set(row) == {"A", "B", "Instruct"}  # one row per label: A's two cells are one row
+    # A: paper 30, theirs 26, ours 21 -> evaluation drift 4, training drift 5, total -9
+    assert "| org/a | 30.0 | 26.0 [24.0, 28.0] | 21.0 [19.0, 23.0] | -9.0 | 4.0 | 5.0 |" in row["A"]
+    assert "| 20.0 |  | 18.5 [16.5, 20.5] | -1.5 |  |  |" in row["B"]  # no checkpoint: no drift to split
+    assert "| org/instruct | 22.0 | 24.5 [22.5, 26.5] |  |  | -2.5 |  |" in row["Instruct"]  # eval-only row
+    csv = (out / "results.csv").read_text()
+    assert "ae/wr_eval_drift" in csv and "ae/wr_training_drift" in csv and "sft.learning_rate" in csv
 
 
 def test_results_table_has_metrics_intervals_and_the_paper(tmp_path):
@@ -157,10 +225,10 @@ def test_results_table_has_metrics_intervals_and_the_paper(tmp_path):
     result = run(cfg)
     md = (tmp_path / "sweep" / "results.md").read_text()
     assert (
-        "| cell | second.top_k | pairwise/win_rate | pairwise/win_rate (paper) | pairwise/win_rate (ours - paper) | status |"
+        "| cell | second.top_k | pairwise/win_rate (paper) | pairwise/win_rate | pairwise/win_rate (ours - paper) | status |"
         in md
     )
-    assert "50.0 [45.0, 55.0]" in md and "| 40.0 | 10.0 |" in md and "51.0 [46.0, 56.0]" in md
+    assert "| 40.0 | 50.0 [45.0, 55.0] | 10.0 |" in md and "51.0 [46.0, 56.0]" in md
     assert (tmp_path / "sweep" / "results.png").stat().st_size > 1000 and set(result["cells"].values()) == {
         "done"
     }
@@ -254,3 +322,75 @@ def test_a_stage_left_incomplete_by_an_outage_is_resumed_not_failed(tmp_path, em
         "incomplete"
     ]  # run again without retry_failed: it was retried
     assert status(step["dir"])["at"] and "retry_failed" not in (tmp_path / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.integration
+def test_demo_table1_prepares_trains_and_scores_each_row_beside_its_checkpoint(tmp_path, embedded_path):
+    """Table 1 in miniature, end to end on CPU: a ShareGPT row prepared from the shipped ShareGPT-layout file, a
+    Raw row sampled from a Magpie run, each fully fine-tuned and scored AlpacaEval-style, and each row's "released
+    checkpoint" scored from a local directory by the same stages; the drift columns come from their scores."""
+    from safetensors.torch import load_file
+
+    (cfg,) = parse_config("sweeps", ["recipe=demo_table1", f"output_dir={tmp_path / 'sweep'}"], SweepConfig)
+    cfg.checkpoints = {label: embedded_path for label in cfg.checkpoints}  # a local directory, as a user's
+    cfg.paper = {"ShareGPT": {"alpaca_eval/win_rate": 40.0}}
+    synth = next(s for s in cfg.stages if s.name == "synth")
+    synth.overrides.update({"n_conversations": 6, "chunk_size": 6})  # smaller than the demo: CI time
+    result = run(cfg)
+    assert set(result["cells"].values()) == {"done"} and len(result["cells"]) == 4, result
+    out = tmp_path / "sweep"
+    assignments = {cell_name(a): a for a in cells(cfg)}
+    steps = {n: resolve(cfg, a, out) for n, a in assignments.items()}
+    ours = {a["cell"]: steps[n] for n, a in assignments.items() if "checkpoint" not in a}
+    theirs = {a["cell"]: steps[n] for n, a in assignments.items() if "checkpoint" in a}
+    # preparation: 16 ShareGPT conversations through data_synth.baselines, the Raw row's seeded sample
+    assert [s["name"] for s in ours["ShareGPT"]][:2] == ["baseline", "sft"]
+    assert json.loads((ours["ShareGPT"][0]["dir"] / "manifest.json").read_text())["rows"] == 16
+    assert [s["name"] for s in ours["Magpie-Raw"]][:3] == ["synth", "sample", "sft"]
+    sample = json.loads((ours["Magpie-Raw"][1]["dir"] / "manifest.json").read_text())
+    assert sample["input_rows"] == 6 and sample["selected_rows"] == 6
+    # a real fine-tuning of the whole model on each row's data (not an adapter), which moved its weights
+    base = load_file(f"{embedded_path}/model.safetensors")
+    for row in ours.values():
+        tuned = load_file(row[[s["name"] for s in row].index("sft")]["dir"] / "model.safetensors")
+        assert any(not torch_equal(tuned[k], base[k]) for k in base if k in tuned)
+    # the checkpoint rows ran the evaluation alone, on the local directory
+    for row in theirs.values():
+        assert [s["name"] for s in row] == ["answers_base", "answers", "alpaca_eval"]
+        assert row[1]["overrides"]["model"] == embedded_path
+    # the drift arithmetic, from the stages' own score files
+    csv = {r["cell"].rsplit("-", 1)[0]: r for r in _csv_rows(out / "results.csv")}
+    for label in ("ShareGPT", "Magpie-Raw"):
+        mine = _score(ours[label][-1]["dir"])
+        released = _score(theirs[label][-1]["dir"])
+        assert float(csv[label]["alpaca_eval/win_rate"]) == pytest.approx(mine)
+        assert float(csv[label]["alpaca_eval/win_rate_theirs"]) == pytest.approx(released)
+        drift = float(csv[label]["alpaca_eval/win_rate_training_drift"])
+        assert drift == pytest.approx(released - mine, abs=0.01)
+    assert float(csv["ShareGPT"]["alpaca_eval/win_rate_eval_drift"]) == pytest.approx(
+        40.0 - _score(theirs["ShareGPT"][-1]["dir"]), abs=0.01
+    )
+    md = (out / "results.md").read_text()
+    assert "alpaca_eval/win_rate (theirs - ours)" in md and "alpaca_eval/win_rate (paper - theirs)" in md
+    again = run(cfg)  # every stage is done: nothing runs again
+    assert set(again["cells"].values()) == {"done"}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+def _score(directory) -> float:
+    from eval.scores import read_scores
+
+    (row,) = [r for r in read_scores(directory / "scores.jsonl") if r["model"] == "tuned"]
+    return row["value"]
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
