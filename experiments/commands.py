@@ -46,6 +46,7 @@ COMMANDS = {
     "arena_hard": Command("eval.arena_hard", "arena_hard", ("ArenaHardConfig",), evaluates=True),
     "lm_eval": Command("eval.lm_eval", "lm_eval", ("LmEvalConfig",), evaluates=True),
     "pairwise": Command("eval.pairwise", "pairwise", ("PairwiseConfig",), evaluates=True),
+    "agreement": Command("eval.agreement", "agreement", ("AgreementConfig",)),
     "sweep": Command("experiments.sweep", "sweeps", ("SweepConfig",), stage=False),
     "humpback": Command("experiments.humpback", "humpback", ("HumpbackConfig",), stage=False),
 }
