@@ -162,6 +162,7 @@ def score_alpaca_eval(cfg: AgreementConfig, models: list[str], out: Path) -> tup
     from eval.alpaca_eval import run as alpaca_eval
 
     baseline = Path(cfg.published) / (cfg.baseline or BASELINES["alpaca_eval"]) / "model_outputs.json"
+    lc = lc_available(cfg.df_gamed)
     scores, prefs = {}, []
     for m in models:
         result = alpaca_eval(
@@ -171,6 +172,7 @@ def score_alpaca_eval(cfg: AgreementConfig, models: list[str], out: Path) -> tup
                 max_instances=cfg.max_questions,
                 judge=cfg.judge,
                 df_gamed=cfg.df_gamed,
+                length_controlled=lc,
                 output_dir=str(out / "alpaca_eval" / m),
             )
         )
@@ -180,6 +182,27 @@ def score_alpaca_eval(cfg: AgreementConfig, models: list[str], out: Path) -> tup
         p = read_annotations(str(out / "alpaca_eval" / m / "annotations.json"))["preference"]
         prefs.append((p.astype(float) - 1).to_numpy())
     return scores, np.vstack(prefs)
+
+
+def lc_available(df_gamed: str | None) -> bool:
+    """Whether alpaca_eval's df_gamed.csv (for the LC win rate) can be had: asked once, not once per model (offline,
+    each model would wait through the Hub client's retries)."""
+    import httpx
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from core.data import is_user_hub_error
+    from eval.alpaca_eval import fetch_df_gamed
+
+    try:
+        fetch_df_gamed(df_gamed)
+    except (OSError, EntryNotFoundError, httpx.HTTPError) as e:
+        if not is_user_hub_error(e):
+            raise
+        print(
+            f"no LC win rate: df_gamed.csv could not be downloaded ({type(e).__name__}); pass df_gamed=PATH"
+        )
+        return False
+    return True
 
 
 def score_arena_hard(cfg: AgreementConfig, models: list[str], out: Path) -> dict:
@@ -270,7 +293,7 @@ def run(cfg: AgreementConfig) -> dict[str, Any]:
     columns = list(dict.fromkeys(c for r in rows for c in r))
     text = write_table(out / "agreement.md", rows, columns)
     per_model = [
-        {"model": m, **{f"{k} (official)": v["per_model"][m]["official"] for k, v in result["metrics"].items() if m in v["per_model"]},
+        {"model": m, **{f"{k} (official)": round(v["per_model"][m]["official"], 2) for k, v in result["metrics"].items() if m in v["per_model"]},
          **{f"{k} (ours)": round(v["per_model"][m]["ours"], 2) for k, v in result["metrics"].items() if m in v["per_model"]}}
         for m in models
     ]  # fmt: skip

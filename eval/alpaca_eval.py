@@ -48,6 +48,7 @@ class AlpacaEvalConfig:
     max_instances: int | None = None
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(max_tokens=1, logprobs=20))
     df_gamed: str | None = None  # local df_gamed.csv for the LC win rate; default: the Hub's (needs internet)
+    length_controlled: bool = True  # false: the win rate alone, no df_gamed.csv (nor its download) needed
     # The `annotator` column: alpaca_eval's config whose judge this is (weighted_alpaca_eval_gpt4_turbo for
     # gpt-4-1106-preview), so `alpaca_eval evaluate` takes our annotations as its cache; else weighted_alpaca_eval/<judge>
     annotator: str | None = None
@@ -197,18 +198,24 @@ def _df_gamed_from(path: str):
         glm_winrate.hf_hub_download = original
 
 
+def fetch_df_gamed(df_gamed: str | None) -> str:
+    """df_gamed.csv: the given file, else the Hub's (huggingface_hub caches it)."""
+    from alpaca_eval.metrics import glm_winrate
+
+    return df_gamed or glm_winrate.hf_hub_download(
+        repo_id=BASELINE_HUB[0], filename="df_gamed.csv", repo_type="dataset"
+    )
+
+
 def length_controlled(annotations: pd.DataFrame, df_gamed: str | None) -> dict[str, float] | str:
     """alpaca_eval's length-controlled win rate and its standard error, or why it cannot be computed here: its
     df_gamed.csv cannot be had (offline, no `df_gamed=PATH`), or it has no difficulty for some instructions."""
     import httpx
     from alpaca_eval import metrics
-    from alpaca_eval.metrics import glm_winrate
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        path = df_gamed or glm_winrate.hf_hub_download(
-            repo_id=BASELINE_HUB[0], filename="df_gamed.csv", repo_type="dataset"
-        )
+        path = fetch_df_gamed(df_gamed)
     except (OSError, EntryNotFoundError, httpx.HTTPError) as e:
         if not is_user_hub_error(e):
             raise
@@ -235,12 +242,12 @@ def length_controlled(annotations: pd.DataFrame, df_gamed: str | None) -> dict[s
     return {k: _plain(lc[k]) for k in ("length_controlled_winrate", "lc_standard_error")}
 
 
-def score(annotations: pd.DataFrame, df_gamed: str | None = None) -> dict[str, Any]:
+def score(annotations: pd.DataFrame, df_gamed: str | None = None, lc: bool = True) -> dict[str, Any]:
     """alpaca_eval's metrics on one model's annotations; LC where its inputs (df_gamed.csv) can be read."""
     from alpaca_eval import metrics
 
     result = {k: _plain(v) for k, v in metrics.get_winrate(annotations).items()}
-    lc = length_controlled(annotations, df_gamed)
+    lc = length_controlled(annotations, df_gamed) if lc else "not asked for (length_controlled=false)"
     if isinstance(lc, dict):
         result.update(lc)
     else:
@@ -314,7 +321,7 @@ def run(cfg: AlpacaEvalConfig) -> dict[str, Any]:
     # alpaca_eval's own layout
     atomic_write_text(out / "annotations.json", df.to_json(orient="records", indent=2))
     # Score the file as written, so this result and `annotations=PATH` (and alpaca_eval) agree to the last digit.
-    scored = score(read_annotations(str(out / "annotations.json")), cfg.df_gamed)
+    scored = score(read_annotations(str(out / "annotations.json")), cfg.df_gamed, cfg.length_controlled)
     result = {
         "model": model[0].get("generator", "model"),
         **scored,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def magpie_over(urls: list[str], out, concurrency: int) -> tuple[dict, list]:
-    cfg = MagpieConfig(model="smollm2", output_dir=str(out), n_conversations=32, chunk_size=32, seed=3)
+    cfg = MagpieConfig(model="smollm2", output_dir=str(out), n_conversations=16, chunk_size=16, seed=3)
     cfg.engine.backend, cfg.engine.base_urls, cfg.engine.concurrency = "openai", urls, concurrency
     cfg.engine.tokenizer, cfg.engine.api_key_env = "embedded", "SERVER_KEY"
     cfg.instruction.max_tokens, cfg.response.max_tokens = 40, 4
@@ -45,11 +45,11 @@ def test_magpie_over_a_serving_engine_does_not_repeat_and_ignores_the_server_cou
 ):
     monkeypatch.setenv("SERVER_KEY", "sk-test-123")
     one, rows_one = magpie_over([openai_server], tmp_path / "one", concurrency=4)
-    assert one["rows"] == 32 and len({r["messages"][0]["content"] for r in rows_one}) == 32
+    assert one["rows"] == 16 and len({r["messages"][0]["content"] for r in rows_one}) == 16
     # A T=1 sampler after one fixed prompt repeats itself rarely; a shared seed repeated ~half of every chunk.
     assert one["duplicates_dropped"] <= 3
-    assert one["instructions_sampled"] <= 2 * 32
-    assert len({r["seed"] for r in rows_one}) == 32
+    assert one["instructions_sampled"] <= 2 * 16
+    assert len({r["seed"] for r in rows_one}) == 16
 
     url, proc = start_server(embedded_path)
     try:
