@@ -260,6 +260,11 @@ RANGES: dict[str, Bounds] = {
     "n_samples": Bounds(2),  # a pair needs two responses
     "n_bootstrap": Bounds(10),  # fewer resamples give intervals of noise (and 0 a zero-width or NaN one)
     "threshold": Bounds(1, 5),  # Humpback's curation scores
+    # data_synth.decontaminate: n-gram size and the share of a prompt's tokens (a row is flagged above it: 0 = any
+    # shared n-gram, GPT-3's rule); a cosine above which two texts are near-exact copies
+    "ngram_size": COUNT,
+    "embed_max_tokens": COUNT,
+    **dict.fromkeys(["ngram_threshold", "embed_threshold"], FRACTION),
     "dataset_mixture": NONNEGATIVE,  # a source's weight: the share of its rows to take (above 1 repeats it)
     "system_prompt_mix": PROBABILITY,
     **dict.fromkeys(

@@ -28,6 +28,7 @@ from core.data import iter_rows, open_dataset
 from core.embed import embed  # noqa: E402
 from core.io import atomic_write_text  # noqa: E402
 from core.rundir import prepare_output_dir  # noqa: E402
+from data_synth.decontaminate import FLAG  # noqa: E402
 from data_synth.labels import DIFFICULTY, QUALITY, TASK_CATEGORIES  # noqa: E402
 
 
@@ -72,7 +73,8 @@ def _frame(path: str) -> tuple[pd.DataFrame, Any]:
             instruction.append(len(first[0]))
             response.append(len(first[1]))
             turns.append(sum(m["role"] == "user" for m in messages))
-    df = ds.select_columns([c for c in STAT_COLUMNS if c in ds.column_names]).to_pandas()
+    stats = [c for c in ds.column_names if c in STAT_COLUMNS or c.startswith(FLAG)]  # + decontaminate's flags
+    df = ds.select_columns(stats).to_pandas()
     df["instruction_chars"], df["response_chars"], df["user_turns"] = instruction, response, turns
     return df, ds
 
@@ -188,6 +190,26 @@ def card(df: pd.DataFrame, name: str, images: list[str], manifest: dict[str, Any
             f"**near duplicates**: {(df['min_neighbor_distance'] <= 0).sum()} rows with an identical "
             f"neighbour; {(df.get('repeat_count', pd.Series(dtype=int)) > 0).sum()} with a neighbour closer than the threshold",
         ]
+    # data_synth.decontaminate's flags; the questions hit are in its manifest when this is its output
+    flags = [c for c in df.columns if c.startswith(FLAG)]
+    if flags:
+        hit = manifest.get("benchmarks") if isinstance(manifest.get("benchmarks"), dict) else {}
+        lines += [
+            "",
+            "**Benchmark contamination** (rows overlapping an evaluation prompt, data_synth.decontaminate):",
+            "",
+            "| benchmark | rows flagged | share of rows | benchmark questions hit |",
+            "|---|---|---|---|",
+        ]
+        for column in flags:
+            bench, n = column[len(FLAG) :], int(df[column].astype("boolean").fillna(False).sum())
+            known = hit.get(bench, {})
+            questions = (
+                f"{known['questions_hit']} of {known['questions']}"
+                if "questions_hit" in known and "questions" in known
+                else "-"
+            )
+            lines.append(f"| {bench} | {n:,} | {n / max(len(df), 1):.2%} | {questions} |")
     if manifest.get("sources"):
         lines += ["", "Where the tags come from:", ""] + [
             f"- `{k}`: {v}" for k, v in manifest["sources"].items()

@@ -2,7 +2,8 @@
 
     python -m data_synth.select recipe=pro_300k_filtered input=runs/tagged output_dir=runs/pro_300k
 
-A recipe states filters (column, op, value), optional near-duplicate removal, a sort, a top-k and a shuffle.
+A recipe states filters (column, op, value), optional near-duplicate removal, a sort, a top-k and a shuffle;
+`drop_contaminated: true` first drops the rows `data_synth.decontaminate` flagged (any `contaminated_*` column).
 The paper's subsets are recipes: `air_300k_filtered`, `pro_300k_filtered`, `code_release`, `alpagasus`.
 Every filter's removal count is printed and written to `manifest.json`.
 """
@@ -23,6 +24,7 @@ from core.config import ConfigError, cli, load_config, resolved
 from core.data import iter_rows, open_dataset, take_rows
 from core.io import atomic_write_json, write_parquet
 from core.rundir import prepare_output_dir
+from data_synth.decontaminate import FLAG
 from data_synth.labels import DIFFICULTY, QUALITY
 
 # Ordinal labels compare by rank: `input_quality >= good` keeps good and excellent.
@@ -43,6 +45,7 @@ class SelectConfig:
     input: str = "runs/demo/tagged"
     output_dir: str = "runs/demo/selected"
     filters: list[Filter] = field(default_factory=list)
+    drop_contaminated: bool = False  # drop the rows data_synth.decontaminate flagged (contaminated_*)
     dedup_clusters: bool = False  # keep the first row of each near-duplicate cluster (needs cluster_id)
     sort_by: str | None = None  # e.g. response_length (longest first with descending=true)
     descending: bool = True
@@ -168,6 +171,24 @@ def select(df: pd.DataFrame, cfg: SelectConfig) -> tuple[pd.DataFrame, list[dict
             f"sort_by: column '{cfg.sort_by}' does not exist; run the tagger that adds it first"
         )
     steps = [{"step": "input", "removed": 0, "remaining": len(df)}]
+    if cfg.drop_contaminated:
+        flags = [c for c in df.columns if c.startswith(FLAG)]
+        if not flags:
+            raise ConfigError(
+                f"drop_contaminated: no '{FLAG}<benchmark>' column; run data_synth.decontaminate on the input first"
+            )
+        # a missing flag (a row never checked) is not a flag: counted, as a filter's missing values are
+        keep = ~df[flags].astype("boolean").fillna(False).any(axis=1).astype(bool)
+        steps.append(
+            {
+                "step": "drop_contaminated",
+                "columns": flags,
+                "removed": int((~keep).sum()),
+                "missing_values": int(df[flags].isna().any(axis=1).sum()),
+                "remaining": int(keep.sum()),
+            }
+        )
+        df = df[keep]
     for f in cfg.filters:
         keep = mask(f, df)
         steps.append(
@@ -220,6 +241,8 @@ def run(cfg: SelectConfig) -> dict[str, Any]:
     ds = open_dataset(cfg.input)  # Arrow, memory-mapped
     # Only the columns the rules read become a frame; derived ones are computed batch by batch.
     present = [c for c in needed_columns(cfg) if c in ds.column_names]
+    if cfg.drop_contaminated:
+        present += [c for c in ds.column_names if c.startswith(FLAG) and c not in present]
     frame = ds.select_columns(present).to_pandas() if present else pd.DataFrame(index=range(len(ds)))
     derive = [c for c in needed_columns(cfg) if c in DERIVED and c not in ds.column_names]
     if derive:
