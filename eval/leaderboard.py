@@ -2,8 +2,8 @@
 
     python -m eval.leaderboard runs=runs/eval/magpie,runs/eval/sharegpt output_dir=runs/leaderboard
 
-Reads every `scores.jsonl` under the given directories (eval.alpaca_eval, eval.arena_hard, eval.lm_eval and
-eval.pairwise write them) and writes `leaderboard.md`, `leaderboard.csv` and `leaderboard.png` (a bar chart per
+Reads every `scores.jsonl` under the given directories (eval.alpaca_eval, eval.arena_hard, eval.mt_bench,
+eval.lm_eval and eval.pairwise write them) and writes `leaderboard.md`, `leaderboard.csv` and `leaderboard.png` (a bar chart per
 metric with 95% intervals as error bars).
 """
 
@@ -85,17 +85,24 @@ def pivot(table: dict[tuple[str, str], dict[str, Any]]) -> tuple[list[str], list
     return models, columns
 
 
-def _cell(row: dict[str, Any] | None) -> str:
+# Decimals shown per benchmark where one is too few: MT-Bench's 1-10 scores are published with two (6.39, 6.27)
+DECIMALS = {"mt_bench": 2}
+
+
+def _cell(row: dict[str, Any] | None, decimals: int = 1) -> str:
     if row is None:
         return "-"
     if row["ci_low"] is None or row["ci_high"] is None:
-        return f"{row['value']:.1f}"
-    return f"{row['value']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+        return f"{row['value']:.{decimals}f}"
+    return f"{row['value']:.{decimals}f} [{row['ci_low']:.{decimals}f}, {row['ci_high']:.{decimals}f}]"
 
 
 def markdown_rows(table: dict, models: list[str], columns: list[str]) -> list[dict[str, str]]:
     """A row per model, a cell per metric: the value with its interval, `-` where the model has none."""
-    return [{"model": m} | {c: _cell(table.get((m, c))) for c in columns} for m in models]
+    return [
+        {"model": m} | {c: _cell(table.get((m, c)), DECIMALS.get(c.split("/")[0], 1)) for c in columns}
+        for m in models
+    ]
 
 
 def csv_rows(table: dict, models: list[str], columns: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
