@@ -379,6 +379,11 @@ def train_and_save(trainer: Any, script: ScriptArgs, args: Any, state: PartialSt
             f"({len(trainer.train_dataset)} rows), peft={script.peft}. Full settings: config.yaml.\n",
         )
         follow_umask(out)
+    # No process may exit while another still writes: a rank leaving with its process group alive aborts in
+    # gloo's thread teardown ("terminate called without an active exception", SIGABRT), failing the launch.
+    state.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class SharedCheckpoints(TrainerCallback):
