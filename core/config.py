@@ -243,6 +243,7 @@ RANGES: dict[str, Bounds] = {
             "n_turns",
             "neighbors_block",
             "neighbors_k",
+            "neighbors_nprobe",
             "nodes",
             "reward_batch_size",
             "rows",

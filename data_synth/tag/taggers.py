@@ -231,6 +231,16 @@ class Tagger:
     uses: Callable[[Any], set[str]] = lambda cfg: {"judge"}
 
 
+def _neighbors_source(cfg: Any) -> str:
+    index = {"auto": "faiss IndexFlatL2 below 100K rows, else IndexIVFFlat", "exact": "faiss IndexFlatL2"}.get(
+        cfg.neighbors_index, "faiss IndexIVFFlat"
+    )
+    if cfg.neighbors_index != "exact":
+        index += f" (nprobe={cfg.neighbors_nprobe})"
+    model = f"a static embedder distilled from {cfg.embedder}" if cfg.embed_static else cfg.embedder
+    return f"{index} over {model} embeddings ({cfg.embed_dtype}, normalized), k={cfg.neighbors_k}"
+
+
 TAGGERS: dict[str, Tagger] = {
     "lengths": Tagger(
         {
@@ -249,7 +259,7 @@ TAGGERS: dict[str, Tagger] = {
     ),
     "neighbors": Tagger(
         {"min_neighbor_distance": pa.float64(), "repeat_count": pa.int64(), "cluster_id": pa.int64()},
-        lambda cfg: f"faiss IndexFlatL2 over {cfg.embedder} embeddings (normalized), k={cfg.neighbors_k}",
+        _neighbors_source,
         tag_neighbors,
         whole_set=True,
         uses=lambda cfg: set(),
