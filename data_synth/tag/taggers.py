@@ -232,9 +232,10 @@ class Tagger:
 
 
 def _neighbors_source(cfg: Any) -> str:
-    index = {"auto": "faiss IndexFlatL2 below 100K rows, else IndexIVFFlat", "exact": "faiss IndexFlatL2"}.get(
-        cfg.neighbors_index, "faiss IndexIVFFlat"
-    )
+    index = {
+        "auto": "faiss IndexFlatL2 below 100K rows, else IndexIVFFlat",
+        "exact": "faiss IndexFlatL2",
+    }.get(cfg.neighbors_index, "faiss IndexIVFFlat")
     if cfg.neighbors_index != "exact":
         index += f" (nprobe={cfg.neighbors_nprobe})"
     model = f"a static embedder distilled from {cfg.embedder}" if cfg.embed_static else cfg.embedder
