@@ -91,6 +91,10 @@ class EngineConfig:
     max_model_len: int | None = 4096
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    # vLLM's speculative decoding, passed through as its `speculative_config`: n-gram prompt lookup
+    # {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4} or a draft model sharing the tokenizer
+    # {model: meta-llama/Meta-Llama-3-8B-Instruct, num_speculative_tokens: 5}. null: plain decoding.
+    speculative_config: dict | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -100,6 +104,23 @@ class EngineConfig:
                 "engine.api_key_env must be the NAME of an environment variable (letters, digits, _), such as "
                 "OPENAI_API_KEY, not the key itself; the value given is not shown"
             )
+        if self.speculative_config is not None:
+            spec = self.speculative_config
+            if not ("method" in spec or "model" in spec):
+                raise ValueError(
+                    f"engine.speculative_config: {spec} names neither a `method` (ngram, eagle, ...) nor a draft "
+                    "`model`; see vLLM's SpeculativeConfig"
+                )
+            n = spec.get("num_speculative_tokens")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(
+                    f"engine.speculative_config.num_speculative_tokens: expected an integer >= 1, got {n!r}"
+                )
+            if self.backend != "vllm":
+                raise ValueError(
+                    f"engine.speculative_config is vLLM's setting; backend={self.backend} does not use it (for "
+                    "`vllm serve`, pass --speculative-config to the server)"
+                )
         if self.backend == "openai" and not self.base_urls:
             raise ValueError("engine.base_urls is empty: the openai backend needs at least one server URL")
 

@@ -57,6 +57,7 @@ class VLLMEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             trust_remote_code=cfg.trust_remote_code,
+            **({"speculative_config": cfg.speculative_config} if cfg.speculative_config else {}),
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = cfg.max_model_len

@@ -2,6 +2,7 @@ import socket
 
 import pytest
 
+from core.config import ConfigError
 from core.engines import (
     EngineConfig,
     EngineError,
@@ -227,3 +228,43 @@ def test_a_reasoning_model_gets_max_completion_tokens(embedded_path, monkeypatch
         token_limit_field(EngineConfig(backend="openai", base_urls=["http://gpu-node:8000/v1"]))
         == "max_tokens"
     )
+
+
+def test_vllm_speculative_decoding_settings_reach_vllm_from_the_recipe(monkeypatch):
+    """vLLM cannot run here: a stand-in `vllm` module records what the engine hands to `vllm.LLM`."""
+    import sys
+    import types
+
+    from core.config import parse_config
+    from data_synth.magpie import MagpieConfig
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    spec = "{method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4}"
+    (cfg,) = parse_config("magpie", ["recipe=magpie_air", f"engine.speculative_config={spec}"], MagpieConfig)
+    VLLMEngine(cfg.model, cfg.engine)
+    assert seen["speculative_config"] == {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4,
+    }
+    (plain,) = parse_config("magpie", ["recipe=magpie_air"], MagpieConfig)
+    seen.clear()
+    VLLMEngine(plain.model, plain.engine)
+    assert "speculative_config" not in seen  # the recipe's null: vLLM's own default, whatever its version
+    for bad, message in [
+        ("{num_speculative_tokens: 4}", "names neither a `method`"),
+        ("{method: ngram, num_speculative_tokens: 0}", "num_speculative_tokens: expected an integer >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config("magpie", ["recipe=magpie_air", f"engine.speculative_config={bad}"], MagpieConfig)
+    with pytest.raises(ConfigError, match="backend=transformers does not use it"):
+        parse_config("magpie", ["recipe=magpie_demo", f"engine.speculative_config={spec}"], MagpieConfig)
