@@ -45,12 +45,16 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The whole pipeline, for real, on the embedded SmolLM2-135M-Instruct (CPU, ~10 min). Re-running resumes.
+DEMO_TIMES = $(PY) -m core.stage_times runs/demo/stage_times.tsv
 demo: setup
-	$(PY) -m data_synth.magpie recipe=magpie_demo output_dir=runs/demo/magpie
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
+	@$(DEMO_TIMES) --start
+	$(DEMO_TIMES) convert-model -- $(PY) -c "from core.models import embedded_model_path as p; print(p())"
+	$(DEMO_TIMES) magpie -- $(PY) -m data_synth.magpie recipe=magpie_demo output_dir=runs/demo/magpie
+	$(DEMO_TIMES) sft -- $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	  train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft
-	$(PY) -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
-	$(PY) -m eval.leaderboard runs=runs/demo/eval output_dir=runs/demo/leaderboard
+	$(DEMO_TIMES) pairwise -- $(PY) -m eval.pairwise recipe=demo_eval models.tuned=runs/demo/sft/merged output_dir=runs/demo/eval
+	$(DEMO_TIMES) leaderboard -- $(PY) -m eval.leaderboard runs=runs/demo/eval output_dir=runs/demo/leaderboard
+	@$(DEMO_TIMES) --report
 
 # After `make demo`: the paper's benchmarks in miniature on the demo instructions, tuned vs base (~6 min on CPU):
 # AlpacaEval 2 (weighted judge, alpaca_eval's metrics), Arena-Hard (both orders, Bradley-Terry), lm-eval, one table.
