@@ -8,13 +8,21 @@ script does: one sequence at a time with plain `model.generate` (float32). The h
 with the transformers engine (continuous batching), in float32 and with `engine.dtype=int8`. Reports
 conversations/s and useful tokens/s (generated tokens kept in the data) for each, their ratios to the baseline,
 and each as a fraction of the compute limit: 2 x parameters FLOPs per token at the fp32 matmul rate measured in
-the same run.
+the same run (the faster of PyTorch's plain and oneDNN's prepacked matmul at 2048 x 2048).
+
+Sides: the naive baseline; the harness in float32 with PyTorch's plain Linear (`engine.pack_linear=false`, the
+engine before oneDNN packing) and packed (the default); bfloat16 where the CPU has oneDNN bf16; int8 (dynamic
+quantization). Quality beside speed, in the same run: every low-precision side answers the float32 side's
+instructions, and its answers are scored against float32's by (a) perplexity under the float32 model and (b) the
+embedded judge's pairwise preference in both orders (win rate with a 95% bootstrap interval; 50% = no
+difference); its own sampled instructions are scored by (a) as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -25,11 +33,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.chat import render_prompt
-from core.engines import Completion
+from core.engines import Completion, EngineConfig, Sampling, make_engine
+from core.engines.cpu_kernels import supported
 from core.io import atomic_write_json
 from core.models import embedded_model_path
+from core.shards import ShardWriter
 from data_synth.magpie import MagpieConfig, clean_instruction, run
 from data_synth.templates import pre_query
+from eval.pairwise import PairwiseConfig, judge_pairs, leaderboard
 
 
 def naive(n: int, instruction_tokens: int, response_tokens: int) -> dict:
@@ -86,15 +97,18 @@ def naive(n: int, instruction_tokens: int, response_tokens: int) -> dict:
     }
 
 
-def harness(n: int, instruction_tokens: int, response_tokens: int, batch_size: int, dtype: str) -> dict:
+def harness(
+    n: int, instruction_tokens: int, response_tokens: int, batch_size: int, dtype: str, pack: bool = True
+) -> tuple[dict, list[dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = MagpieConfig(n_conversations=n, output_dir=str(Path(tmp) / "m"), chunk_size=n, seed=0)
-        cfg.engine.batch_size, cfg.engine.dtype = batch_size, dtype
+        cfg.engine.batch_size, cfg.engine.dtype, cfg.engine.pack_linear = batch_size, dtype, pack
         cfg.instruction.max_tokens = instruction_tokens
         cfg.response.max_tokens = response_tokens
         start = time.time()
         summary = run(cfg)
         elapsed = time.time() - start  # includes loading the model, as the baseline's does
+        rows = [r["messages"] for r in ShardWriter(Path(tmp) / "m").rows()]
     tokens = summary["instruction_tokens"] + summary["response_tokens"]
     return {
         "conversations": summary["rows"],
@@ -105,17 +119,77 @@ def harness(n: int, instruction_tokens: int, response_tokens: int, batch_size: i
         "instructions_sampled": summary["instructions_sampled"],
         "duplicates_dropped": summary["duplicates_dropped"],
         "invalid_dropped": summary["invalid_dropped"],
-    }
+    }, rows
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's fp32 matmul rate, in this run: the denominator of the compute limit."""
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """The machine's fp32 matmul rate in this run, with PyTorch's plain matmul and with oneDNN's prepacked one:
+    the faster is the denominator of the compute limit."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.time()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.time() - start) / 1e9
+    kernels = {"plain": lambda: a @ b}
+    if supported(torch.float32):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
+        kernels["onednn_packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    rates = {}
+    for name, f in kernels.items():
+        f()
+        start = time.time()
+        for _ in range(repeats):
+            f()
+        rates[name] = round(2 * size**3 * repeats / (time.time() - start) / 1e9, 1)
+    return rates
+
+
+def answers(instructions: list[str], dtype: str, response_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers of the embedded model in `dtype` to given instructions, as Magpie's response stage asks."""
+    engine = make_engine(embedded_model_path(), EngineConfig(batch_size=batch_size, dtype=dtype))
+    pq = pre_query(engine.tokenizer)
+    prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": x}]) for x in instructions]
+    sampling = Sampling(0.0, 1.0, response_tokens, tuple(pq.stop), tuple(pq.stop_token_ids))
+    out = [c.text.strip() for c in engine.complete(prompts, sampling)]
+    engine.close()
+    return out
+
+
+def perplexity(pairs: list[tuple[str, str]], batch: int = 16) -> float:
+    """Perplexity of each pair's continuation given its prompt, under the float32 model (tokens pooled)."""
+    path = embedded_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    for i in range(0, len(pairs), batch):
+        ids, labels = [], []
+        for prompt, continuation in pairs[i : i + batch]:
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            c = tok(continuation, add_special_tokens=False)["input_ids"]
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, ids))
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        x = torch.tensor([x + [tok.pad_token_id or 0] * (width - len(x)) for x in ids])
+        y = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        with torch.inference_mode():
+            logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+        y = y[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), y, ignore_index=-100, reduction="sum"
+        )
+        nll, count = nll + float(loss), count + int((y != -100).sum())
+    return math.exp(nll / count)
+
+
+def judged(instructions: list[str], ours: list[str], fp32: list[str], name: str, tmp: Path) -> dict:
+    """The embedded judge's preference of `ours` over `fp32`, both orders, bootstrapped over instructions."""
+    cfg = PairwiseConfig(models={name: "embedded", "float32": "embedded"}, output_dir=str(tmp))
+    rows = {
+        side: [
+            {"id": f"{i:05d}", "instruction": q, "output": a, "n_tokens": 0}
+            for i, (q, a) in enumerate(zip(instructions, outs, strict=True))
+        ]
+        for side, outs in ((name, ours), ("float32", fp32))
+    }
+    board = {r["model"]: r for r in leaderboard(judge_pairs(rows, cfg, tmp), rows, 1000, 0)}[name]
+    return {k: board[k] for k in ("win_rate", "ci_low", "ci_high", "n_judgments", "n_failed")}
 
 
 def main() -> None:
@@ -125,22 +199,67 @@ def main() -> None:
     ap.add_argument("--instruction-tokens", type=int, default=64)
     ap.add_argument("--response-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--quality-n", type=int, default=64, help="instructions judged per low-precision side")
     ap.add_argument("--out", default="benchmarks/results/synth_throughput.json")
     a = ap.parse_args()
-    gflops = matmul_gflops()
+    rates = matmul_gflops()
+    gflops = max(rates.values())
     params = AutoModelForCausalLM.from_pretrained(embedded_model_path()).num_parameters()
     limit = gflops * 1e9 / (2 * params)  # tokens/s if every FLOP went into the model at the matmul rate
     base = naive(a.naive_n, a.instruction_tokens, a.response_tokens)
-    sides = {"naive_one_at_a_time": base}
-    for dtype in ("float32", "int8"):
-        ours = harness(a.n, a.instruction_tokens, a.response_tokens, a.batch_size, dtype)
+    sides: dict[str, dict] = {"naive_one_at_a_time": base}
+    variants = [("float32_plain_linear", "float32", False), ("float32", "float32", True)]
+    if supported(torch.bfloat16):
+        variants.append(("bfloat16", "bfloat16", True))
+    variants.append(("int8", "int8", True))
+    convs = {}
+    for name, dtype, pack in variants:
+        ours, convs[name] = harness(a.n, a.instruction_tokens, a.response_tokens, a.batch_size, dtype, pack)
         ours["speedup_tokens_per_s"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 2)
         ours["speedup_conversations_per_s"] = round(
             ours["conversations_per_s"] / base["conversations_per_s"], 2
         )
         ours["fraction_of_compute_limit"] = round(ours["tokens_per_s"] / limit, 3)
-        sides[f"harness_{dtype}"] = ours
+        sides[f"harness_{name}"] = ours
     base["fraction_of_compute_limit"] = round(base["tokens_per_s"] / limit, 3)
+    plain, packed = sides["harness_float32_plain_linear"], sides["harness_float32"]
+    packed["speedup_over_plain_linear"] = round(packed["tokens_per_s"] / plain["tokens_per_s"], 2)
+
+    # Quality beside speed: the same instructions answered in each precision, scored against float32.
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    pre = pre_query(tok)
+    reference = convs["float32"][: a.quality_n]
+    instructions = [m[0]["content"] for m in reference]
+    fp32_answers = [m[1]["content"] for m in reference]
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in instructions]
+    quality = {
+        "float32": {
+            "answer_perplexity": round(perplexity(list(zip(prompts, fp32_answers, strict=True))), 3),
+            "instruction_perplexity": round(
+                perplexity([(pre.prompt_prefix, m[0]["content"]) for m in convs["float32"]]), 3
+            ),
+        }
+    }
+    for name in [v[0] for v in variants if v[1] in ("bfloat16", "int8")]:
+        ours = answers(instructions, name, a.response_tokens, a.batch_size)
+        ppl = perplexity(list(zip(prompts, ours, strict=True)))
+        ins = perplexity([(pre.prompt_prefix, m[0]["content"]) for m in convs[name]])
+        with tempfile.TemporaryDirectory() as tmp:
+            verdict = judged(instructions, ours, fp32_answers, name, Path(tmp))
+        quality[name] = {
+            "answer_perplexity": round(ppl, 3),
+            "answer_perplexity_ratio_to_float32": round(ppl / quality["float32"]["answer_perplexity"], 4),
+            "identical_answers": sum(x == y for x, y in zip(ours, fp32_answers, strict=True)),
+            "instruction_perplexity": round(ins, 3),
+            "instruction_perplexity_ratio_to_float32": round(
+                ins / quality["float32"]["instruction_perplexity"], 4
+            ),
+            "judge_vs_float32": verdict,
+            "as_good": bool(
+                abs(ppl / quality["float32"]["answer_perplexity"] - 1) <= 0.02
+                and verdict["ci_low"] <= 50 <= verdict["ci_high"]
+            ),
+        }
     result = {
         "benchmark": "synth_throughput",
         "model": f"SmolLM2-135M-Instruct (embedded), {params / 1e6:.1f}M parameters",
@@ -152,8 +271,10 @@ def main() -> None:
         },
         "settings": vars(a),
         "fp32_matmul_gflops": round(gflops, 1),
+        "fp32_matmul_gflops_by_kernel": rates,
         "compute_limit_tokens_per_s": round(limit, 1),
         **sides,
+        "quality": {"instructions": len(instructions), "judge": "embedded (float32)", **quality},
     }
     atomic_write_json(a.out, result)
     print(json.dumps(result, indent=2))

@@ -38,17 +38,20 @@ from core.errors import EngineError
 
 
 class _SlotCache:
-    """Duck-typed KV cache for the model's forward: `update` writes the new column `t` and returns `[:t + 1]`."""
+    """Duck-typed KV cache for the model's forward: `update` writes the new column `t` and returns the columns
+    `[lo, t + 1)`, where `lo` is the first column a live row uses (decoding attention reads every returned
+    column of every row, so columns no row needs are left out)."""
 
     def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
         self.layers = layers  # (keys, values) per layer, [batch, kv_heads, capacity, head_dim]
         self.t = 0
+        self.lo = 0
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.layers[layer_idx]
         keys[:, :, self.t] = key[:, :, 0]
         values[:, :, self.t] = value[:, :, 0]
-        return keys[:, :, : self.t + 1], values[:, :, : self.t + 1]
+        return keys[:, :, self.lo : self.t + 1], values[:, :, self.lo : self.t + 1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.t
@@ -108,7 +111,10 @@ class ContinuousBatcher:
             while queue or any(r is not None for r in self.rows):
                 free = [s for s, r in enumerate(self.rows) if r is None]
                 if queue and free and (len(free) >= max(1, len(self.rows) // 8) or self._n_active() == 0):
-                    self._admit([queue.pop() for _ in range(min(len(free), len(queue)))], free, results)
+                    new = [queue.pop() for _ in range(min(len(free), len(queue)))]
+                    for group in _length_groups(new):
+                        self._admit(group, free[: len(group)], results)
+                        free = free[len(group) :]
                     continue
                 if not queue:
                     self._maybe_shrink()
@@ -262,20 +268,23 @@ class ContinuousBatcher:
             self._make_room()
         t = self.cache.t
         self.mask[:, t] = True
+        live = [s for s, r in enumerate(self.rows) if r is not None]
+        self.cache.lo = lo = int(self.start[live].min())
         out = self.model(
             input_ids=self.pending[:, None],
-            attention_mask=self.mask[:, None, None, : t + 1],
+            attention_mask=self.mask[:, None, None, lo : t + 1],
             position_ids=(t - self.start)[:, None],
             use_cache=True,
             **{self.cache_kwarg: self.cache},
         )
         self.cache.t = t + 1
-        slots = [s for s, r in enumerate(self.rows) if r is not None]
+        slots = live
         logits = out.logits[:, -1].float()
         idle = [s for s, r in enumerate(self.rows) if r is None]
         if idle:
             self.mask[idle, t] = False
-        self._accept(slots, logits[slots], results)
+            logits = logits[slots]  # a copy of [rows, vocab]: only when some rows are idle
+        self._accept(slots, logits, results)
 
     def _accept(self, slots: list[int], logits: torch.Tensor, results: list) -> None:
         """Sample the next token of each row in `slots`, then retire the rows that are done."""
@@ -285,11 +294,21 @@ class ContinuousBatcher:
             seen = self._seen()[slots]
             p = penalty[:, None]
             logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
-        chosen = logits.argmax(-1).tolist()
+        # Each whole-vocabulary operation below runs only on the rows that need it (a [rows, 49152] pass costs
+        # a few ms a step on a CPU).
         sampled = [j for j, r in enumerate(rows) if r.sampling.temperature > 0]
+        greedy = [j for j, r in enumerate(rows) if r.sampling.temperature <= 0]
+        chosen = [0] * len(rows)
+        if greedy:
+            picks = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1)
+            for j, token in zip(greedy, picks.tolist(), strict=True):
+                chosen[j] = token
         if sampled:
-            temps = torch.tensor([rows[j].sampling.temperature for j in sampled], device=self.device)
-            probs = torch.softmax(logits[sampled] / temps[:, None], dim=-1)
+            temps = [rows[j].sampling.temperature for j in sampled]
+            scores = logits if len(sampled) == len(rows) else logits[sampled]
+            if any(x != 1.0 for x in temps):
+                scores = scores / torch.tensor(temps, device=self.device)[:, None]
+            probs = torch.softmax(scores, dim=-1)
             top_p = torch.tensor([rows[j].sampling.top_p for j in sampled], device=self.device)
             if (top_p < 1.0).any():
                 probs = _top_p(probs, top_p)
@@ -356,6 +375,27 @@ def _hits_stop(tok: Any, tokens: list[int], stops: tuple[str, ...]) -> bool:
     window = max(len(s) for s in stops) + 2
     tail = tok.decode(tokens[-window:], skip_special_tokens=False)
     return any(s and s in tail for s in stops)
+
+
+def _length_groups(rows: list[_Row], overhead: int = 32) -> list[list[_Row]]:
+    """Split newly admitted rows into prefill groups of similar prompt length. A group's forward pads every
+    prompt to its longest; on Magpie's responses (prompts of 5 to 70 tokens) one group pads nearly half of its
+    tokens. Sorted by length, the contiguous split that minimizes padded tokens plus `overhead` tokens per
+    forward (the weights are read once per forward) is found exactly, in O(n^2) for a batch of n."""
+    rows = sorted(rows, key=lambda r: len(r.prompt_ids))
+    lengths = [len(r.prompt_ids) for r in rows]
+    n = len(rows)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + overhead + lengths[j - 1] * (j - i)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(rows[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _common_prefix(prompts: list[tuple[int, ...]]) -> int:

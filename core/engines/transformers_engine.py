@@ -43,6 +43,10 @@ class TransformersEngine:
             from torch.ao.quantization import quantize_dynamic
 
             self.model = quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        elif self.device == "cpu" and cfg.pack_linear:
+            from core.engines.cpu_kernels import pack_linears
+
+            pack_linears(self.model)
         # the tokenizer's eos and every eos the model's generation_config lists (<|eot_id|> for Llama-3-Instruct
         # and for models this harness trains on a chat template)
         generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))

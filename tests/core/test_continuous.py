@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from core.engines import Sampling
-from core.engines.continuous import ContinuousBatcher, _top_p
+from core.engines.continuous import ContinuousBatcher, _length_groups, _Row, _top_p
 
 EOS = 2
 
@@ -50,6 +50,26 @@ def test_greedy_matches_generate_at_any_batch_size(tiny, batch_size):
     for prompt, n, out in zip(PROMPTS, limits, outs, strict=True):
         assert out.text == reference(model, tok, prompt, n)
         assert out.n_tokens == n and out.finish_reason == "length"  # random weights never say EOS here
+
+
+def test_prompts_of_very_different_lengths_prefill_in_groups_and_decode_as_generate(tiny):
+    """Admitted rows are prefilled in groups of similar length (padding every prompt to the batch's longest
+    wasted half the prefill on Magpie's responses); what each row decodes must not change."""
+    model, tok = tiny
+    long = "<|im_start|>user\n" + "the sea and the sky " * 40 + "<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [PROMPTS[3], long, PROMPTS[1], long + "Sure", PROMPTS[0], PROMPTS[0]]
+    rows = [
+        _Row(i, Sampling(), tok(p, add_special_tokens=False)["input_ids"], None)
+        for i, p in enumerate(prompts)
+    ]
+    groups = _length_groups(rows)
+    assert [sorted(r.index for r in g) for g in groups] == [[0, 2, 4, 5], [1, 3]]  # short ones, long ones
+    assert len(_length_groups(rows[4:])) == 1  # equal lengths: one forward
+    outs = ContinuousBatcher(model, tok, 8, [EOS]).run(
+        prompts, [Sampling(temperature=0.0, max_tokens=12)] * 6
+    )
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.text == reference(model, tok, prompt, 12)
 
 
 def test_repetition_penalty_matches_generate(tiny):
