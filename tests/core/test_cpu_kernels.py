@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from core.engines import EngineConfig, Sampling
 from core.engines.cpu_kernels import PackedLinear, pack_linears, supported
-from core.engines.transformers_engine import TransformersEngine
+from core.engines.transformers_engine import TransformersEngine, inference_dtype
 
 pytestmark = pytest.mark.skipif(not supported(torch.float32), reason="this PyTorch build has no oneDNN")
 
@@ -29,8 +29,13 @@ def test_packed_linears_compute_what_plain_ones_do(dtype):
     assert packed.get_output_embeddings().weight.shape == (1000, 64)  # shape still readable
     ids = torch.randint(0, 1000, (3, 17))
     with torch.inference_mode():
-        want, got = model(ids).logits, packed(ids).logits
-    assert torch.allclose(got.float(), want.float(), atol=1e-5 if dtype == torch.float32 else 0)
+        hidden, ours = model.model(ids).last_hidden_state, packed.model(ids).last_hidden_state
+        # the head runs in float32 whatever the model's dtype (bfloat16 logits are too coarse to sample from)
+        want = torch.nn.functional.linear(hidden.float(), model.lm_head.weight.float())
+        got = packed(ids).logits
+    assert got.dtype == torch.float32
+    assert torch.equal(ours, hidden) if dtype == torch.bfloat16 else torch.allclose(ours, hidden, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-4)
 
 
 def test_the_engine_decodes_the_same_text_packed_or_plain(embedded_engine, embedded_path):
@@ -46,3 +51,9 @@ def test_the_engine_decodes_the_same_text_packed_or_plain(embedded_engine, embed
     assert [c.text for c in embedded_engine.complete(prompts, sampling)] == [
         c.text for c in plain.complete(prompts, sampling)
     ]
+
+
+def test_auto_dtype_is_bfloat16_on_a_cpu_with_onednn_bfloat16(embedded_engine):
+    expected = torch.bfloat16 if supported(torch.bfloat16) else torch.float32
+    assert inference_dtype("cpu") == expected
+    assert embedded_engine.model.model.embed_tokens.weight.dtype == expected  # engine.dtype=auto, the default
