@@ -82,7 +82,9 @@ def serve(model: str, port: int, api_key: str | None = None, table: str | None =
         engine = TableEngine(json.loads(Path(table).read_text()))
         engine.tokenizer = load_tokenizer(model, EngineConfig())
     else:
-        engine = TransformersEngine(model, EngineConfig(batch_size=4))
+        # float32: requests arrive in batches the client's concurrency decides, and the tests compare texts
+        # across routings; bfloat16 rounds a batch and a single row differently enough to flip a near-tie
+        engine = TransformersEngine(model, EngineConfig(batch_size=4, dtype="float32"))
     lock = threading.Lock()  # one generate at a time; the engine is not thread-safe
 
     class Handler(BaseHTTPRequestHandler):

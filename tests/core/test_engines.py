@@ -8,6 +8,7 @@ from core.engines import (
     EngineError,
     OpenAIEngine,
     Sampling,
+    TransformersEngine,
     VLLMEngine,
     completion_from_vllm,
     request_seed,
@@ -60,7 +61,7 @@ def test_top_logprobs_of_first_token(embedded_engine):
     assert all(lp <= 0 for lp in lps)
 
 
-def test_openai_engine_against_a_real_server(openai_server, embedded_engine, monkeypatch):
+def test_openai_engine_against_a_real_server(openai_server, embedded_path, monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-test-123")
     engine = OpenAIEngine(
         "smollm2",
@@ -69,7 +70,9 @@ def test_openai_engine_against_a_real_server(openai_server, embedded_engine, mon
     s = Sampling(temperature=0.0, max_tokens=24, stop=("<|im_end|>",))
     prompts = [chat("What is the capital of France?"), chat("Name a color.")]
     remote = engine.complete(prompts, s)
-    local = embedded_engine.complete(prompts, s)
+    local = TransformersEngine(embedded_path, EngineConfig(batch_size=4, dtype="float32")).complete(
+        prompts, s
+    )
     assert [r.text for r in remote] == [lo.text for lo in local]  # same model, same greedy text, over HTTP
     assert all(r.n_tokens > 0 for r in remote)
     lp = engine.complete([chat("Hi")], Sampling(temperature=0.0, max_tokens=1, logprobs=3))[0]
