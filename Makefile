@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 	$(if $(GPU),touch $(VENV)/.gpu)
 	touch $(STAMP)
 
-# The whole pipeline, for real, on the embedded SmolLM2-135M-Instruct (CPU, ~10 min). Re-running resumes.
+# The whole pipeline, for real, on the embedded SmolLM2-135M-Instruct (CPU, ~6 min). Re-running resumes.
 DEMO_TIMES = $(PY) -m core.stage_times runs/demo/stage_times.tsv
 demo: setup
 	@$(DEMO_TIMES) --start
