@@ -21,6 +21,7 @@ difference); its own sampled instructions are scored by (a) as well.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -151,11 +152,18 @@ def answers(instructions: list[str], dtype: str, response_tokens: int, batch_siz
     return out
 
 
+@functools.cache
+def reference_model() -> tuple:
+    """The float32 model every perplexity is measured under, loaded once for the run."""
+    path = embedded_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32
+    ).eval()
+
+
 def perplexity(pairs: list[tuple[str, str]], batch: int = 16) -> float:
     """Perplexity of each pair's continuation given its prompt, under the float32 model (tokens pooled)."""
-    path = embedded_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, model = reference_model()
     nll, count = 0.0, 0
     for i in range(0, len(pairs), batch):
         ids, labels = [], []

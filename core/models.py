@@ -107,7 +107,8 @@ def resolve_model(name: str) -> str:
 
 
 def default_dtype(device: str) -> Any:
-    """bfloat16 on a CUDA GPU; float32 on a CPU, where it runs much faster than bfloat16."""
+    """Training and scoring: bfloat16 on a CUDA GPU, float32 on a CPU. (The transformers engine's
+    `engine.dtype=auto` also takes bfloat16 on CPUs with oneDNN bfloat16: `inference_dtype`.)"""
     import torch
 
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
