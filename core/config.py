@@ -266,7 +266,8 @@ RANGES: dict[str, Bounds] = {
     "ngram_size": COUNT,
     "embed_max_tokens": COUNT,
     **dict.fromkeys(["ngram_threshold", "embed_threshold"], FRACTION),
-    "dataset_mixture": NONNEGATIVE,  # a source's weight: the share of its rows to take (above 1 repeats it)
+    "dataset_mixture": NONNEGATIVE,
+    "prefix_cache_gb": NONNEGATIVE,  # 0: no prefix cache  # a source's weight: the share of its rows to take (above 1 repeats it)
     "system_prompt_mix": PROBABILITY,
     **dict.fromkeys(
         [

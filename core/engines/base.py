@@ -75,6 +75,9 @@ class EngineConfig:
     # CPU: run every float32/bfloat16 Linear layer on weights prepacked for oneDNN (cpu_kernels.py), 1.3-4x
     # faster per layer with the same outputs to float rounding; false: PyTorch's plain Linear
     pack_linear: bool = True
+    # KV of finished requests kept for later prompts that extend them (Magpie's response prompt extends its
+    # instruction's), up to this many GB (continuous.PrefixCache); 0 or enable_prefix_caching=false: none
+    prefix_cache_gb: float = 1.0
     # openai-compatible servers (vllm serve, SGLang, llama.cpp server, TGI)
     base_urls: list[str] = field(default_factory=list)
     api_key_env: str | None = None  # name of the environment variable that holds the key; never the key
@@ -93,7 +96,7 @@ class EngineConfig:
     # vllm
     tensor_parallel_size: int = 1
     max_model_len: int | None = 4096
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = True  # vllm and transformers
     gpu_memory_utilization: float = 0.9
     # vLLM's speculative decoding, passed through as its `speculative_config`: n-gram prompt lookup
     # {method: ngram, num_speculative_tokens: 4, prompt_lookup_max: 4} or a draft model sharing the tokenizer

@@ -14,6 +14,9 @@ seed or stop strings, so this loop is our own, written against the model's ordin
   function of its prompt and its settings, as on vLLM, not of what else shares its batch (up to float rounding
   in batched matmuls);
 - identical prompts (Magpie's pre-query template, `n_samples` of one prompt) are prefilled once;
+- the KV of every finished request (prompt and reply) is kept across calls in a `PrefixCache` (vLLM's automatic
+  prefix caching), so a later prompt that extends it is prefilled from where it ends: Magpie's response prompt
+  is its instruction's prompt and sampled instruction plus a few template tokens;
 - when the columns run out the cache shifts left past what no live row needs; when the queue is empty and few
   rows are left the batch shrinks, so the tail does not pay for empty rows.
 
@@ -28,6 +31,7 @@ within the window, a sliding mask and a full one are the same.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,66 @@ class _SlotCache:
         return self.t
 
 
+class PrefixCache:
+    """KV of finished requests (prompt and reply), kept across calls so a later prompt that starts with one is
+    prefilled only from where the match ends. Entries are found token by token through a chain of hashes (the
+    hash of a prefix is that of its prefix of one token less and its last token) and evicted oldest first once
+    they hold more than `budget_bytes`. The index keeps, for each prefix, the newest entry that has it, so
+    evicting the oldest entry removes exactly the prefixes no other entry has."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[int, tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = (
+            OrderedDict()
+        )
+        self.index: dict[int, tuple[int, int]] = {}  # prefix hash -> (entry, prefix length)
+        self._next = 0
+
+    def add(self, ids: tuple[int, ...], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `layers`, the (keys, values) `[kv_heads, len(ids), head_dim]` of each layer for `ids`."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if not ids or size > self.budget:
+            return
+        entry, self._next = self._next, self._next + 1
+        self.entries[entry] = (ids, layers)
+        self.bytes += size
+        for n, h in enumerate(_chain(ids), 1):
+            self.index[h] = (entry, n)
+        while self.bytes > self.budget:
+            old, (old_ids, old_layers) = self.entries.popitem(last=False)
+            self.bytes -= sum(
+                k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in old_layers
+            )
+            for h in _chain(old_ids):
+                if self.index.get(h, (None,))[0] == old:
+                    del self.index[h]
+
+    def match(self, ids: list[int], most: int) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The longest cached prefix of `ids` of at most `most` tokens: its length and its (keys, values)."""
+        best = None
+        for h in _chain(ids[:most]):
+            hit = self.index.get(h)
+            if hit is None:
+                break
+            best = hit
+        if best is None:
+            return 0, None
+        entry, n = best
+        cached_ids, layers = self.entries[entry]
+        if list(cached_ids[:n]) != ids[:n]:  # a hash collision: never reuse another prompt's KV
+            return 0, None
+        return n, [(k[:, :n], v[:, :n]) for k, v in layers]
+
+
+def _chain(ids) -> list[int]:
+    out, h = [], 0
+    for token in ids:
+        h = hash((h, token))
+        out.append(h)
+    return out
+
+
 @dataclass
 class _Row:
     index: int  # the request's position in the caller's list
@@ -65,13 +129,24 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     top_logprobs: dict[str, float] | None = None
+    cached: int = 0  # leading prompt tokens whose KV the prefix cache holds
+    past: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # their (keys, values) per layer
 
 
 class ContinuousBatcher:
     """One `complete()` call's worth of requests through a model, `batch_size` rows at a time."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int, eos_ids: list[int], progress: Any = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int,
+        eos_ids: list[int],
+        progress: Any = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.model, self.tok = model, tokenizer
+        self.prefix_cache = prefix_cache
         self.batch_size = max(1, batch_size)
         self.eos_ids = eos_ids
         self.device = next(model.parameters()).device
@@ -112,6 +187,9 @@ class ContinuousBatcher:
                 free = [s for s, r in enumerate(self.rows) if r is None]
                 if queue and free and (len(free) >= max(1, len(self.rows) // 8) or self._n_active() == 0):
                     new = [queue.pop() for _ in range(min(len(free), len(queue)))]
+                    if self.prefix_cache is not None:
+                        for r in new:  # every prompt keeps a token of its own: its logits start the reply
+                            r.cached, r.past = self.prefix_cache.match(r.prompt_ids, len(r.prompt_ids) - 1)
                     for group in _length_groups(new):
                         self._admit(group, free[: len(group)], results)
                         free = free[len(group) :]
@@ -178,11 +256,15 @@ class ContinuousBatcher:
 
     def _admit(self, new: list[_Row], free: list[int], results: list) -> None:
         """Prefill the new requests' prompts and place them in free rows. Each distinct prompt is computed once,
-        and a prefix every prompt shares (a system prompt, the pre-query template) is computed once for all."""
+        from where its prefix-cache match ends."""
         unique: dict[tuple[int, ...], int] = {}
+        pasts: list[tuple[int, list | None]] = []
         for r in new:
-            unique.setdefault(tuple(r.prompt_ids), len(unique))
-        keys, logits, columns = self._prefill(list(unique))
+            if tuple(r.prompt_ids) not in unique:
+                unique[tuple(r.prompt_ids)] = len(unique)
+                pasts.append((r.cached, r.past))
+            r.past = None  # the prefill copies it; the cache keeps its own
+        keys, logits, columns = self._prefill(list(unique), pasts)
         t = self.cache.t
         for r, slot in zip(new, free, strict=False):
             u, n = unique[tuple(r.prompt_ids)], len(r.prompt_ids)
@@ -204,46 +286,65 @@ class ContinuousBatcher:
                 r.top_logprobs = self._top_logprobs(lg, r.sampling.logprobs)
         self._accept(free[: len(new)], row_logits, results)
 
-    def _prefill(self, prompts: list[tuple[int, ...]]) -> tuple[list, torch.Tensor, list[torch.Tensor]]:
-        """KV of every prompt (left padded) per layer, the last position's logits, and for each prompt the
-        cache columns that hold its tokens in order."""
+    def _prefill(
+        self, prompts: list[tuple[int, ...]], pasts: list[tuple[int, list | None]]
+    ) -> tuple[list, torch.Tensor, list[torch.Tensor]]:
+        """KV of every prompt per layer, the last position's logits, and for each prompt the columns of the KV
+        that hold its tokens in order. `pasts[i]` is prompt i's cached prefix: its length and (keys, values) per
+        layer, or (0, None). Without cached prefixes, a prefix every prompt shares (a system prompt) is computed
+        once for all. Layout: cached prefixes right-aligned in the first columns, then the rest of each prompt
+        left-padded, one forward for all."""
         from transformers import DynamicCache
 
-        shared = _common_prefix(prompts) if len(prompts) > 1 else 0
-        shared = min(shared, min(len(p) for p in prompts) - 1)  # every prompt keeps a token of its own
+        if len(prompts) > 1 and not any(n for n, _ in pasts):
+            shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - 1)
+            if shared >= 8:  # worth a forward pass of its own
+                kv = DynamicCache(config=self.model.config)
+                head = torch.tensor([prompts[0][:shared]], device=self.device)
+                self.model(input_ids=head, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: kv})
+                pasts = [(shared, [(k[0], v[0]) for k, v in _cache_layers(kv)])] * len(prompts)
+        cached = [n for n, _ in pasts]
+        width_past = max(cached)
         kv = DynamicCache(config=self.model.config)
-        if shared >= 8:  # worth a forward pass of its own
-            head = torch.tensor([prompts[0][:shared]], device=self.device)
-            self.model(input_ids=head, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: kv})
-            expanded = DynamicCache(config=self.model.config)
-            for i, (k, v) in enumerate(_cache_layers(kv)):
-                expanded.update(
-                    k.expand(len(prompts), -1, -1, -1).contiguous(),
-                    v.expand(len(prompts), -1, -1, -1).contiguous(),
-                    i,
-                )
-            kv = expanded
-        else:
-            shared = 0
-        tails = [p[shared:] for p in prompts]
+        if width_past:
+            for i in range(self.n_layers):
+                if all(p is pasts[0] for p in pasts):  # one shared prefix
+                    keys = pasts[0][1][i][0].expand(len(prompts), -1, -1, -1).contiguous()
+                    values = pasts[0][1][i][1].expand(len(prompts), -1, -1, -1).contiguous()
+                else:
+                    shape = (len(prompts), self.kv_heads, width_past, self.head_dim)
+                    keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    for j, (n, layers) in enumerate(pasts):
+                        if n:
+                            keys[j, :, width_past - n :] = layers[i][0]
+                            values[j, :, width_past - n :] = layers[i][1]
+                kv.update(keys, values, i)
+        tails = [p[n:] for p, n in zip(prompts, cached, strict=True)]
         width = max(len(p) for p in tails)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in tails], device=self.device)
         tail_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in tails], device=self.device)
-        attn = torch.cat([torch.ones(len(tails), shared, dtype=torch.long, device=self.device), tail_mask], 1)
+        past_mask = torch.tensor(
+            [[0] * (width_past - n) + [1] * n for n in cached], dtype=torch.long, device=self.device
+        )
+        offset = torch.tensor(cached, device=self.device)[:, None]
         out = self.model(
             input_ids=input_ids,
-            attention_mask=attn,
-            position_ids=shared + (tail_mask.cumsum(-1) - 1).clamp(min=0),
+            attention_mask=torch.cat([past_mask.view(len(prompts), width_past), tail_mask], 1),
+            position_ids=offset + (tail_mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kwarg: kv},
         )
         columns = [
-            torch.cat([torch.arange(shared), torch.arange(shared + width - len(p), shared + width)]).to(
-                self.device
-            )
-            for p in tails
+            torch.cat(
+                [
+                    torch.arange(width_past - n, width_past),
+                    torch.arange(width_past + width - len(p), width_past + width),
+                ]
+            ).to(self.device)
+            for p, n in zip(tails, cached, strict=True)
         ]
         return _cache_layers(kv), out.logits[:, -1].float(), columns
 
@@ -338,6 +439,13 @@ class ContinuousBatcher:
         text = self.tok.decode(r.tokens, skip_special_tokens=False)
         text, hit = truncate_at_stop(text, r.sampling.stop)
         results[r.index] = Completion(text, len(r.tokens), "stop" if hit else reason, r.top_logprobs)
+        if self.prefix_cache is not None:
+            # columns [start, t) hold the prompt and every generated token fed back so far
+            start, t = int(self.start[slot]), self.cache.t
+            self.prefix_cache.add(
+                tuple((r.prompt_ids + r.tokens)[: t - start]),
+                [(K[slot, :, start:t].clone(), V[slot, :, start:t].clone()) for K, V in self.cache.layers],
+            )
         self.rows[slot] = None
         self.mask[slot] = False
         if self.progress is not None:
@@ -378,12 +486,12 @@ def _hits_stop(tok: Any, tokens: list[int], stops: tuple[str, ...]) -> bool:
 
 
 def _length_groups(rows: list[_Row], overhead: int = 32) -> list[list[_Row]]:
-    """Split newly admitted rows into prefill groups of similar prompt length. A group's forward pads every
-    prompt to its longest; on Magpie's responses (prompts of 5 to 70 tokens) one group pads nearly half of its
+    """Split newly admitted rows into prefill groups of similar prompt length (what the prefix cache does not
+    hold). A group's forward pads every prompt to its longest; on Magpie's responses (prompts of 5 to 70 tokens) one group pads nearly half of its
     tokens. Sorted by length, the contiguous split that minimizes padded tokens plus `overhead` tokens per
     forward (the weights are read once per forward) is found exactly, in O(n^2) for a batch of n."""
-    rows = sorted(rows, key=lambda r: len(r.prompt_ids))
-    lengths = [len(r.prompt_ids) for r in rows]
+    rows = sorted(rows, key=lambda r: len(r.prompt_ids) - r.cached)
+    lengths = [len(r.prompt_ids) - r.cached for r in rows]
     n = len(rows)
     best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):

@@ -70,9 +70,13 @@ class TransformersEngine:
         # and for models this harness trains on a chat template)
         generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))
         self.eos_ids = list(dict.fromkeys(_ids(self.tokenizer.eos_token_id) + generation_eos))
+        from core.engines.continuous import PrefixCache
+
+        budget = int(cfg.prefix_cache_gb * 2**30) if cfg.enable_prefix_caching else 0
+        self.prefix_cache = PrefixCache(budget) if budget else None
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.prefix_cache = None
 
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
         from tqdm.auto import tqdm
@@ -90,7 +94,9 @@ class TransformersEngine:
             leave=False,
             disable=len(prompts) <= self.cfg.batch_size,
         ) as bar:
-            batcher = ContinuousBatcher(self.model, self.tokenizer, self.cfg.batch_size, self.eos_ids, bar)
+            batcher = ContinuousBatcher(
+                self.model, self.tokenizer, self.cfg.batch_size, self.eos_ids, bar, self.prefix_cache
+            )
             counts = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
             limit = getattr(self.model.config, "max_position_embeddings", None)
             return within_context(

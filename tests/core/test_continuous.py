@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from core.engines import Sampling
-from core.engines.continuous import ContinuousBatcher, _length_groups, _Row, _top_p
+from core.engines.continuous import ContinuousBatcher, PrefixCache, _length_groups, _Row, _top_p
 
 EOS = 2
 
@@ -18,6 +18,7 @@ def tiny(embedded_path):
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=EOS,
+        initializer_range=0.2,  # attention far from uniform, so a wrong position or mask changes the text
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     model.config._attn_implementation = "sdpa"
@@ -181,3 +182,74 @@ def test_continuous_batching_on_the_oldest_transformers_we_allow(tmp_path):
     version = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                              env=env, capture_output=True, text=True).stdout  # fmt: skip
     assert version.startswith(floor + "."), version
+
+
+def test_prefix_cache_prefills_a_later_prompt_only_past_an_earlier_request(tiny):
+    """Magpie's response prompt extends its instruction's prompt and sampled instruction: the KV of the finished
+    request is reused, only the rest of the prompt is prefilled, and the reply is what generate decodes."""
+    model, tok = tiny
+    cache = PrefixCache(2**30)
+    greedy = [Sampling(temperature=0.0, max_tokens=12)] * 2
+    first = ContinuousBatcher(model, tok, 4, [EOS], prefix_cache=cache).run(PROMPTS[:2], greedy)
+    follow = [
+        p + o.text + "<|im_end|>\n<|im_start|>user\nMore.\n" for p, o in zip(PROMPTS[:2], first, strict=True)
+    ]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in follow]
+    uncached = [len(x) - cache.match(x, len(x) - 1)[0] for x in ids]
+    assert all(n <= len(x) // 2 for n, x in zip(uncached, ids, strict=True))  # most of each prompt is cached
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: widths.append(a[0].shape))
+    try:
+        outs = ContinuousBatcher(model, tok, 4, [EOS], prefix_cache=cache).run(follow, greedy)
+    finally:
+        hook.remove()
+    assert [o.text for o in outs] == [reference(model, tok, p, 12) for p in follow]
+    prefilled = sum(rows * width for rows, width in widths if width > 1)
+    assert 0 < prefilled <= len(follow) * max(uncached)
+
+
+def test_prefix_cache_evicts_oldest_first_within_its_budget():
+    layer = lambda n: [(torch.ones(2, n, 4), torch.ones(2, n, 4))]  # noqa: E731  (2 * 2 * n * 4 floats)
+    per_token = 2 * 2 * 4 * 4
+    cache = PrefixCache(10 * per_token)
+    cache.add((1, 2, 3, 4), layer(4))
+    cache.add((1, 2, 5, 6), layer(4))
+    assert cache.match([1, 2, 3, 4, 9], 4)[0] == 4 and cache.match([1, 2, 5, 6, 9], 4)[0] == 4
+    cache.add((7, 8, 9), layer(3))  # 11 tokens > 10: the oldest entry goes
+    assert cache.match([1, 2, 3, 4, 9], 4)[0] == 2  # its own tokens are gone, the prefix it shared is not
+    assert cache.match([1, 2, 5, 6], 3)[0] == 3  # at most `most` tokens
+    n, past = cache.match([7, 8, 9, 1], 4)
+    assert n == 3 and past[0][0].shape == (2, 3, 4)
+    cache.add(tuple(range(100, 120)), layer(20))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.match([100, 101], 2) == (0, None) and cache.match([7, 8, 9], 3)[0] == 3
+
+
+@pytest.mark.integration
+def test_the_engine_reuses_its_cache_across_calls_with_the_same_text(embedded_path):
+    """Magpie on the real model, fp32: instructions, then answers to them, with the engine's prefix cache and
+    without; the answers must be the same text."""
+    from core.chat import render_prompt
+    from core.engines import EngineConfig
+    from core.engines.transformers_engine import TransformersEngine
+    from data_synth.templates import pre_query
+
+    texts = {}
+    for on in (True, False):
+        engine = TransformersEngine(
+            embedded_path, EngineConfig(batch_size=8, dtype="float32", enable_prefix_caching=on)
+        )
+        assert (engine.prefix_cache is not None) is on
+        pq = pre_query(engine.tokenizer)
+        sampled = engine.complete(
+            [pq.prompt_prefix] * 6,
+            [Sampling(1.0, 1.0, 24, ("\n",), tuple(pq.stop_token_ids), seed=i) for i in range(6)],
+        )
+        questions = [c.text.strip() or "Hi." for c in sampled]
+        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+        if on:  # each answer's prompt is cached past the template, through its instruction
+            ids = engine.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            template = len(engine.tokenizer(pq.prompt_prefix, add_special_tokens=False)["input_ids"])
+            assert all(engine.prefix_cache.match(x, len(x) - 1)[0] > template for x in ids)
+        answers = engine.complete(prompts, Sampling(0.0, 1.0, 32, (), tuple(pq.stop_token_ids)))
+        texts[on] = (questions, [a.text for a in answers])
+    assert texts[True] == texts[False]
