@@ -27,6 +27,7 @@ from core.engines import (
     Sampling,
     load_tokenizer,
     make_engine,
+    prefix_session,
     request_seed,
 )
 from core.io import atomic_write_json
@@ -243,7 +244,8 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
         first = writer.n_rows
         slots = list(range(first, min(first + cfg.chunk_size, cfg.n_conversations)))
         try:
-            rows = synth.chunk(slots)
+            with prefix_session(engine):  # a chunk's response prompts extend its instruction prompts
+                rows = synth.chunk(slots)
         except BaseException:
             writer.flush()  # keep the finished chunks of this run
             raise

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -45,6 +46,15 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Drop the model (on a GPU: its weights and KV cache), so the next one can load beside it."""
+
+
+def prefix_session(engine: Engine) -> contextlib.AbstractContextManager:
+    """A block whose calls share the engine's prefix cache (a Magpie chunk: its response prompts extend its
+    instruction prompts). Outside such a block every call starts with an empty cache, so what a call decodes never
+    depends on what earlier calls left behind (a resumed run starts at a chunk boundary with nothing cached, as
+    the uninterrupted run did). Engines without a cache of their own (servers, vLLM): nothing."""
+    session = getattr(engine, "prefix_session", None)
+    return session() if session is not None else contextlib.nullcontext()
 
 
 def free_memory() -> None:

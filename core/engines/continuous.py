@@ -17,8 +17,9 @@ seed or stop strings, so this loop is our own, written against the model's ordin
 - the KV of every finished request (prompt and reply) is kept across calls in a `PrefixCache` (vLLM's automatic
   prefix caching), so a later prompt that extends it is prefilled from where it ends: Magpie's response prompt
   is its instruction's prompt and sampled instruction plus a few template tokens;
-- when the columns run out the cache shifts left past what no live row needs; when the queue is empty and few
-  rows are left the batch shrinks, so the tail does not pay for empty rows.
+- when the columns run out the cache shifts left past what no live row needs; when the queue is empty the batch
+  drops its idle rows at once (live rows move into the holes, the tensors become views of their first rows), so
+  the tail does not pay for empty rows.
 
 What it relies on in transformers (tested on the pinned floor's API and on the newest release, and bounded above in
 pyproject.toml): the forward's cache keyword (`cache`, formerly `past_key_values`, found by name), a 4D boolean
@@ -223,16 +224,33 @@ class ContinuousBatcher:
         return sum(r is not None for r in self.rows)
 
     def _maybe_shrink(self) -> None:
-        """With the queue empty, move the live rows into a smaller batch once half of it is idle."""
+        """With the queue empty, drop the idle rows from the batch: an idle row costs a decoding step as much as
+        a live one. The live rows beyond the new size move into the idle slots before it (only the columns
+        they still read), and every tensor becomes a view of its first rows, so nothing else is copied."""
         live = [s for s, r in enumerate(self.rows) if r is not None]
-        if not live or len(live) > len(self.rows) // 2:
+        if not live or len(live) == len(self.rows):
             return
-        keep = torch.tensor(live, device=self.device)
-        self.cache.layers = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in self.cache.layers]
-        self.mask, self.start, self.pending = self.mask[keep], self.start[keep], self.pending[keep]
+        size = len(live)
+        movers = [s for s in live if s >= size]
+        holes = [s for s in range(size) if self.rows[s] is None]
+        if movers:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            # columns before `lo` are never read again, and those from `t` on are written before they are read
+            lo, t = int(self.start[src].min()), self.cache.t
+            for k, v in self.cache.layers:
+                k[dst, :, lo:t] = k[src, :, lo:t]
+                v[dst, :, lo:t] = v[src, :, lo:t]
+            for x in (self.mask, self.start, self.pending, self.seen):
+                if x is not None:
+                    x[dst] = x[src]
+            for m, h in zip(movers, holes, strict=True):
+                self.rows[h] = self.rows[m]
+        self.cache.layers = [(k[:size], v[:size]) for k, v in self.cache.layers]
+        self.mask, self.start, self.pending = self.mask[:size], self.start[:size], self.pending[:size]
         if self.seen is not None:
-            self.seen = self.seen[keep]
-        self.rows = [self.rows[s] for s in live]
+            self.seen = self.seen[:size]
+        self.rows = self.rows[:size]
 
     def _make_room(self) -> None:
         """Shift every row left past the columns no live row (and no queued prompt) needs."""

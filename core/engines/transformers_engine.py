@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from core.engines.base import (
@@ -70,13 +72,29 @@ class TransformersEngine:
         # and for models this harness trains on a chat template)
         generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))
         self.eos_ids = list(dict.fromkeys(_ids(self.tokenizer.eos_token_id) + generation_eos))
+        self._cache_bytes = int(cfg.prefix_cache_gb * 2**30) if cfg.enable_prefix_caching else 0
+        self._in_session = False
+        self._new_prefix_cache()
+
+    def _new_prefix_cache(self) -> None:
         from core.engines.continuous import PrefixCache
 
-        budget = int(cfg.prefix_cache_gb * 2**30) if cfg.enable_prefix_caching else 0
-        self.prefix_cache = PrefixCache(budget) if budget else None
+        self.prefix_cache = PrefixCache(self._cache_bytes) if self._cache_bytes else None
+
+    @contextlib.contextmanager
+    def prefix_session(self) -> Iterator[None]:
+        """Calls within the block share one prefix cache (`core.engines.base.prefix_session`)."""
+        self._new_prefix_cache()
+        self._in_session = True
+        try:
+            yield
+        finally:
+            self._in_session = False
+            self._new_prefix_cache()
 
     def close(self) -> None:
         self.model = self.prefix_cache = None
+        self._cache_bytes = 0
 
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
         from tqdm.auto import tqdm
@@ -86,6 +104,8 @@ class TransformersEngine:
         samplings = _as_list(sampling, len(prompts))
         if not prompts:
             return []
+        if not self._in_session:
+            self._new_prefix_cache()
         # A bar of its own for calls longer than one batch (805 AlpacaEval answers arrive as one call).
         with tqdm(
             total=len(prompts),

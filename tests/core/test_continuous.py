@@ -82,6 +82,11 @@ def test_repetition_penalty_matches_generate(tiny):
     outs = ContinuousBatcher(model, tok, 4, [EOS]).run(PROMPTS[:2], samplings)
     assert outs[0].text == reference(model, tok, PROMPTS[0], 30, penalty=1.3)
     assert outs[1].text == reference(model, tok, PROMPTS[1], 30)  # its neighbour's penalty is not its own
+    # the first row ends after 11 tokens, the batch drops it and the penalized row moves into its slot: with the
+    # tokens it has seen, so the one it drew 9th is still penalized when it comes up again 3 tokens later
+    samplings = [Sampling(temperature=0.0, max_tokens=11), samplings[0]]
+    outs = ContinuousBatcher(model, tok, 2, [EOS]).run(PROMPTS[1::-1], samplings)
+    assert outs[1].text == reference(model, tok, PROMPTS[0], 30, penalty=1.3)
 
 
 def test_seeds_are_per_request_and_independent_of_the_batch(tiny):
@@ -225,11 +230,12 @@ def test_prefix_cache_evicts_oldest_first_within_its_budget():
 
 
 @pytest.mark.integration
-def test_the_engine_reuses_its_cache_across_calls_with_the_same_text(embedded_path):
-    """Magpie on the real model, fp32: instructions, then answers to them, with the engine's prefix cache and
-    without; the answers must be the same text."""
+def test_the_engine_reuses_its_cache_across_calls_in_a_session_with_the_same_text(embedded_path):
+    """Magpie on the real model, fp32: instructions, then answers to them, with the engine's prefix cache shared by
+    both calls and without a cache; the answers must be the same text. Outside a session a call starts with an
+    empty cache, so its text never depends on what ran before."""
     from core.chat import render_prompt
-    from core.engines import EngineConfig
+    from core.engines import EngineConfig, prefix_session
     from core.engines.transformers_engine import TransformersEngine
     from data_synth.templates import pre_query
 
@@ -238,18 +244,23 @@ def test_the_engine_reuses_its_cache_across_calls_with_the_same_text(embedded_pa
         engine = TransformersEngine(
             embedded_path, EngineConfig(batch_size=8, dtype="float32", enable_prefix_caching=on)
         )
-        assert (engine.prefix_cache is not None) is on
         pq = pre_query(engine.tokenizer)
-        sampled = engine.complete(
-            [pq.prompt_prefix] * 6,
-            [Sampling(1.0, 1.0, 24, ("\n",), tuple(pq.stop_token_ids), seed=i) for i in range(6)],
-        )
-        questions = [c.text.strip() or "Hi." for c in sampled]
-        prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
-        if on:  # each answer's prompt is cached past the template, through its instruction
+        with prefix_session(engine):
+            sampled = engine.complete(
+                [pq.prompt_prefix] * 6,
+                [Sampling(1.0, 1.0, 24, ("\n",), tuple(pq.stop_token_ids), seed=i) for i in range(6)],
+            )
+            questions = [c.text.strip() or "Hi." for c in sampled]
+            prompts = [render_prompt(engine.tokenizer, [{"role": "user", "content": q}]) for q in questions]
             ids = engine.tokenizer(prompts, add_special_tokens=False)["input_ids"]
             template = len(engine.tokenizer(pq.prompt_prefix, add_special_tokens=False)["input_ids"])
-            assert all(engine.prefix_cache.match(x, len(x) - 1)[0] > template for x in ids)
-        answers = engine.complete(prompts, Sampling(0.0, 1.0, 32, (), tuple(pq.stop_token_ids)))
+            if on:  # each answer's prompt is cached past the template, through its instruction
+                assert all(engine.prefix_cache.match(x, len(x) - 1)[0] > template + 1 for x in ids)
+            else:
+                assert engine.prefix_cache is None
+            answers = engine.complete(prompts, Sampling(0.0, 1.0, 32, (), tuple(pq.stop_token_ids)))
         texts[on] = (questions, [a.text for a in answers])
+        if on:
+            engine.complete(["Hello there"], Sampling(0.0, 1.0, 4))  # outside the session: a fresh cache
+            assert all(engine.prefix_cache.match(x, len(x) - 1)[0] == 0 for x in ids)
     assert texts[True] == texts[False]
