@@ -79,7 +79,7 @@ class EngineConfig:
     batch_size: int = 16  # rows decoding at once (continuous batching); callers never cut work to this size
     # "auto" = bfloat16 on a GPU and on a CPU with oneDNN bfloat16 (AVX512-BF16/AMX), else float32
     # (transformers_engine.inference_dtype); "int8" = every Linear layer dynamically quantized to int8 (CPU
-    # only; 1.2x float32 here but its text is much worse: see the README's throughput table)
+    # only; 1.35x float32 here but its text is much worse: see the README's throughput table)
     dtype: str = "auto"
     device: str | None = None
     # CPU: run every float32/bfloat16 Linear layer on weights prepacked for oneDNN (cpu_kernels.py), 1.3-4x

@@ -21,8 +21,8 @@ from core.models import default_dtype, padded
 
 def inference_dtype(device: str) -> Any:
     """What `engine.dtype=auto` runs in: bfloat16 on a GPU, and on a CPU whose oneDNN has bfloat16 matmuls
-    (AVX512-BF16 or AMX), where it decodes 1.5x faster than float32 with answers as good (perplexity under the
-    float32 model within 0.01%, the judge's preference 50.2% [49.8, 50.8]; benchmarks/synth_throughput.py);
+    (AVX512-BF16 or AMX), where it decodes 1.34x faster than float32 with answers as good (perplexity under the
+    float32 model within 0.7%, the judge's preference 49.8% [49.3, 50.5]; benchmarks/synth_throughput.py);
     float32 on other CPUs, where bfloat16 is emulated and slow."""
     import torch
 
