@@ -94,7 +94,6 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = self.prefix_cache = None
-        self._cache_bytes = 0
 
     def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
         from tqdm.auto import tqdm
