@@ -285,6 +285,61 @@ def run(cfg: MagpieConfig) -> dict[str, Any]:
     return summary
 
 
+class _Spares:
+    """The engine's `Demand` for one round of instruction candidates. A round draws more candidates than its
+    groups need (a margin for the ones dropped as invalid or duplicate); the candidates past the expected need
+    wait while those before them, still running, may fill their group, and are never run once those certainly
+    do. The candidates kept are those an engine that runs every candidate keeps (vLLM, servers), given the same
+    texts: a candidate is dropped only when the valid, new, distinct instructions among the finished candidates
+    before it fill its group even if every unfinished candidate of another group before it took one of them
+    (the same text there would be kept there, not here). The texts themselves can differ from such a run only
+    as any change of batch composition changes them: by float rounding in batched matmuls."""
+
+    def __init__(self, groups: list[Any], need: dict[Any, int], keep_rate: float, seen: set[str]):
+        self.groups, self.need, self.rate, self.seen = groups, need, keep_rate, seen
+        self.text: dict[
+            int, str | None
+        ] = {}  # finished candidate -> its normalized instruction, None if dropped
+        self.dropped: set[int] = set()
+
+    def finished(self, index: int, completion: Completion) -> None:
+        instruction, _ = clean_instruction(completion)
+        text = None if instruction is None else _normalize(instruction)
+        self.text[index] = None if text in self.seen else text
+
+    def triage(self, queued: list[int]) -> tuple[list[int], list[int]]:
+        waiting = set(queued)
+        homes: dict[str, set] = {}  # a text -> the groups of the finished candidates that have it
+        for i, text in self.text.items():
+            if text is not None:
+                homes.setdefault(text, set()).add(self.groups[i])
+        sure = dict.fromkeys(
+            self.need, 0
+        )  # distinct texts only one group has, among finished candidates so far
+        texts: dict[Any, set[str]] = {g: set() for g in self.need}
+        open_ = dict.fromkeys(self.need, 0)  # candidates so far, per group, neither finished nor dropped
+        open_all = 0
+        start, drop = [], []
+        for i, g in enumerate(self.groups):  # candidate order
+            if i in waiting:
+                kept = sure[g] - (open_all - open_[g])  # at least this many of its group's rows come before i
+                if kept >= self.need[g]:
+                    drop.append(i)
+                    self.dropped.add(i)
+                    continue
+                if not open_[g] or kept + self.rate * open_[g] < self.need[g]:
+                    start.append(i)
+            if i in self.text:
+                text = self.text[i]
+                if text is not None and homes[text] == {g} and text not in texts[g]:
+                    texts[g].add(text)
+                    sure[g] += 1
+            elif i not in self.dropped:
+                open_[g] += 1
+                open_all += 1
+        return start, drop
+
+
 class _Synthesizer:
     """Fills a chunk of conversation slots with valid, unique conversations. Every request carries its own seed,
     `request_seed(seed, stage, slot, turn, attempt)`, so no two requests share one and the rows depend on the
@@ -327,7 +382,9 @@ class _Synthesizer:
                         for c in range(drawn[g], drawn[g] + k)
                     ]
                     drawn[g] += k
-            drafts = self._instructions(requests, {g: len(m) - len(filled[g]) for g, m in groups.items()})
+            drafts = self._instructions(
+                requests, {g: len(m) - len(filled[g]) for g, m in groups.items()}, keep_rate
+            )
             rows = self._converse(drafts)
             n_drawn += len(requests)
             n_kept += len(rows)
@@ -347,9 +404,9 @@ class _Synthesizer:
         point = grid_point(slot, self.cfg.n_conversations, self.cfg.instruction.grid)
         return self.cfg.instruction.grid.index(point), steering_choice(slot, self.choices)[0]
 
-    def _instructions(self, requests: list[tuple], need: dict) -> list[dict[str, Any]]:
+    def _instructions(self, requests: list[tuple], need: dict, keep_rate: float) -> list[dict[str, Any]]:
         """Sample the requested candidates; keep, per group and in candidate order, up to `need` valid,
-        unseen instructions, as drafts of conversations."""
+        unseen instructions, as drafts of conversations. The engine holds back the margin (`_Spares`)."""
         cfg = self.cfg
         samplings = []
         for g, slot, attempt in requests:
@@ -365,14 +422,17 @@ class _Synthesizer:
                 )
             )
         prompts = [self.templates[g[1]].prompt_prefix for g, _, _ in requests]
-        outs = self.engine.complete(prompts, samplings)
-        self.stats.sampled += len(outs)
+        spares = _Spares([g for g, _, _ in requests], need, keep_rate, self.seen)
+        outs = self.engine.complete(prompts, samplings, demand=spares)
+        self.stats.sampled += sum(c is not None for c in outs)
         drafts: list[dict[str, Any]] = []
         taken = dict.fromkeys(need, 0)
         text_of = {key: text for key, text, _ in self.choices}
         for (g, slot, attempt), c, sp in zip(requests, outs, samplings, strict=True):
             if taken[g] == need[g]:
                 continue  # the group is full: the rest of its candidates are surplus, neither counted nor seen
+            if c is None:  # _Spares drops a candidate only once the ones before it fill its group
+                raise RuntimeError(f"candidate {slot}/{attempt} was dropped but its group {g} is not full")
             instruction, reason = clean_instruction(c)
             if instruction is None:
                 self.stats.drop(reason)

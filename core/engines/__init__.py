@@ -15,6 +15,7 @@ from __future__ import annotations
 from core.engines.base import (
     CONTEXT_FULL,
     Completion,
+    Demand,
     Engine,
     EngineConfig,
     Sampling,
@@ -35,6 +36,7 @@ from core.models import resolve_model
 __all__ = [
     "CONTEXT_FULL",
     "Completion",
+    "Demand",
     "Engine",
     "EngineConfig",
     "EngineError",

@@ -38,11 +38,27 @@ class Completion:
     top_logprobs: dict[str, float] | None = None  # first generated token: token text -> logprob
 
 
+class Demand(Protocol):
+    """Which requests of one `complete()` call are still wanted, for callers that send spares (Magpie draws
+    instruction candidates with a margin for the ones it will drop). An engine that supports it (transformers)
+    asks before starting queued requests and leaves `None` in place of each request it never started; the others
+    run every request, and the caller must come to the same result either way."""
+
+    def triage(self, queued: list[int]) -> tuple[list[int], list[int]]:
+        """Of the queued requests (indices into the call's prompts, in order): those to start now, and those no
+        longer wanted (never to run). The rest wait for requests now running to finish."""
+        ...
+
+    def finished(self, index: int, completion: Completion) -> None: ...
+
+
 class Engine(Protocol):
     model_name: str
     tokenizer: Any  # the model's tokenizer, for rendering chat prompts
 
-    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]: ...
+    def complete(
+        self, prompts: list[str], sampling: Sampling | list[Sampling], demand: Demand | None = None
+    ) -> list[Completion | None]: ...
 
     def close(self) -> None:
         """Drop the model (on a GPU: its weights and KV cache), so the next one can load beside it."""

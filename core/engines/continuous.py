@@ -17,6 +17,9 @@ seed or stop strings, so this loop is our own, written against the model's ordin
 - the KV of every finished request (prompt and reply) is kept across calls in a `PrefixCache` (vLLM's automatic
   prefix caching), so a later prompt that extends it is prefilled from where it ends: Magpie's response prompt
   is its instruction's prompt and sampled instruction plus a few template tokens;
+- a caller that sends spare requests (Magpie's instruction candidates, drawn with a margin for the ones it drops)
+  passes a `Demand`, asked before queued requests start: spares wait while the requests before them may suffice,
+  and are dropped, never run, once they certainly do;
 - when the columns run out the cache shifts left past what no live row needs; when the queue is empty the batch
   drops its idle rows at once (live rows move into the holes, the tensors become views of their first rows), so
   the tail does not pay for empty rows.
@@ -39,7 +42,7 @@ from typing import Any
 
 import torch
 
-from core.engines.base import Completion, Sampling, truncate_at_stop
+from core.engines.base import Completion, Demand, Sampling, truncate_at_stop
 from core.errors import EngineError
 
 
@@ -164,7 +167,10 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------------------------------ entry point
 
-    def run(self, prompts: list[str], samplings: list[Sampling]) -> list[Completion]:
+    def run(
+        self, prompts: list[str], samplings: list[Sampling], demand: Demand | None = None
+    ) -> list[Completion | None]:
+        """A completion per prompt, or None where `demand` no longer wanted the request."""
         ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
         if any(len(x) == 0 for x in ids):
             raise ValueError("an empty prompt: every request needs at least one token")
@@ -182,24 +188,50 @@ class ContinuousBatcher:
             )
         self.capacity = longest + max(64, longest // 2)
         self._allocate(min(self.batch_size, len(queue)) or 1)
-        queue.reverse()  # pop() from the end serves requests in the caller's order
+        self.demand = demand
         with torch.inference_mode():
-            while queue or any(r is not None for r in self.rows):
+            while queue or self._n_active():
                 free = [s for s, r in enumerate(self.rows) if r is None]
+                waiting = False
                 if queue and free and (len(free) >= max(1, len(self.rows) // 8) or self._n_active() == 0):
-                    new = [queue.pop() for _ in range(min(len(free), len(queue)))]
-                    if self.prefix_cache is not None:
-                        for r in new:  # every prompt keeps a token of its own: its logits start the reply
-                            r.cached, r.past = self.prefix_cache.match(r.prompt_ids, len(r.prompt_ids) - 1)
-                    for group in _length_groups(new):
-                        self._admit(group, free[: len(group)], results)
-                        free = free[len(group) :]
-                    continue
-                if not queue:
+                    new = self._take(queue, len(free))
+                    if new:
+                        if self.prefix_cache is not None:
+                            for r in new:  # every prompt keeps a token of its own: its logits start the reply
+                                r.cached, r.past = self.prefix_cache.match(
+                                    r.prompt_ids, len(r.prompt_ids) - 1
+                                )
+                        for group in _length_groups(new):
+                            self._admit(group, free[: len(group)], results)
+                            free = free[len(group) :]
+                        continue
+                    waiting = True  # the demand holds back what is queued: free rows stay empty a while
+                if not queue or waiting:
                     self._maybe_shrink()
                 if self._n_active():
                     self._step(results)
-        return results  # type: ignore[return-value]
+        return results
+
+    def _take(self, queue: list[_Row], n: int) -> list[_Row]:
+        """Remove from the queue and return up to `n` requests to start, in order. With a demand: the ones it wants
+        now (those it no longer wants leave the queue with no result); if nothing is running that could change
+        its mind, the first ones regardless."""
+        if self.demand is None:
+            new = queue[:n]
+        else:
+            start, drop = self.demand.triage([r.index for r in queue])
+            if drop:
+                dropped = set(drop)
+                queue[:] = [r for r in queue if r.index not in dropped]
+                if self.progress is not None:
+                    self.progress.update(len(dropped))
+            wanted = set(start)
+            new = [r for r in queue if r.index in wanted][:n]
+            if not new and not self._n_active():
+                new = queue[:n]
+        taken = {id(r) for r in new}
+        queue[:] = [r for r in queue if id(r) not in taken]
+        return new
 
     # --------------------------------------------------------------------------------------------- state
 
@@ -458,6 +490,8 @@ class ContinuousBatcher:
         text = self.tok.decode(r.tokens, skip_special_tokens=False)
         text, hit = truncate_at_stop(text, r.sampling.stop)
         results[r.index] = Completion(text, len(r.tokens), "stop" if hit else reason, r.top_logprobs)
+        if self.demand is not None:
+            self.demand.finished(r.index, results[r.index])
         if self.prefix_cache is not None:
             # columns [start, t) hold the prompt and every generated token fed back so far
             start, t = int(self.start[slot]), self.cache.t

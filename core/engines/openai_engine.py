@@ -10,7 +10,15 @@ import random
 import threading
 import time
 
-from core.engines.base import Completion, EngineConfig, Sampling, _as_list, load_tokenizer, truncate_at_stop
+from core.engines.base import (
+    Completion,
+    Demand,
+    EngineConfig,
+    Sampling,
+    _as_list,
+    load_tokenizer,
+    truncate_at_stop,
+)
 from core.errors import EngineError, OutageError
 
 
@@ -67,9 +75,12 @@ class OpenAIEngine:
         """Only for rendering chat prompts client-side; the server tokenizes itself."""
         return load_tokenizer(self.model_name, self.cfg)
 
-    def complete(self, prompts: list, sampling: Sampling | list[Sampling]) -> list[Completion]:
+    def complete(
+        self, prompts: list, sampling: Sampling | list[Sampling], demand: Demand | None = None
+    ) -> list[Completion]:
         """Rendered prompts, or chat messages when `engine.chat` is set. When requests fail (after their retries),
-        OutageError, carrying the completions that did come back so a caller can keep them."""
+        OutageError, carrying the completions that did come back so a caller can keep them. Every request is
+        sent (`demand` is not used: the server schedules them)."""
         samplings = _as_list(sampling, len(prompts))
         workers = max(1, min(len(prompts), self.cfg.concurrency * len(self.urls)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -8,6 +8,7 @@ from typing import Any
 
 from core.engines.base import (
     Completion,
+    Demand,
     EngineConfig,
     Sampling,
     _as_list,
@@ -95,7 +96,10 @@ class TransformersEngine:
     def close(self) -> None:
         self.model = self.prefix_cache = None
 
-    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+    def complete(
+        self, prompts: list[str], sampling: Sampling | list[Sampling], demand: Demand | None = None
+    ) -> list[Completion | None]:
+        """A completion per prompt; with a `demand`, `None` for each request it no longer wanted."""
         from tqdm.auto import tqdm
 
         from core.engines.continuous import ContinuousBatcher
@@ -121,5 +125,24 @@ class TransformersEngine:
             return within_context(
                 counts,
                 limit,
-                lambda keep: batcher.run([prompts[i] for i in keep], [samplings[i] for i in keep]),
+                lambda keep: batcher.run(
+                    [prompts[i] for i in keep],
+                    [samplings[i] for i in keep],
+                    None if demand is None else _Subset(demand, keep),
+                ),
             )
+
+
+class _Subset:
+    """A `Demand` over the prompts that fit the context, told in their indices among those."""
+
+    def __init__(self, demand: Demand, keep: list[int]):
+        self.demand, self.keep = demand, keep
+        self.position = {i: j for j, i in enumerate(keep)}
+
+    def triage(self, queued: list[int]) -> tuple[list[int], list[int]]:
+        start, drop = self.demand.triage([self.keep[j] for j in queued])
+        return [self.position[i] for i in start], [self.position[i] for i in drop]
+
+    def finished(self, index: int, completion: Completion) -> None:
+        self.demand.finished(self.keep[index], completion)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.engines.base import Completion, EngineConfig, Sampling, _as_list, within_context
+from core.engines.base import Completion, Demand, EngineConfig, Sampling, _as_list, within_context
 from core.errors import EngineError
 
 
@@ -80,7 +80,10 @@ class VLLMEngine:
         except ImportError:
             pass
 
-    def complete(self, prompts: list[str], sampling: Sampling | list[Sampling]) -> list[Completion]:
+    def complete(
+        self, prompts: list[str], sampling: Sampling | list[Sampling], demand: Demand | None = None
+    ) -> list[Completion]:
+        """Every request runs: vLLM schedules a call's requests itself (`demand` is for engines that do not)."""
         from vllm import SamplingParams
 
         samplings = _as_list(sampling, len(prompts))

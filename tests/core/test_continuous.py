@@ -213,6 +213,46 @@ def test_prefix_cache_prefills_a_later_prompt_only_past_an_earlier_request(tiny)
     assert 0 < prefilled <= len(follow) * max(uncached)
 
 
+class Scripted:
+    """A caller's `Demand`: request 4 waits until request 0 has finished, request 5 is never wanted, and every
+    triage and finish is logged in order."""
+
+    def __init__(self, hold: bool = True):
+        self.hold, self.log = hold, []
+
+    def triage(self, queued):
+        self.log.append(("triage", tuple(queued)))
+        done = {i for kind, i in self.log if kind == "finished"}
+        start = [i for i in queued if i < 4 or (i == 4 and 0 in done)] if self.hold else []
+        return start, [i for i in queued if i == 5]
+
+    def finished(self, index, completion):
+        self.log.append(("finished", index))
+
+
+def test_a_demand_holds_requests_back_and_drops_the_unwanted_ones(tiny):
+    """Magpie's spare candidates: a request the caller does not want yet waits for running ones to finish, one
+    it no longer wants never runs (None in its place), and the others decode as generate does."""
+    model, tok = tiny
+    prompts = PROMPTS + ["<|im_start|>user\nName a color.<|im_end|>\n"]
+    # two rows: request 0 runs 20 steps while 1, 2 and 3 pass through the other row; 4 would be done by step 12
+    limits = [20, 3, 3, 3, 3, 9]
+    greedy = [Sampling(temperature=0.0, max_tokens=n) for n in limits]
+    demand = Scripted()
+    outs = ContinuousBatcher(model, tok, 2, [EOS]).run(prompts, greedy, demand)
+    assert outs[5] is None
+    for i in range(5):
+        assert outs[i].text == reference(model, tok, prompts[i], limits[i])
+    assert [i for kind, i in demand.log if kind == "finished"] == [1, 2, 3, 0, 4]  # 4 waited for 0
+    assert demand.log.index(("triage", (4,))) < demand.log.index(("finished", 0))  # asked while 0 ran
+    # a demand that never says start cannot stall the call: with nothing running, the queue runs in order
+    stubborn = Scripted(hold=False)
+    outs = ContinuousBatcher(model, tok, 2, [EOS]).run(prompts, greedy, stubborn)
+    assert outs[5] is None and [o.text for o in outs[:5]] == [
+        reference(model, tok, p, n) for p, n in zip(prompts[:5], limits[:5], strict=True)
+    ]
+
+
 def test_prefix_cache_evicts_oldest_first_within_its_budget():
     layer = lambda n: [(torch.ones(2, n, 4), torch.ones(2, n, 4))]  # noqa: E731  (2 * 2 * n * 4 floats)
     per_token = 2 * 2 * 4 * 4

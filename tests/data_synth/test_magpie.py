@@ -1,11 +1,24 @@
+import random
 import subprocess
 import sys
 
 import datasets
 import pytest
 
-from core.engines import Completion
-from data_synth.magpie import GridPoint, MagpieConfig, clean_instruction, grid_point, run, steering_choice
+import data_synth.magpie as magpie
+from core.engines import Completion, TransformersEngine
+from core.models import resolve_model
+from core.shards import ShardWriter
+from data_synth.magpie import (
+    GridPoint,
+    MagpieConfig,
+    _normalize,
+    _Spares,
+    clean_instruction,
+    grid_point,
+    run,
+    steering_choice,
+)
 
 
 def test_clean_instruction_rules():
@@ -138,3 +151,78 @@ def test_a_setting_that_never_yields_a_row_fails_instead_of_spinning(tmp_path):
     )
     assert out.returncode == 2 and "no valid conversation in the last 10 rounds" in out.stderr
     assert "'truncated'" in out.stderr  # says why rows were dropped
+
+
+def kept_in_order(groups, completions, need, seen):
+    """What `_instructions` keeps when every candidate runs: per group, in candidate order, the first `need`
+    valid instructions not seen before (a text kept in one group is seen by all)."""
+    seen, taken, kept = set(seen), dict.fromkeys(need, 0), set()
+    for i, (g, c) in enumerate(zip(groups, completions, strict=True)):
+        if taken[g] == need[g]:
+            continue
+        text, _ = clean_instruction(c)
+        if text is not None and _normalize(text) not in seen:
+            seen.add(_normalize(text))
+            taken[g] += 1
+            kept.add(i)
+    return kept
+
+
+def test_spares_never_drop_a_candidate_that_would_be_kept():
+    """`_Spares` against the rule it must not change, over random rounds: two groups or one, duplicates within
+    and across groups, texts seen before, invalid candidates, and candidates finishing in any order."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        n = rng.randint(4, 30)
+        groups = [rng.choice("AB" if seed % 2 else "A") for _ in range(n)]
+        words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+        completions = [
+            Completion(rng.choice(words), 3, "length" if rng.random() < 0.2 else "stop") for _ in range(n)
+        ]
+        need = {g: rng.randint(1, 4) for g in set(groups)}
+        seen = set(rng.sample(words, 2))
+        spares = _Spares(groups, need, rng.uniform(0.3, 1.0), seen)
+        keep = kept_in_order(groups, completions, need, seen)
+        queued, running, dropped, started = list(range(n)), [], set(), []
+        while queued or running:
+            start, drop = spares.triage(list(queued))
+            assert not set(drop) & keep, f"seed {seed}: dropped a candidate that would be kept"
+            dropped |= set(drop)
+            queued = [i for i in queued if i not in dropped]
+            begin = [i for i in start if i in queued][: rng.randint(0, 3)]
+            if not begin and not running and queued:
+                begin = queued[:1]  # what the engine does when nothing runs
+            queued = [i for i in queued if i not in begin]
+            running += begin
+            started += begin
+            for i in rng.sample(running, rng.randint(0, len(running))):
+                running.remove(i)
+                spares.finished(i, completions[i])
+        assert keep <= set(started), f"seed {seed}"
+
+
+class EveryRequest(TransformersEngine):
+    """The transformers engine running every request of a call, as vLLM and servers do."""
+
+    def complete(self, prompts, sampling, demand=None):
+        return super().complete(prompts, sampling)
+
+
+def test_spare_candidates_are_held_back_without_changing_the_rows(tmp_path, embedded_path, monkeypatch):
+    """A round draws more candidates than it needs; the engine runs the spares only if the others fall short,
+    and the rows are those of the same command on an engine that runs every candidate."""
+
+    def synthesize(name):
+        cfg = MagpieConfig(n_conversations=6, output_dir=str(tmp_path / name), chunk_size=6, seed=3)
+        cfg.engine.batch_size = 1  # one row at a time: no batched float rounding tells the two runs apart
+        cfg.instruction.max_tokens = 48
+        cfg.response.max_tokens = 24
+        summary = run(cfg)
+        rows = [r["messages"] for r in ShardWriter(tmp_path / name).rows()]
+        return rows, summary["instructions_sampled"]
+
+    held, sampled_held = synthesize("held")
+    monkeypatch.setattr(magpie, "make_engine", lambda model, cfg: EveryRequest(resolve_model(model), cfg))
+    every, sampled_every = synthesize("every")
+    assert held == every
+    assert sampled_held < sampled_every
