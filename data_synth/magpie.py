@@ -297,9 +297,8 @@ class _Spares:
 
     def __init__(self, groups: list[Any], need: dict[Any, int], keep_rate: float, seen: set[str]):
         self.groups, self.need, self.rate, self.seen = groups, need, keep_rate, seen
-        self.text: dict[
-            int, str | None
-        ] = {}  # finished candidate -> its normalized instruction, None if dropped
+        # finished candidate -> its normalized instruction, None if it would be dropped
+        self.text: dict[int, str | None] = {}
         self.dropped: set[int] = set()
 
     def finished(self, index: int, completion: Completion) -> None:
@@ -313,9 +312,8 @@ class _Spares:
         for i, text in self.text.items():
             if text is not None:
                 homes.setdefault(text, set()).add(self.groups[i])
-        sure = dict.fromkeys(
-            self.need, 0
-        )  # distinct texts only one group has, among finished candidates so far
+        # per group, among the finished candidates so far: the distinct texts no other group has
+        sure = dict.fromkeys(self.need, 0)
         texts: dict[Any, set[str]] = {g: set() for g in self.need}
         open_ = dict.fromkeys(self.need, 0)  # candidates so far, per group, neither finished nor dropped
         open_all = 0
