@@ -216,6 +216,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each harness side; the fastest counts")
     ap.add_argument("--out", default="benchmarks/results/synth_throughput.json")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {a.repeats}")
     rates = matmul_gflops()
     gflops = max(rates.values())
     params = AutoModelForCausalLM.from_pretrained(embedded_model_path()).num_parameters()

@@ -541,8 +541,9 @@ def _hits_stop(tok: Any, tokens: list[int], stops: tuple[str, ...]) -> bool:
 def _length_groups(rows: list[_Row], overhead: int = 32) -> list[list[_Row]]:
     """Split newly admitted rows into prefill groups of similar prompt length (what the prefix cache does not
     hold). A group's forward pads every prompt to its longest; on Magpie's responses (prompts of 5 to 70 tokens)
-    one group pads nearly half of its tokens. Sorted by length, the contiguous split that minimizes padded tokens plus `overhead` tokens per
-    forward (the weights are read once per forward) is found exactly, in O(n^2) for a batch of n."""
+    one group pads nearly half of its tokens. Sorted by length, the contiguous split that minimizes padded tokens
+    plus `overhead` tokens per forward (the weights are read once per forward) is found exactly, in O(n^2) for a
+    batch of n."""
     rows = sorted(rows, key=lambda r: len(r.prompt_ids) - r.cached)
     lengths = [len(r.prompt_ids) - r.cached for r in rows]
     n = len(rows)
