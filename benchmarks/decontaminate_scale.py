@@ -2,7 +2,7 @@
 prompts, with wall time and peak memory, and how they grow with the rows.
 
     python benchmarks/decontaminate_scale.py [--rows 100000,1000000] [--embed-rows 10000,100000] \
-        [--questions alpaca_eval=PATH,arena_hard=PATH,...] [--work DIR] [--out FILE]
+        [--embed-dtypes float32[,bfloat16]] [--questions alpaca_eval=PATH,arena_hard=PATH,...] [--work DIR] [--out FILE]
 
 The rows are Magpie-shaped (`messages`, one exchange): instructions of real English prose recombined (sentences of
 Python's own documentation, `pydoc_data.topics`, median ~290 characters) and responses of ~2,000 characters. 1 row in 1,000
@@ -15,6 +15,9 @@ Each run is its own process, as a user runs it, its memory sampled from /proc (b
 CPU it is the embedding that costs: 100K and 1M rows are extrapolated from two sizes, fixed cost + rate x rows). Baselines in
 the same run, on the same files: a read pass (stream every row's user turns and tokenize them: the floor any check
 pays) and the textbook all-pairs comparison (each row's n-gram set against each prompt's, on a sample of rows).
+
+With two `--embed-dtypes`, each embedding run is made in both and compared in the same run (`embed_dtype_comparison`:
+the speedup over the first, whether the same rows are flagged, the largest cosine difference).
 
 results/decontaminate_scale.json: `--embed-rows 2000,8000` (the embedding ran at ~20 rows/s on the shared cores) and
 `--questions` naming the full files at the fixtures' commits (tests/fixtures/*/README.md say where they come from).
@@ -134,16 +137,39 @@ def pairwise_rows_per_s(data: Path, prompts: list[str], rows: int = 500, n: int 
     return len(table) / (time.perf_counter() - start)
 
 
-def decontaminate(data: Path, out: Path, questions: dict[str, Path], embed: bool) -> dict:
+def decontaminate(
+    data: Path, out: Path, questions: dict[str, Path], embed: bool, dtype: str = "float32"
+) -> dict:
     cmd = [sys.executable, "-m", "data_synth.decontaminate", f"input={data}", f"output_dir={out}",
            f"benchmarks=[{','.join(questions)}]", *[f"questions.{b}={p}" for b, p in questions.items()]]  # fmt: skip
-    if not embed:
-        cmd.append("embedder=null")
+    cmd.append(f"embed_dtype={dtype}" if embed else "embedder=null")
     result = measured(cmd)
     manifest = json.loads((out / "manifest.json").read_text())
     result["flagged_rows"] = manifest["flagged_rows"]
     result["flagged_per_benchmark"] = {b: s["flagged_rows"] for b, s in manifest["benchmarks"].items()}
     return result
+
+
+def columns(out: Path, prefix: str) -> dict[str, list]:
+    """Every column of the output whose name starts with `prefix`, in row order."""
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("train-*"))])
+    return {c: table.column(c).to_pylist() for c in table.column_names if c.startswith(prefix)}
+
+
+def compare_dtypes(runs: dict[str, dict], outputs: dict[str, Path]) -> dict:
+    """The second dtype against the first, in the same run: speed, flags and cosines."""
+    (base, first), (name, second) = list(runs.items())[:2]
+    flags = [columns(outputs[d], "contaminated_") for d in (base, name)]
+    cosines = [columns(outputs[d], "contamination_embed_") for d in (base, name)]
+    return {
+        base: first,
+        name: second,
+        f"speedup_{name}_over_{base}": round(first["seconds"] / second["seconds"], 2),
+        "same_rows_flagged": flags[0] == flags[1],
+        "max_cosine_difference": max(
+            abs(x - y) for c in cosines[0] for x, y in zip(cosines[0][c], cosines[1][c], strict=True)
+        ),
+    }
 
 
 def planted_flagged(out: Path, planted: list[int], benches: list[str]) -> int:
@@ -161,6 +187,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="100000,1000000")
     ap.add_argument("--embed-rows", default="10000,100000")
+    ap.add_argument(
+        "--embed-dtypes", default="float32", help="embed_dtype of the embedding runs (two: compared)"
+    )
     ap.add_argument("--questions", default="", help="bench=path,... (default: the fixtures' trimmed copies)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decontaminate_scale.json"))
@@ -193,11 +222,19 @@ def main() -> None:
             for embed, runs in ((False, a.rows), (True, a.embed_rows)):
                 if str(n) not in runs.split(","):
                     continue
-                out = Path(tmp) / f"out_{n}_{'embed' if embed else 'ngram'}"
-                shutil.rmtree(out, ignore_errors=True)
-                run = {**info, **decontaminate(data, out, questions, embed)}
-                run["planted_flagged"] = planted_flagged(out, made["planted"], list(questions))
-                run["rows_per_s"] = round(n / run["seconds"], 1)
+                dtypes = a.embed_dtypes.split(",") if embed else ["float32"]
+                by_dtype, outputs = {}, {}
+                for dtype in dtypes:
+                    out = outputs[dtype] = Path(tmp) / f"out_{n}_{'embed' if embed else 'ngram'}_{dtype}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    run = by_dtype[dtype] = {**info, **decontaminate(data, out, questions, embed, dtype)}
+                    run["planted_flagged"] = planted_flagged(out, made["planted"], list(questions))
+                    run["rows_per_s"] = round(n / run["seconds"], 1)
+                if len(dtypes) > 1:
+                    result.setdefault("embed_dtype_comparison", {})[str(n)] = compare_dtypes(
+                        by_dtype, outputs
+                    )
+                run = by_dtype[dtypes[0]]
                 if not embed:
                     run["read_pass"] = measured([sys.executable, "-c", READ_PASS, str(data)])
                     run["time_ratio_over_read_pass"] = round(run["seconds"] / run["read_pass"]["seconds"], 2)
@@ -207,7 +244,8 @@ def main() -> None:
                 (result["embedding" if embed else "ngram"])[str(n)] = run
                 print(n, "embed" if embed else "ngram", run, flush=True)
                 atomic_write_json(a.out, result)  # what is measured so far
-                shutil.rmtree(out, ignore_errors=True)
+                for out in outputs.values():
+                    shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
     for kind in ("ngram", "embedding"):
         runs = result[kind]

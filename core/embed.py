@@ -51,8 +51,6 @@ def embed(
     """Normalized sentence embeddings, filled block by block into one float32 array (no per-row objects).
     Identical texts are embedded once (synthetic data repeats itself: the paper's min_neighbor_distance > 0 filter
     exists for that)."""
-    import torch
-
     if dtype not in EMBED_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {EMBED_DTYPES}")
     first: dict[str, int] = {}
@@ -61,20 +59,38 @@ def embed(
     del first
     model_ = encoder(model, static)
     out = np.empty((len(unique), model_.get_embedding_dimension()), dtype=np.float32)
-    autocast = torch.autocast("cpu" if model_.device.type == "cpu" else "cuda", dtype=torch.bfloat16)
     for start in tqdm(range(0, len(unique), block), desc="embed", unit="block", disable=len(unique) <= block):
-        with autocast if dtype == "bfloat16" and not static else contextlib.nullcontext():
-            part = model_.encode(
-                unique[start : start + block],
-                batch_size=batch_size,
-                show_progress_bar=len(unique) <= block and not static,
-                convert_to_numpy=True,
-                normalize_embeddings=False,
-            )
-        part = part.astype(np.float32)
-        # normalized here, in float32: bf16 normalization leaves norms off by ~1e-3
-        out[start : start + block] = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+        out[start : start + block] = encode(
+            model_,
+            unique[start : start + block],
+            batch_size,
+            "float32" if static else dtype,
+            progress=len(unique) <= block and not static,
+        )
     return out if len(unique) == len(texts) else out[inverse]
+
+
+def encode(
+    model: Any, texts: list[str], batch_size: int, dtype: str = "float32", progress: bool = False
+) -> np.ndarray:
+    """Normalized float32 embeddings of `texts` by a loaded SentenceTransformer, under bfloat16 autocast for
+    dtype=bfloat16."""
+    import torch
+
+    if dtype not in EMBED_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {EMBED_DTYPES}")
+    autocast = torch.autocast("cpu" if model.device.type == "cpu" else "cuda", dtype=torch.bfloat16)
+    with autocast if dtype == "bfloat16" else contextlib.nullcontext():
+        part = model.encode(
+            texts,
+            batch_size=batch_size,
+            show_progress_bar=progress,
+            convert_to_numpy=True,
+            normalize_embeddings=False,
+        )
+    part = part.astype(np.float32)
+    # normalized here, in float32: bf16 normalization leaves norms off by ~1e-3
+    return part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
 
 
 def static_weights(path: str, dims: int = 256, sif: float = 1e-4) -> np.ndarray:

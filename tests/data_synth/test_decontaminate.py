@@ -171,6 +171,22 @@ def test_minilm_flags_near_exact_copies_the_ngrams_miss(tmp_path):
     assert summary["benchmarks"]["alpaca_eval"]["flagged_rows"] == 5
 
 
+@pytest.mark.integration
+def test_bfloat16_embeddings_flag_the_same_rows(tmp_path):
+    """embed_dtype=bfloat16 runs MiniLM under bf16 autocast: cosines move by rounding only, never across the line."""
+    rows, by_ngram, by_embedding = training_rows()
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        dc.run(config(tmp_path / dtype, data, embedder="all-MiniLM-L6-v2", embed_dtype=dtype))
+        runs[dtype] = read(tmp_path / dtype / "out")
+    for bench in BENCHES:
+        assert flagged(runs["bfloat16"], bench) == by_ngram[bench] | by_embedding[bench], bench
+        ours, want = ([r[f"contamination_embed_{bench}"] for r in runs[d]] for d in ("bfloat16", "float32"))
+        assert ours != want  # bf16 really ran
+        assert ours == pytest.approx(want, abs=5e-3)
+
+
 def test_rerun_is_idempotent_and_redoes_only_changed_shards(tmp_path):
     rows, by_ngram, _ = training_rows()
     data = tmp_path / "data"
