@@ -499,6 +499,8 @@ class _Synthesizer:
                     self.stop_ids,
                     r.repetition_penalty,
                     seed=request_seed(cfg.seed, "response", d["slot"], turn, d["attempt"]),
+                    # only a next turn extends a reply: the last one's KV would push instructions out of the cache
+                    keep_kv=turn < cfg.n_turns - 1,
                 )
                 for d in live
             ]

@@ -25,6 +25,9 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
     logprobs: int | None = None  # top-k logprobs of the first generated token (judges need them)
+    # transformers engine: keep this request's KV (prompt and reply) in the prefix cache for later prompts that
+    # extend it. False for a reply nothing extends (Magpie's last turn), so it does not push out what will be.
+    keep_kv: bool = True
 
 
 @dataclass

@@ -16,7 +16,8 @@ seed or stop strings, so this loop is our own, written against the model's ordin
 - identical prompts (Magpie's pre-query template, `n_samples` of one prompt) are prefilled once;
 - the KV of every finished request (prompt and reply) is kept across calls in a `PrefixCache` (vLLM's automatic
   prefix caching), so a later prompt that extends it is prefilled from where it ends: Magpie's response prompt
-  is its instruction's prompt and sampled instruction plus a few template tokens;
+  is its instruction's prompt and sampled instruction plus a few template tokens (a request that nothing will
+  extend, `Sampling.keep_kv=False`, is not kept);
 - a caller that sends spare requests (Magpie's instruction candidates, drawn with a margin for the ones it drops)
   passes a `Demand`, asked before queued requests start: spares wait while the requests before them may suffice,
   and are dropped, never run, once they certainly do;
@@ -492,7 +493,7 @@ class ContinuousBatcher:
         results[r.index] = Completion(text, len(r.tokens), "stop" if hit else reason, r.top_logprobs)
         if self.demand is not None:
             self.demand.finished(r.index, results[r.index])
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and r.sampling.keep_kv:
             # columns [start, t) hold the prompt and every generated token fed back so far
             start, t = int(self.start[slot]), self.cache.t
             self.prefix_cache.add(

@@ -253,6 +253,22 @@ def test_a_demand_holds_requests_back_and_drops_the_unwanted_ones(tiny):
     ]
 
 
+def test_a_request_that_keeps_no_kv_leaves_the_prefix_cache_alone(tiny):
+    """Sampling.keep_kv=False (Magpie's last turn, which nothing extends): its KV does not enter the cache, where
+    it would push out entries later prompts extend."""
+    model, tok = tiny
+    cache = PrefixCache(2**30)
+    samplings = [
+        Sampling(temperature=0.0, max_tokens=6, keep_kv=False),
+        Sampling(temperature=0.0, max_tokens=6),
+    ]
+    ContinuousBatcher(model, tok, 4, [EOS], prefix_cache=cache).run(PROMPTS[:2], samplings)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    assert len(cache.entries) == 1
+    assert cache.match(ids[1] + [0], len(ids[1]))[0] == len(ids[1])  # kept: the whole prompt
+    assert cache.match(ids[0] + [0], len(ids[0]))[0] < len(ids[0])  # not kept: at most a prefix it shares
+
+
 def test_prefix_cache_evicts_oldest_first_within_its_budget():
     layer = lambda n: [(torch.ones(2, n, 4), torch.ones(2, n, 4))]  # noqa: E731  (2 * 2 * n * 4 floats)
     per_token = 2 * 2 * 4 * 4

@@ -111,7 +111,22 @@ def test_cli_rejects_unknown_steering_key_before_loading_a_model():
     assert out.returncode == 2 and "unknown system-prompt key 'mathh'" in out.stderr
 
 
-def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path):
+class Recording(TransformersEngine):
+    """The transformers engine, noting for each call its samplings and how many entries its prefix cache gained."""
+
+    calls: list = []
+
+    def complete(self, prompts, sampling, demand=None):
+        entries = lambda: len(self.prefix_cache.entries) if self.prefix_cache else 0  # noqa: E731
+        before = entries()
+        out = super().complete(prompts, sampling, demand)
+        self.calls.append((sampling, entries() - before))
+        return out
+
+
+def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path, monkeypatch):
+    monkeypatch.setattr(magpie, "make_engine", lambda model, cfg: Recording(resolve_model(model), cfg))
+    monkeypatch.setattr(Recording, "calls", [])
     cfg = MagpieConfig(
         n_conversations=2,
         n_turns=2,
@@ -130,6 +145,13 @@ def test_multi_turn_and_steering_on_the_embedded_model(tmp_path, embedded_path):
         assert row["n_turns"] == 2 and row["system_prompt_key"] in ("math", "code")
         assert row["pre_query_template"].startswith("<|im_start|>system\nYou are an AI assistant")
         assert row["messages"][2]["content"] != row["messages"][0]["content"]
+    # instructions, replies, follow-ups, last replies: the KV of every request but a last reply stays cached for
+    # the prompts that extend it (nothing extends a last reply)
+    kinds = ["instructions", "replies", "follow-ups", "last replies"]
+    assert len(Recording.calls) == len(kinds)
+    for kind, (samplings, gained) in zip(kinds, Recording.calls, strict=True):
+        assert all(s.keep_kv == (kind != "last replies") for s in samplings), kind
+        assert (gained > 0) == (kind != "last replies"), kind
 
 
 @pytest.mark.integration
