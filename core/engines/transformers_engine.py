@@ -22,8 +22,8 @@ from core.models import default_dtype, padded
 
 def inference_dtype(device: str) -> Any:
     """What `engine.dtype=auto` runs in: bfloat16 on a GPU, and on a CPU whose oneDNN has bfloat16 matmuls
-    (AVX512-BF16 or AMX), where it decodes 1.26x faster than float32 with answers as good (perplexity under the
-    float32 model within 0.8%, the judge's preference 49.6% [49.1, 50.2]; benchmarks/synth_throughput.py);
+    (AVX512-BF16 or AMX), where it decodes 1.26-1.33x faster than float32 with answers as good (perplexity under
+    the float32 model within 0.8%, the judge's preference 49.6% [49.05, 50.16]; benchmarks/synth_throughput.py);
     float32 on other CPUs, where bfloat16 is emulated and slow."""
     import torch
 
