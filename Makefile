@@ -49,6 +49,7 @@ DEMO_TIMES = $(PY) -m core.stage_times runs/demo/stage_times.tsv
 demo: setup
 	@$(DEMO_TIMES) --start
 	$(DEMO_TIMES) convert-model -- $(PY) -c "from core.models import embedded_model_path as p; print(p())"
+	$(DEMO_TIMES) cpu-kernel -- $(PY) -c "from core.engines.cpu_kernels import decode_kernel; decode_kernel()"
 	$(DEMO_TIMES) magpie -- $(PY) -m data_synth.magpie recipe=magpie_demo output_dir=runs/demo/magpie
 	$(DEMO_TIMES) sft -- $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
 	  train/sft.py recipe=demo_sft dataset=runs/demo/magpie output_dir=runs/demo/sft

@@ -104,6 +104,9 @@ class EngineConfig:
     # CPU: run every float32/bfloat16 Linear layer on weights prepacked for oneDNN (cpu_kernels.py), 1.3-4x
     # faster per layer with the same outputs to float rounding; false: PyTorch's plain Linear
     pack_linear: bool = True
+    # CPU: decoding attention through a kernel compiled once per machine (cpu_kernels.py; needs a C++ compiler,
+    # else sdpa with a one-line notice), 2.2x faster per layer call than sdpa, same outputs to float rounding
+    decode_kernel: bool = True
     # KV of finished requests kept for later prompts that extend them (Magpie's response prompt extends its
     # instruction's), up to this many GB (continuous.PrefixCache); 0 or enable_prefix_caching=false: none
     prefix_cache_gb: float = 1.0

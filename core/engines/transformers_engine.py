@@ -22,8 +22,8 @@ from core.models import default_dtype, padded
 
 def inference_dtype(device: str) -> Any:
     """What `engine.dtype=auto` runs in: bfloat16 on a GPU, and on a CPU whose oneDNN has bfloat16 matmuls
-    (AVX512-BF16 or AMX), where it decodes 1.26-1.33x faster than float32 with answers as good (perplexity under
-    the float32 model within 0.8%, the judge's preference 49.6% [49.05, 50.16]; benchmarks/synth_throughput.py);
+    (AVX512-BF16 or AMX), where it decodes 1.25-1.33x faster than float32 with answers as good (perplexity under
+    the float32 model within 1.4%, the judge's preference 49.8% [49.33, 50.37]; benchmarks/synth_throughput.py);
     float32 on other CPUs, where bfloat16 is emulated and slow."""
     import torch
 
@@ -69,6 +69,10 @@ class TransformersEngine:
             from core.engines.cpu_kernels import pack_linears
 
             pack_linears(self.model)
+        if self.device == "cpu" and cfg.decode_kernel:
+            from core.engines.cpu_kernels import use_decode_kernel
+
+            use_decode_kernel(self.model)
         # the tokenizer's eos and every eos the model's generation_config lists (<|eot_id|> for Llama-3-Instruct
         # and for models this harness trains on a chat template)
         generation_eos = _ids(getattr(self.model.generation_config, "eos_token_id", None))

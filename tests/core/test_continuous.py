@@ -53,6 +53,25 @@ def test_greedy_matches_generate_at_any_batch_size(tiny, batch_size):
         assert out.n_tokens == n and out.finish_reason == "length"  # random weights never say EOS here
 
 
+def test_the_compiled_decode_attention_decodes_what_generate_does(tiny):
+    """The CPU engine's attention (cpu_kernels.use_decode_kernel) through transformers' attention registry: rows
+    of different spans, refilled mid-flight, decode what sdpa's `generate` does (also on the floor release)."""
+    import copy
+
+    from core.engines.cpu_kernels import use_decode_kernel
+
+    model, tok = tiny
+    ours = copy.deepcopy(model)
+    assert use_decode_kernel(ours) and ours.config._attn_implementation == "harness_cpu_decode"
+    limits = [5, 17, 40, 3, 17]
+    outs = ContinuousBatcher(ours, tok, 2, [EOS]).run(
+        PROMPTS, [Sampling(temperature=0.0, max_tokens=n) for n in limits]
+    )
+    assert [o.text for o in outs] == [
+        reference(model, tok, p, n) for p, n in zip(PROMPTS, limits, strict=True)
+    ]
+
+
 def test_prompts_of_very_different_lengths_prefill_in_groups_and_decode_as_generate(tiny):
     """Admitted rows are prefilled in groups of similar length (padding every prompt to the batch's longest
     wasted half the prefill on Magpie's responses); what each row decodes must not change."""
