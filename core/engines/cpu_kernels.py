@@ -180,9 +180,10 @@ _STALE_LOCK_S = 600  # a build takes ~30 s; a lock this old is a killed build's
 
 
 def _machine_tag() -> str:
-    """Names the build after the CPU's instruction sets (-march=native): a home directory shared by cluster
-    nodes of different CPUs keeps one build per kind, never one that faults on another."""
-    flags = platform.machine()
+    """Names the build after the CPU's instruction sets (-march=native) and the environment (Python, PyTorch and
+    their headers): a home directory shared by cluster nodes of different CPUs, or by several venvs, keeps one
+    build per kind, never one that faults or fails to load in another, nor one that each rebuilds in turn."""
+    flags = f"{platform.machine()} {sys.prefix} {sys.version_info[:2]} {torch.__version__} "
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         flags += next(
@@ -204,15 +205,16 @@ def decode_kernel() -> Any:
 
     name = f"harness_decode_attention_{_machine_tag()}"
     build = _build_directory(name)
-    build.mkdir(parents=True, exist_ok=True)
-    lock = (
-        build / "lock"
-    )  # PyTorch's build lock; a build killed midway leaves it, and every later load would wait
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-    if not (build / f"{name}.so").exists():
-        print("engine: building the CPU decode attention kernel (once per machine, ~30 s)", file=sys.stderr)
-    try:
+    try:  # a build fails in many ways (no compiler, no OpenMP, no ninja, no writable cache); sdpa still runs
+        build.mkdir(parents=True, exist_ok=True)
+        # PyTorch's build lock: a build killed midway leaves it behind, and every later load would wait on it
+        lock = build / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        if not (build / f"{name}.so").exists():
+            print(
+                "engine: building the CPU decode attention kernel (once per machine, ~30 s)", file=sys.stderr
+            )
         return load_inline(
             name,
             cpp_sources=DECODE_ATTENTION_CPP,
@@ -221,7 +223,7 @@ def decode_kernel() -> Any:
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
         )
-    except Exception as e:  # a build fails in many ways (no compiler, no OpenMP, no ninja); sdpa still runs
+    except Exception as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         print(
             f"engine: the CPU decode attention kernel could not be built ({first}); decoding uses sdpa "
@@ -247,8 +249,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or query.shape[2] != 1
         or attention_mask is None
         or attention_mask.dtype != torch.bool
-        or attention_mask.dim() != 4
-        or attention_mask.shape[1:3] != (1, 1)
+        or attention_mask.shape != (query.shape[0], 1, 1, key.shape[2])
         or key.dtype not in (torch.float32, torch.bfloat16)
         or key.stride(-1) != 1
         or value.stride(-1) != 1
@@ -271,8 +272,7 @@ def use_decode_kernel(model: Any) -> bool:
     if getattr(model.config, "_attn_implementation", None) != "sdpa" or decode_kernel() is None:
         return False
     AttentionInterface.register("harness_cpu_decode", decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(
-        "harness_cpu_decode", sdpa_mask
-    )  # the masks sdpa takes, for prefill
+    # the masks sdpa takes: prefill and every case the kernel leaves to sdpa get what they got before
+    ALL_MASK_ATTENTION_FUNCTIONS.register("harness_cpu_decode", sdpa_mask)
     model.set_attn_implementation("harness_cpu_decode")
     return True

@@ -284,7 +284,9 @@ def test_probability_curation_with_the_embedded_model_gives_every_pair_a_real_sc
 
 def test_augmentation_seeds_each_request_and_resumes_a_lost_chunk(embedded_path, tmp_path):
     """Identical passages still get their own instructions (a seed per request), and a chunk lost to a kill is
-    redone to the same rows."""
+    redone to the same rows. With the same chunk size: the redo then decodes in the same batches from an empty
+    prefix cache, where another size changes what shares a batch and what the cache holds, which moves the
+    float rounding and, at T=0.7, can move a sampled token."""
     from data_synth import augment
 
     passage = "Lists are mutable sequences, typically used to store collections of homogeneous items."
@@ -297,8 +299,8 @@ def test_augmentation_seeds_each_request_and_resumes_a_lost_chunk(embedded_path,
     instructions = [r["messages"][0]["content"] for r in rows]
     assert first["rows"] + first["failed"] == 4 and len(set(instructions)) == len(instructions) >= 3
     assert all(r["messages"][1]["content"] == passage for r in rows)
-    (tmp_path / "aug" / "train-00000.parquet").unlink()  # a lost chunk, redone in chunks of another size
-    again = augment.run(dataclasses.replace(cfg, chunk_size=1))
+    (tmp_path / "aug" / "train-00000.parquet").unlink()  # a lost chunk
+    again = augment.run(cfg)
     redone = pq.read_table(sorted((tmp_path / "aug").glob("train-*.parquet"))).to_pylist()
     assert sorted(redone, key=lambda r: r["passage_index"]) == rows
     assert again["rows"] == first["rows"]
