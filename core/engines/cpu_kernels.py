@@ -13,11 +13,12 @@ Decoding attention (one new token per row against the row's KV cache) is where P
 flash kernel for `scaled_dot_product_attention` reads the cache at 8-10 GB/s on these shapes (a few dozen
 columns of a few kv heads per row, hundreds of rows), a third of what the memory gives, because it runs two tiny
 GEMM calls and a softmax per (row, head) block; the same sum as batched matmuls measured no better, and through
-`torch.compile` 1.2x, with a compiler pass in every process. `DECODE_ATTENTION_CPP` below is one pass over each row's keys and values with an online
-softmax, the query heads that share a kv head together, masked columns never read: 2.2x faster per layer call,
-equal to sdpa within 1e-6 (benchmarks/decode_attention.py; tests/core/test_cpu_kernels.py). It is compiled
-once per machine on first use with PyTorch's `cpp_extension` (a C++ compiler with OpenMP and ninja; ~30 s) and
-cached; where it cannot be built the engine says so in one line and runs sdpa.
+`torch.compile` 1.2x, with a compiler pass in every process. `DECODE_ATTENTION_CPP` below is one pass over each
+row's keys and values with an online softmax, the query heads that share a kv head together, masked columns never
+read: 2.2x faster per layer call, equal to sdpa within 1e-6 (benchmarks/decode_attention.py;
+tests/core/test_cpu_kernels.py). It is compiled on first use with PyTorch's `cpp_extension` (a C++ compiler with
+OpenMP and ninja; ~30 s) and cached, once per machine and environment; where it cannot be built the engine says so
+in one line and runs sdpa.
 """
 
 from __future__ import annotations
@@ -240,8 +241,6 @@ _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention function for the engine: the kernel for one-token decoding steps on a CPU with the
     continuous batcher's boolean mask, sdpa for everything else (prefill, other masks, other devices)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     kernel = decode_kernel()
     if (
         kernel is None
@@ -256,6 +255,8 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or dropout
         or any(kwargs.get(name) is not None for name in _UNSUPPORTED)
     ):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # off the decoding path
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
